@@ -1,0 +1,85 @@
+// swift-tools-version:6.2
+import Foundation
+import PackageDescription
+
+/// In CI (`CI=true`) every warning in our own targets is an error; locally they stay warnings
+/// so that work in progress builds.
+let strict: [SwiftSetting] =
+    ProcessInfo.processInfo.environment["CI"] == "true" ? [.treatAllWarnings(as: .error)] : []
+
+let package = Package(
+    name: "agentd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "agentd", targets: ["agentd"]),
+        .executable(name: "agentctl", targets: ["agentctl"]),
+        .executable(name: "agentd-bench", targets: ["agentd-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+    ],
+    targets: [
+        // C libraries, each behind one system library target with typed shims for variadic calls.
+        .systemLibrary(name: "CCurl", pkgConfig: "libcurl", providers: [.apt(["libcurl4-openssl-dev"])]),
+        .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
+        .systemLibrary(name: "CSQLite", pkgConfig: "sqlite3", providers: [.apt(["libsqlite3-dev"])]),
+
+        // Leaf modules.
+        .target(name: "Blocking", swiftSettings: strict),
+        .target(
+            name: "EngineAPI",
+            dependencies: ["CCurl", "Blocking", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        .target(
+            name: "SystemdBus",
+            dependencies: ["CSystemd", "Blocking", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        .target(
+            name: "SessionLog",
+            dependencies: [
+                "Blocking",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .target(
+            name: "Policy",
+            dependencies: [.product(name: "Yams", package: "Yams")],
+            swiftSettings: strict),
+
+        // Executables: wiring only.
+        .executableTarget(
+            name: "agentd",
+            dependencies: [
+                "EngineAPI", "SystemdBus", "SessionLog", "Policy",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "agentctl",
+            dependencies: [
+                "EngineAPI", "SystemdBus", "SessionLog", "Policy",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "agentd-bench",
+            dependencies: ["EngineAPI", "SystemdBus", "SessionLog", "CSQLite"],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "journal-torture",
+            dependencies: ["SessionLog"],
+            swiftSettings: strict),
+
+        // Tests.
+        .target(name: "TestSupport", dependencies: ["EngineAPI", "SystemdBus"], path: "Tests/TestSupport", swiftSettings: strict),
+        .testTarget(name: "EngineAPITests", dependencies: ["EngineAPI", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "SystemdBusTests", dependencies: ["SystemdBus", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "SessionLogTests", dependencies: ["SessionLog", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
+    ]
+)

@@ -1,0 +1,1 @@
+// EngineAPI — see the module's README.

@@ -1,0 +1,1 @@
+// Policy — see the module's README.

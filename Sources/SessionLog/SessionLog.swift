@@ -1,0 +1,1 @@
+// SessionLog — see the module's README.

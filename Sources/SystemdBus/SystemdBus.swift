@@ -1,0 +1,1 @@
+// SystemdBus — see the module's README.
