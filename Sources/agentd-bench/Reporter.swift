@@ -1,0 +1,38 @@
+import Foundation
+
+/// Prints one line per figure, `name value unit`, and keeps the figures so that later ones
+/// can be printed as ratios of the baselines measured in the same run.
+final class Reporter: @unchecked Sendable {
+    // Invariant: used from the benchmark's single top-level task only.
+    private var figures: [String: Double] = [:]
+
+    func figure(_ name: String, _ value: Double, _ unit: String) {
+        figures[name] = value
+        let text = value >= 100 || value == value.rounded() ? String(format: "%.0f", value) : String(format: "%.3f", value)
+        print("\(name) \(text) \(unit)")
+        fflush(stdout)
+    }
+
+    /// Prints `name` as `figures[numerator] / figures[denominator]`, with the goal in a comment.
+    func ratio(_ name: String, _ numerator: String, over denominator: String, goal: String) {
+        guard let n = figures[numerator], let d = figures[denominator], d > 0 else { return }
+        print("\(name) \(String(format: "%.3f", n / d)) x  # goal \(goal)")
+        fflush(stdout)
+    }
+
+    func value(_ name: String) -> Double? { figures[name] }
+}
+
+/// Percentile of sorted samples (nearest rank).
+func percentile(_ sorted: [Double], _ p: Double) -> Double {
+    guard !sorted.isEmpty else { return .nan }
+    let rank = Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1
+    return sorted[min(max(rank, 0), sorted.count - 1)]
+}
+
+/// Monotonic time in seconds.
+func now() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
