@@ -10,14 +10,14 @@ final class Reporter: @unchecked Sendable {
         figures[name] = value
         let text = value >= 100 || value == value.rounded() ? String(format: "%.0f", value) : String(format: "%.3f", value)
         print("\(name) \(text) \(unit)")
-        fflush(stdout)
+        fflush(nil)
     }
 
     /// Prints `name` as `figures[numerator] / figures[denominator]`, with the goal in a comment.
     func ratio(_ name: String, _ numerator: String, over denominator: String, goal: String) {
         guard let n = figures[numerator], let d = figures[denominator], d > 0 else { return }
         print("\(name) \(String(format: "%.3f", n / d)) x  # goal \(goal)")
-        fflush(stdout)
+        fflush(nil)
     }
 
     func value(_ name: String) -> Double? { figures[name] }
