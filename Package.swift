@@ -77,7 +77,10 @@ let package = Package(
 
         // Tests.
         .target(name: "TestSupport", dependencies: ["EngineAPI", "SystemdBus"], path: "Tests/TestSupport", swiftSettings: strict),
-        .testTarget(name: "EngineAPITests", dependencies: ["EngineAPI", "TestSupport"], swiftSettings: strict),
+        .testTarget(
+            name: "EngineAPITests",
+            dependencies: ["EngineAPI", "TestSupport", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: strict),
         .testTarget(name: "SystemdBusTests", dependencies: ["SystemdBus", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SessionLogTests", dependencies: ["SessionLog", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),

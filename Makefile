@@ -1,0 +1,47 @@
+# agentd — common loops. `make demo` and `make test` bring up what they need themselves.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+SWIFT ?= swift
+ENV_DIR ?= $(CURDIR)/.agentd-env
+export AGENTD_ENV_DIR := $(ENV_DIR)
+# Run a command with the environment `make env` prints (engine socket, systemd address).
+WITH_ENV = set -a && . "$(ENV_DIR)/env" && set +a &&
+
+.PHONY: help env env-down build test bench soak demo lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+env: ## start Podman's API service, a systemd manager and the base image; prints eval-able lines
+	@scripts/env-up
+
+env-down: ## stop exactly what `make env` started
+	@scripts/env-down
+
+build: ## debug build of everything
+	$(SWIFT) build
+
+test: ## run every test against the real engine and systemd manager
+	@scripts/env-up >/dev/null
+	$(WITH_ENV) $(SWIFT) build --build-tests
+	$(WITH_ENV) $(SWIFT) test --skip-build
+
+bench: ## print benchmark figures (`name value unit`), baselines first
+	@scripts/env-up >/dev/null
+	$(SWIFT) build -c release --product agentd-bench
+	$(WITH_ENV) .build/release/agentd-bench
+
+soak: ## the journal crash test with 1000 kill -9 cycles
+	$(SWIFT) build --build-tests
+	AGENTD_CRASH_CYCLES=1000 $(SWIFT) test --skip-build --filter SessionLogTests
+
+demo: ## the main job end to end on embedded defaults
+	@scripts/env-up >/dev/null
+	$(SWIFT) build --product agentd-demo
+	$(WITH_ENV) .build/debug/agentd-demo
+
+lint: ## swift format lint
+	$(SWIFT) format lint --recursive Sources Tests
+
+clean: ## remove build products (not the environment)
+	rm -rf .build

@@ -1,1 +1,0 @@
-// EngineAPI — see the module's README.

@@ -1,1 +1,0 @@
-// SystemdBus — see the module's README.
