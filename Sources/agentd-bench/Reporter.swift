@@ -16,7 +16,9 @@ final class Reporter: @unchecked Sendable {
     /// Prints `name` as `figures[numerator] / figures[denominator]`, with the goal in a comment.
     func ratio(_ name: String, _ numerator: String, over denominator: String, goal: String) {
         guard let n = figures[numerator], let d = figures[denominator], d > 0 else { return }
-        print("\(name) \(String(format: "%.3f", n / d)) x  # goal \(goal)")
+        print("\(name) \(String(format: "%.3f", n / d)) x")
+        // The goal goes to stderr so that stdout stays strictly `name value unit`.
+        FileHandle.standardError.write(Data("# \(name): goal \(goal)\n".utf8))
         fflush(nil)
     }
 

@@ -1,4 +1,9 @@
-// agentd-bench: prints one figure per line, `name value unit`, baselines first, then the
-// figures that are compared with them in the same run.
+import EngineAPI
+
+// agentd-bench: prints one figure per line, `name value unit`. Each area prints its raw
+// baselines first, then agentd's figures and their ratios to those baselines (same run).
+CurlTransport.globalInit()
 let report = Reporter()
+try await EngineBench.run(report)
+try await SystemdBench.run(report)
 try await JournalBench.run(report)
