@@ -9,7 +9,7 @@ import Foundation
 public struct EngineClient: Sendable {
     public let endpoint: EngineEndpoint
     public let apiVersion: String
-    private let transport: any HTTPTransport
+    let transport: any HTTPTransport
     /// Timeout of calls that do not run user commands.
     public var requestTimeout: Duration
 
@@ -191,7 +191,7 @@ public struct EngineClient: Sendable {
         return response
     }
 
-    private func decode<T: Decodable>(_ type: T.Type, from response: HTTPResponse, what: String) throws -> T {
+    func decode<T: Decodable>(_ type: T.Type, from response: HTTPResponse, what: String) throws -> T {
         do {
             return try JSONDecoder().decode(type, from: Data(response.body))
         } catch {
@@ -200,7 +200,7 @@ public struct EngineClient: Sendable {
         }
     }
 
-    private func escape(_ text: String) -> String {
+    func escape(_ text: String) -> String {
         text.addingPercentEncoding(withAllowedCharacters: .urlQueryValueAllowed) ?? text
     }
 }
@@ -226,5 +226,87 @@ extension EngineClient {
         } catch let error as EngineError where error.isNotFound {
             return false
         }
+    }
+}
+
+// MARK: - Inspect, kill, wait, rename, archive
+
+extension EngineClient {
+    /// `GET /containers/{id}/json`.
+    public func inspectContainer(_ id: String) async throws -> ContainerInspect {
+        try decode(ContainerInspect.self, from: try await call("GET", "/containers/\(escape(id))/json"), what: "container inspect")
+    }
+
+    /// `POST /containers/{id}/kill?signal=…`.
+    public func killContainer(_ id: String, signal: String = "KILL") async throws {
+        _ = try await call("POST", "/containers/\(escape(id))/kill?signal=\(escape(signal))")
+    }
+
+    /// `POST /containers/{id}/wait`: blocks until the container stops; returns its exit code.
+    public func waitContainer(_ id: String, timeout: Duration = .seconds(60)) async throws -> Int {
+        struct Waited: Decodable { var StatusCode: Int }
+        return try decode(Waited.self, from: try await call("POST", "/containers/\(escape(id))/wait", timeout: timeout), what: "container wait").StatusCode
+    }
+
+    /// `POST /containers/{id}/rename?name=…`.
+    public func renameContainer(_ id: String, to name: String) async throws {
+        _ = try await call("POST", "/containers/\(escape(id))/rename?name=\(escape(name))")
+    }
+
+    /// `PUT /containers/{id}/archive?path=…`: extracts `tar` into directory `path`.
+    public func putArchive(_ id: String, directory path: String, tar: [UInt8], timeout: Duration? = nil) async throws {
+        _ = try await call(
+            "PUT", "/containers/\(escape(id))/archive?path=\(escape(path))",
+            body: .bytes(tar, contentType: "application/x-tar"), timeout: timeout)
+    }
+
+    /// `GET /containers/{id}/archive?path=…`: a tar of the file or directory at `path`.
+    /// - Parameter maxBytes: larger archives are refused with `.invalidArgument`.
+    public func getArchive(_ id: String, path: String, maxBytes: Int = 256 << 20, timeout: Duration? = nil) async throws -> [UInt8] {
+        let response = try await call(
+            "GET", "/containers/\(escape(id))/archive?path=\(escape(path))", timeout: timeout, maxResponseBytes: maxBytes)
+        if response.truncated {
+            throw EngineError(.invalidArgument, "\(path) is larger than \(maxBytes) bytes")
+        }
+        return response.body
+    }
+
+    /// Writes one file into a container (a tar of one entry through `putArchive`).
+    public func putFile(_ id: String, path: String, contents: [UInt8], mode: Int = 0o644, uid: Int = 0, gid: Int = 0) async throws {
+        let (directory, name) = Self.split(path)
+        let tar = TarArchive.singleFile(name: name, contents: contents, mode: mode, uid: uid, gid: gid, mtime: Int(Date().timeIntervalSince1970))
+        try await putArchive(id, directory: directory, tar: tar)
+    }
+
+    /// Reads one regular file out of a container.
+    /// - Throws: `EngineError.invalidArgument` when `path` is not a regular file.
+    public func getFile(_ id: String, path: String, maxBytes: Int = 256 << 20) async throws -> [UInt8] {
+        let entries = try TarArchive.entries(try await getArchive(id, path: path, maxBytes: maxBytes + 64 << 10))
+        guard let first = entries.first else { throw EngineError(.invalidArgument, "\(path): the engine returned an empty archive") }
+        switch first.kind {
+        case .file:
+            guard first.size <= maxBytes else { throw EngineError(.invalidArgument, "\(path) is larger than \(maxBytes) bytes") }
+            return first.bytes
+        case .directory: throw EngineError(.invalidArgument, "\(path) is a directory")
+        case .symlink: throw EngineError(.invalidArgument, "\(path) is a symbolic link")
+        case .other: throw EngineError(.invalidArgument, "\(path) is not a regular file")
+        }
+    }
+
+    static func split(_ path: String) -> (directory: String, name: String) {
+        guard let slash = path.lastIndex(of: "/") else { return (".", path) }
+        let directory = String(path[..<slash])
+        return (directory.isEmpty ? "/" : directory, String(path[path.index(after: slash)...]))
+    }
+
+    /// Negotiates the API version: the engine's own when it is older than ours.
+    public func negotiated() async throws -> EngineClient {
+        let version = try await version()
+        func parts(_ v: String) -> [Int] { v.split(separator: ".").compactMap { Int($0) } }
+        let theirs = parts(version.ApiVersion)
+        let ours = parts(apiVersion)
+        // Podman reports its own version (4.x) here and serves every Docker 1.x version.
+        guard theirs.first == 1, theirs.lexicographicallyPrecedes(ours) else { return self }
+        return EngineClient(endpoint: endpoint, apiVersion: version.ApiVersion, transport: transport, requestTimeout: requestTimeout)
     }
 }

@@ -11,6 +11,9 @@ public struct ContainerSpec: Codable, Sendable, Equatable {
     public var WorkingDir: String?
     public var Labels: [String: String]?
     public var NetworkDisabled: Bool?
+    /// Anonymous volumes to create, by mount point (`{"/workspace": {}}`); removed with the
+    /// container when it is removed with `v=true`.
+    public var Volumes: [String: EmptyObject]?
     public var HostConfig: HostConfig?
 
     public init(
@@ -27,6 +30,11 @@ public struct ContainerSpec: Codable, Sendable, Equatable {
         self.Labels = labels
         self.HostConfig = hostConfig
     }
+}
+
+/// `{}` in JSON.
+public struct EmptyObject: Codable, Sendable, Equatable {
+    public init() {}
 }
 
 /// `HostConfig`: limits, isolation and mounts.
@@ -102,4 +110,40 @@ public struct ExecResult: Sendable, Equatable {
         self.exitCode = exitCode
         self.truncated = truncated
     }
+}
+
+/// `GET /containers/{id}/json`: the fields agentd reads back.
+public struct ContainerInspect: Decodable, Sendable {
+    public struct State: Decodable, Sendable {
+        public var Status: String?
+        public var Running: Bool?
+        public var OOMKilled: Bool?
+        public var ExitCode: Int?
+        public var Error: String?
+    }
+    public struct Config: Decodable, Sendable {
+        public var User: String?
+        public var Env: [String]?
+        public var Labels: [String: String]?
+        public var Image: String?
+        public var Cmd: [String]?
+    }
+    public struct Inspected: Decodable, Sendable {
+        public var NetworkMode: String?
+        public var ReadonlyRootfs: Bool?
+        public var CapDrop: [String]?
+        public var CapAdd: [String]?
+        public var SecurityOpt: [String]?
+        public var Memory: Int?
+        public var NanoCpus: Int?
+        public var PidsLimit: Int?
+        public var Ulimits: [HostConfig.Ulimit]?
+        public var Tmpfs: [String: String]?
+        public var Binds: [String]?
+    }
+    public var Id: String
+    public var Name: String?
+    public var State: State?
+    public var Config: Config?
+    public var HostConfig: Inspected?
 }

@@ -1,0 +1,106 @@
+/// What a task's sandbox looks like: image, identity and limits. Drivers map it onto their
+/// own isolation (engine `HostConfig`, systemd unit properties).
+public struct SandboxSpec: Sendable, Hashable, Codable {
+    public enum WorkspacePersistence: String, Sendable, Codable { case task, session }
+
+    public var image: String = "agentd-base:latest"
+    /// `uid:gid` the task's commands run as; never root.
+    public var user: String = "65534:65534"
+    public var memoryBytes: Int = 512 << 20
+    public var cpus: Double = 1.0
+    public var pids: Int = 256
+    public var nofile: Int = 1024
+    public var nproc: Int = 1024
+    public var tmpBytes: Int = 64 << 20
+    /// Longest a single command may run.
+    public var commandTimeout: Duration = .seconds(120)
+    /// A sandbox unused this long is released.
+    public var idleTimeout: Duration = .seconds(300)
+    /// Output returned to the Brain is cut beyond this many bytes (stdout and stderr together).
+    public var outputLimitBytes: Int = 1 << 20
+    /// Largest file `read_file` returns.
+    public var fileLimitBytes: Int = 16 << 20
+    public var workspace: WorkspacePersistence = .task
+    /// Name of the policy the spec came from (labelled on every sandbox).
+    public var policyName: String = "default"
+
+    public init() {}
+
+    public var uid: Int { Int(user.split(separator: ":").first ?? "65534") ?? 65534 }
+    public var gid: Int { Int(user.split(separator: ":").dropFirst().first ?? "65534") ?? 65534 }
+}
+
+/// Which task a sandbox serves.
+public struct TaskKey: Sendable, Hashable, CustomStringConvertible {
+    public var session: String
+    public var task: String
+    public init(session: String, task: String) {
+        self.session = session
+        self.task = task
+    }
+    public var description: String { "\(session)/\(task)" }
+}
+
+/// A provisioned sandbox as its driver knows it.
+public struct SandboxHandle: Sendable, Hashable {
+    /// The driver's id (container id, unit name).
+    public var id: String
+    public var spec: SandboxSpec
+    /// Labels as the driver recorded them (`agentd.session`, `agentd.task`, …).
+    public var labels: [String: String]
+
+    public init(id: String, spec: SandboxSpec, labels: [String: String]) {
+        self.id = id
+        self.spec = spec
+        self.labels = labels
+    }
+}
+
+/// What one command produced.
+public struct CommandOutput: Sendable, Equatable {
+    public var stdout: [UInt8]
+    public var stderr: [UInt8]
+    public var exitCode: Int
+    /// Bytes of output cut beyond the limit (0 when nothing was cut).
+    public var truncated: Bool
+    public var timedOut: Bool
+
+    public init(stdout: [UInt8], stderr: [UInt8], exitCode: Int, truncated: Bool = false, timedOut: Bool = false) {
+        self.stdout = stdout
+        self.stderr = stderr
+        self.exitCode = exitCode
+        self.truncated = truncated
+        self.timedOut = timedOut
+    }
+}
+
+/// A driver provisions sandboxes and runs commands and file actions in them. It knows
+/// nothing of sessions beyond the labels it is given. Failures are `HandsError`s, whose kind
+/// tells the manager whether the sandbox can be used again.
+public protocol HandsDriver: Sendable {
+    /// `container` or `unit`.
+    var kind: String { get }
+    /// Creates and starts a sandbox with `labels` (an empty session label for a pooled one).
+    func provision(_ spec: SandboxSpec, labels: [String: String], name: String?) async throws -> SandboxHandle
+    /// Gives a pooled sandbox its task's name (so that the engine's own listing shows it).
+    func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws
+    /// Runs `argv` in the sandbox.
+    func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput
+    func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws
+    func readFile(_ path: String, in sandbox: SandboxHandle) async throws -> [UInt8]
+    /// Removes the sandbox and whatever it alone used. Idempotent.
+    func destroy(_ sandbox: SandboxHandle) async throws
+    /// Every sandbox carrying `agentd.instance=instance`, as (id, labels).
+    func list(instance: String) async throws -> [(id: String, labels: [String: String])]
+    /// Removes a sandbox known only by id (reconcile).
+    func destroy(id: String) async throws
+}
+
+/// Label keys on everything agentd makes.
+public enum SandboxLabel {
+    public static let session = "agentd.session"
+    public static let task = "agentd.task"
+    public static let instance = "agentd.instance"
+    public static let policy = "agentd.policy"
+    public static let pool = "agentd.pool"
+}

@@ -1,0 +1,35 @@
+/// The one error type of `Hands`. Its `kind` tells whether the sandbox survived.
+public struct HandsError: Error, Sendable, CustomStringConvertible {
+    public enum Kind: String, Sendable {
+        /// The engine or manager could not be reached; the sandbox's fate is unknown.
+        case unreachable
+        /// The sandbox is gone or stopped (killed, crashed, removed from outside).
+        case sandboxGone = "sandbox-gone"
+        /// The sandbox's memory limit was hit and its processes were killed.
+        case outOfMemory = "out-of-memory"
+        /// A command ran past its timeout; the sandbox is discarded.
+        case timeout
+        /// Provisioning failed (missing image, refused configuration).
+        case provisioning
+        /// The request itself was wrong (bad path, not a file, file too large); the sandbox is fine.
+        case invalidRequest = "invalid-request"
+    }
+
+    public let kind: Kind
+    public let message: String
+
+    public init(_ kind: Kind, _ message: String) {
+        self.kind = kind
+        self.message = message
+    }
+
+    /// True when the sandbox must not be used again.
+    public var discardsSandbox: Bool {
+        switch kind {
+        case .unreachable, .sandboxGone, .outOfMemory, .timeout: true
+        case .provisioning, .invalidRequest: false
+        }
+    }
+
+    public var description: String { message }
+}
