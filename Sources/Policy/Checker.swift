@@ -92,7 +92,7 @@ struct PolicyChecker {
 
         var gitOK = true
         let gitValue = git.optional(&gitOK)
-        guard gitOK, let name, let hands, let pool, let network, let credentials, let routes, let brain, let session
+        guard gitOK, credentials.valid, routes.valid, let name, let hands, let pool, let network, let brain, let session
         else { return nil }
         return Policy(
             name: name, summary: summary, hands: hands, pool: pool, network: network,
@@ -188,15 +188,21 @@ struct PolicyChecker {
     /// Credentials read so far, with the marks of their names for duplicate reports.
     struct CredentialList {
         var list: [(credential: Credential, mark: Mark?)] = []
-        var names: [String] { list.map(\.credential.name) }
+        /// Every well-formed name, including those of entries with other problems, so that
+        /// one bad entry does not also make every reference to it an error.
+        var names: [String] = []
+        var valid = true
+        /// False when `credentials` is not a list at all: references to it are then not checked.
+        var readable = true
     }
 
-    mutating func credentials(_ node: Node?) -> CredentialList? {
-        guard let items = sequence(node, label: "credentials") else { return node == nil ? CredentialList() : nil }
+    mutating func credentials(_ node: Node?) -> CredentialList {
+        guard let items = sequence(node, label: "credentials") else { return CredentialList(valid: node == nil, readable: node == nil) }
         var ok = true
         var result = CredentialList()
         for (index, item) in items.enumerated() {
             let name = Self.peekName(item)
+            if let name { result.names.append(name) }
             let label = name.map { "credential '\($0)'" } ?? "credentials[\(index)]"
             guard let f = mapping(item, label: label, keys: Self.credentialKeys) else {
                 ok = false
@@ -226,20 +232,25 @@ struct PolicyChecker {
             }
             result.list.append((Credential(name: nameText, source: source), nameNode.mark))
         }
-        return ok ? result : nil
+        result.valid = ok
+        return result
     }
 
     struct RouteList {
         var list: [Route] = []
         var marks: [String: Mark?] = [:]
+        /// Every well-formed name, including those of routes with other problems.
+        var names: [String] = []
+        var valid = true
     }
 
-    mutating func routes(_ node: Node?, credentials: CredentialList?) -> RouteList? {
-        guard let items = sequence(node, label: "routes") else { return node == nil ? RouteList() : nil }
+    mutating func routes(_ node: Node?, credentials: CredentialList) -> RouteList {
+        guard let items = sequence(node, label: "routes") else { return RouteList(valid: node == nil) }
         var ok = true
         var result = RouteList()
         for (index, item) in items.enumerated() {
             let name = Self.peekName(item)
+            if let name { result.names.append(name) }
             let label = name.map { "route '\($0)'" } ?? "routes[\(index)]"
             guard let f = mapping(item, label: label, keys: Self.routeKeys) else {
                 ok = false
@@ -258,7 +269,7 @@ struct PolicyChecker {
             var credential: String?
             if let (text, node) = stringNode(f, "credential", label: "\(label): credential") {
                 credential = text
-                if let credentials, !credentials.names.contains(text) {
+                if credentials.readable, !credentials.names.contains(text) {
                     let hint = Self.suggestion(for: text, among: credentials.names).map { " (did you mean '\($0)'?)" } ?? ""
                     error(node.mark, "\(label) names credential '\(text)', which is not defined under credentials\(hint)")
                     itemOK = false
@@ -291,10 +302,11 @@ struct PolicyChecker {
             result.marks[nameText] = nameNode.mark
             result.list.append(Route(name: nameText, upstream: upstream, credential: credential, header: header))
         }
-        return ok ? result : nil
+        result.valid = ok
+        return result
     }
 
-    mutating func git(_ node: Node?, routes: RouteList?) -> Read<GitPolicy> {
+    mutating func git(_ node: Node?, routes: RouteList) -> Read<GitPolicy> {
         guard let node, !Self.isNull(node) else { return .absent }
         guard let f = mapping(node, label: "git", keys: Self.gitKeys) else { return .invalid }
         var ok = true
@@ -323,7 +335,7 @@ struct PolicyChecker {
         var route: String?
         if let (text, node) = stringNode(f, "route", label: "git.route") {
             route = text
-            if let routes {
+            if routes.names.contains(text) {
                 if let target = routes.list.first(where: { $0.name == text }) {
                     let routeHost = URLComponents(string: target.upstream)?.host?.lowercased()
                     if let repositoryHost, let routeHost, repositoryHost != routeHost {
@@ -332,11 +344,11 @@ struct PolicyChecker {
                             "git.route: route '\(text)' goes to \(routeHost), but git.repository is on \(repositoryHost)")
                         ok = false
                     }
-                } else {
-                    let hint = Self.suggestion(for: text, among: routes.list.map(\.name)).map { " (did you mean '\($0)'?)" } ?? ""
-                    error(node.mark, "git.route: '\(text)' is not defined under routes\(hint)")
-                    ok = false
                 }
+            } else {
+                let hint = Self.suggestion(for: text, among: routes.names).map { " (did you mean '\($0)'?)" } ?? ""
+                error(node.mark, "git.route: '\(text)' is not defined under routes\(hint)")
+                ok = false
             }
         } else if f["route"] != nil {
             ok = false
