@@ -1,5 +1,4 @@
 import Crypto
-import Dispatch
 import Foundation
 import Logging
 
@@ -36,12 +35,15 @@ public actor PolicyStore {
     /// The most recent refusal, cleared by the next successful or unchanged reload.
     public private(set) var lastFailure: Failure?
     private let logger: Logger
+    /// The directory's file snapshot as of the last reload attempt (what `watch` compares to).
+    private var loadedSnapshot: String
 
     /// Creates a store for `directory` and loads it once (see `lastFailure` for problems).
     public init(directory: String, logger: Logger = Logger(label: "agentd.policy")) {
         self.directory = directory
         self.logger = logger
         self.current = PolicySet(directory: directory)
+        self.loadedSnapshot = Self.snapshot(of: directory)
         let set = PolicySet.load(directory: directory)
         if set.isValid {
             current = set
@@ -63,6 +65,8 @@ public actor PolicyStore {
     /// Re-reads the directory and applies it if, and only if, it is entirely valid.
     @discardableResult
     public func reload() -> ReloadOutcome {
+        // Snapshot first: an edit racing with the load then shows up as a change on the next poll.
+        loadedSnapshot = Self.snapshot(of: directory)
         let set = PolicySet.load(directory: directory)
         guard set.isValid else {
             lastFailure = Failure(date: Date(), diagnostics: set.diagnostics)
@@ -84,34 +88,17 @@ public actor PolicyStore {
         return .applied(generation: generation)
     }
 
-    /// Polls the directory every `interval` and reloads when a policy file is added, removed
-    /// or changed (names, sizes and content hashes). Returns when the task is cancelled.
+    /// Polls the directory every `interval` and reloads when a policy file was added, removed
+    /// or changed (names, sizes and content hashes) since the last reload. Returns when the
+    /// calling task is cancelled.
+    ///
+    /// SIGHUP is the daemon's to handle: its signal handler calls `reload()`.
     public func watch(interval: Duration = .seconds(1)) async {
-        var seen = Self.snapshot(of: directory)
         while !Task.isCancelled {
             do { try await Task.sleep(for: interval) } catch { return }
-            let now = Self.snapshot(of: directory)
-            if now != seen {
-                seen = now
+            if Self.snapshot(of: directory) != loadedSnapshot {
                 reload()
             }
-        }
-    }
-
-    /// Reloads on every SIGHUP until the calling task is cancelled.
-    ///
-    /// Sets SIGHUP's disposition to ignore (as `DispatchSource` signal sources require) and
-    /// watches it with a `DispatchSource` on a global queue.
-    public nonisolated func reloadOnSIGHUP() async {
-        let signals = AsyncStream<Void>(bufferingPolicy: .bufferingNewest(1)) { continuation in
-            signal(SIGHUP, SIG_IGN)
-            let source = SignalSource(DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global()))
-            source.source.setEventHandler { continuation.yield() }
-            continuation.onTermination = { _ in source.source.cancel() }
-            source.source.resume()
-        }
-        for await _ in signals {
-            await reload()
         }
     }
 
@@ -123,13 +110,4 @@ public actor PolicyStore {
             return "\(file)\u{0}\(data.count)\u{0}\(PolicyLoader.sha256Hex(data))"
         }.joined(separator: "\n")
     }
-}
-
-/// Carries a signal source into the stream's termination handler.
-///
-/// `@unchecked Sendable`: the source is only resumed once, in the stream's build closure, and
-/// then cancelled from the termination handler; `DispatchSource` methods are thread-safe.
-private final class SignalSource: @unchecked Sendable {
-    let source: any DispatchSourceSignal
-    init(_ source: any DispatchSourceSignal) { self.source = source }
 }
