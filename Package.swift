@@ -47,7 +47,12 @@ let package = Package(
             swiftSettings: strict),
         .target(
             name: "Policy",
-            dependencies: [.product(name: "Yams", package: "Yams")],
+            dependencies: [
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
             swiftSettings: strict),
 
         // Executables: wiring only.

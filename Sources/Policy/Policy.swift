@@ -1,1 +1,0 @@
-// Policy — see the module's README.
