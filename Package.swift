@@ -55,6 +55,11 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: strict),
 
+        .target(
+            name: "Hands",
+            dependencies: ["EngineAPI", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+
         // Executables: wiring only.
         .executableTarget(
             name: "agentd",
@@ -88,6 +93,7 @@ let package = Package(
             swiftSettings: strict),
         .testTarget(name: "SystemdBusTests", dependencies: ["SystemdBus", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SessionLogTests", dependencies: ["SessionLog", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "HandsTests", dependencies: ["Hands", "EngineAPI", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
     ]
 )

@@ -80,8 +80,9 @@ public struct CommandOutput: Sendable, Equatable {
 public protocol HandsDriver: Sendable {
     /// `container` or `unit`.
     var kind: String { get }
-    /// Creates and starts a sandbox with `labels` (an empty session label for a pooled one).
-    func provision(_ spec: SandboxSpec, labels: [String: String], name: String?) async throws -> SandboxHandle
+    /// Creates and starts a sandbox with `labels`: a task's (session and task labels) or a
+    /// pooled one (`agentd.pool`). The driver names it after its task where it can.
+    func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle
     /// Gives a pooled sandbox its task's name (so that the engine's own listing shows it).
     func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws
     /// Runs `argv` in the sandbox.

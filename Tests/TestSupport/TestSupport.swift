@@ -83,3 +83,83 @@ public enum ContainerFixture {
         }
     }
 }
+
+/// A child process started with posix_spawn and reaped with waitpid — no Foundation
+/// `Process`, whose `waitUntilExit` needs a run loop that async tests do not run.
+public struct ChildProcess: Sendable {
+    public let pid: pid_t
+
+    /// Starts `argv` with `environment`, stdout and stderr to `/dev/null` unless `output` is a path.
+    public static func spawn(_ argv: [String], environment: [String: String], output: String = "/dev/null") throws -> ChildProcess {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let cArgs = argv.map { strdup($0) } + [nil]
+        let cEnv = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { (cArgs + cEnv).forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, argv[0], &actions, nil, cArgs, cEnv)
+        guard rc == 0 else { throw Components.Missing(description: "cannot start \(argv[0]): \(String(cString: strerror(rc)))") }
+        return ChildProcess(pid: pid)
+    }
+
+    /// Sends `signal`.
+    public func signal(_ signal: Int32) { kill(pid, signal) }
+
+    /// Waits for the child to exit and returns its wait status.
+    @discardableResult
+    public func wait() -> Int32 {
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        return status
+    }
+}
+
+/// A second Podman API service over the same storage as `make env`'s, on a socket of its own,
+/// that a test may stop and start again (to inject "engine down" without disturbing the
+/// other tests, which use the shared service).
+public final class PrivateEngine: @unchecked Sendable {
+    // Invariant: used by one test at a time; `child` is replaced only in start/stop.
+    public let socketPath: String
+    private var child: ChildProcess?
+
+    public init() throws {
+        guard Components.envDirectory != nil else { throw Components.Missing(description: "AGENTD_ENV_DIR is not set; run make env") }
+        socketPath = "/tmp/agentd-test-engine-\(Components.testID()).sock"
+    }
+
+    public var endpoint: EngineEndpoint { .unixSocket(path: socketPath) }
+
+    /// Starts the service and waits until it answers.
+    public func start() async throws {
+        let env = Components.envDirectory!
+        var environment = ProcessInfo.processInfo.environment
+        environment["CONTAINERS_CONF"] = "\(env)/podman/containers.conf"
+        child = try ChildProcess.spawn(
+            [
+                "/usr/bin/podman", "--root", "\(env)/podman/root", "--runroot", "\(env)/podman/runroot", "--tmpdir", "\(env)/podman/tmp",
+                "--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
+                "system", "service", "--time=0", "unix://\(socketPath)",
+            ], environment: environment)
+        let client = EngineClient(endpoint: endpoint)
+        for _ in 0..<100 {
+            if (try? await client.ping()) == "OK" { return }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw Components.Missing(description: "a private podman service did not start at \(socketPath)")
+    }
+
+    /// Kills the service (SIGKILL, as a crash would).
+    public func stop() {
+        guard let c = child else { return }
+        c.signal(SIGKILL)
+        c.wait()
+        child = nil
+        unlink(socketPath)
+    }
+
+    deinit { stop() }
+}

@@ -1,0 +1,241 @@
+import EngineAPI
+import Foundation
+
+/// Hands as containers, through the container engine's Docker API.
+///
+/// Every sandbox is hardened by default: no network, read-only root filesystem with a
+/// writable `/workspace` volume and a tmpfs `/tmp`, all capabilities dropped,
+/// `no-new-privileges`, a non-root user, memory (without swap), pids and CPU limits, and
+/// ulimits at or below the host's hard limits.
+public struct ContainerDriver: HandsDriver {
+    public let engine: EngineClient
+    public let instance: String
+    public var kind: String { "container" }
+
+    /// The workspace mount point inside every sandbox.
+    public static let workspace = "/workspace"
+
+    public init(engine: EngineClient, instance: String) {
+        self.engine = engine
+        self.instance = instance
+    }
+
+    public func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
+        var allLabels = labels
+        allLabels[SandboxLabel.instance] = instance
+        allLabels[SandboxLabel.policy] = spec.policyName
+        var container = ContainerSpec(
+            image: spec.image,
+            // PID 1 only waits; every command arrives through exec.
+            command: ["sleep", "2147483647"],
+            user: spec.user, workingDirectory: Self.workspace, labels: allLabels)
+        var host = HostConfig()
+        host.NetworkMode = "none"
+        host.ReadonlyRootfs = true
+        host.CapDrop = ["ALL"]
+        host.SecurityOpt = ["no-new-privileges"]
+        host.Memory = spec.memoryBytes
+        host.MemorySwap = spec.memoryBytes
+        host.NanoCpus = Int(spec.cpus * 1_000_000_000)
+        host.PidsLimit = spec.pids
+        let hostLimits = HostConfig.Ulimit.withinHostLimits(nofile: spec.nofile, nproc: spec.nproc)
+        host.Ulimits = hostLimits
+        host.Tmpfs = ["/tmp": "rw,nosuid,nodev,size=\(spec.tmpBytes)"]
+        switch spec.workspace {
+        case .task:
+            container.Volumes = [Self.workspace: EmptyObject()]
+        case .session:
+            let session = labels[SandboxLabel.session] ?? "pool"
+            host.Binds = ["agentd-ws-\(instance)-\(session):\(Self.workspace)"]
+        }
+        container.HostConfig = host
+        let id: String
+        do {
+            let name = labels[SandboxLabel.session].flatMap { session in
+                labels[SandboxLabel.task].map { Self.containerName(TaskKey(session: session, task: $0), instance: instance) }
+            }
+            id = try await engine.createContainer(container, name: name)
+        } catch let error as EngineError {
+            throw Self.translate(error, doing: "provisioning a sandbox from image \(spec.image)", provisioning: true)
+        }
+        do {
+            try await engine.startContainer(id)
+        } catch let error as EngineError {
+            _ = try? await engine.removeContainer(id)
+            throw Self.translate(error, doing: "starting a sandbox from image \(spec.image)", provisioning: true)
+        }
+        return SandboxHandle(id: id, spec: spec, labels: allLabels)
+    }
+
+    public func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws {
+        do {
+            try await engine.renameContainer(sandbox.id, to: Self.containerName(key, instance: instance))
+        } catch let error as EngineError {
+            throw Self.translate(error, doing: "assigning a pooled sandbox to \(key)")
+        }
+    }
+
+    /// The name of a task's container, `agentd-<session>-<task>-<random>`, so that the engine's
+    /// own listing tells whose it is; the random part keeps a replacement from colliding with
+    /// a predecessor still being removed.
+    public static func containerName(_ key: TaskKey, instance: String) -> String {
+        "agentd-\(key.session)-\(key.task)-\(String(UInt32.random(in: 0...UInt32.max), radix: 36))"
+    }
+
+    public func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
+        let seconds = max(1, Int((Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18).rounded(.up)))
+        // The command is killed inside the sandbox at its timeout; the request's own timeout is
+        // a backstop a few seconds later, after which the whole sandbox is discarded.
+        let wrapped = ["timeout", "-s", "KILL", String(seconds)] + argv
+        let started = ContinuousClock.now
+        let result: ExecResult
+        do {
+            result = try await engine.exec(
+                sandbox.id, command: wrapped, workingDirectory: workingDirectory ?? Self.workspace,
+                timeout: timeout + .seconds(10), maxOutputBytes: sandbox.spec.outputLimitBytes + 4096)
+        } catch let error as EngineError {
+            if error.code == .timeout {
+                throw HandsError(.timeout, "the command did not finish within \(seconds)s and the sandbox stopped answering")
+            }
+            throw await diagnose(error, sandbox: sandbox, doing: "running a command")
+        }
+        let elapsed = ContinuousClock.now - started
+        if result.exitCode == 137 {
+            // Killed: by our timeout, by the OOM killer, or the sandbox is going away.
+            if let inspect = try? await engine.inspectContainer(sandbox.id) {
+                if inspect.State?.OOMKilled == true || inspect.State?.Running == false {
+                    throw Self.stateError(inspect, spec: sandbox.spec)
+                }
+            }
+            if elapsed >= timeout - .milliseconds(200) {
+                return CommandOutput(stdout: result.stdout, stderr: result.stderr, exitCode: 137, truncated: result.truncated, timedOut: true)
+            }
+            // A process killed by the OOM killer while PID 1 survives does not set the
+            // engine's OOMKilled flag; the sandbox's memory cgroup counts it.
+            if await oomKills(in: sandbox) > 0 {
+                throw HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(sandbox.spec.memoryBytes))) and the command was killed")
+            }
+        }
+        return CommandOutput(stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode, truncated: result.truncated)
+    }
+
+    /// The `oom_kill` count of the sandbox's memory cgroup (cgroup v1 `memory.oom_control`,
+    /// v2 `memory.events`), or 0 when it cannot be read.
+    private func oomKills(in sandbox: SandboxHandle) async -> Int {
+        let probe = "cat /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events 2>/dev/null"
+        guard let out = try? await engine.exec(sandbox.id, command: ["sh", "-c", probe], timeout: .seconds(10)) else { return 0 }
+        for line in String(decoding: out.stdout, as: UTF8.self).split(separator: "\n") where line.hasPrefix("oom_kill ") {
+            return Int(line.dropFirst("oom_kill ".count)) ?? 0
+        }
+        return 0
+    }
+
+    public func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {
+        let absolute = Self.absolute(path)
+        let directory = EngineClientPath.directory(of: absolute)
+        if directory != Self.workspace && directory != "/" {
+            let made = try await run(["mkdir", "-p", "--", directory], in: sandbox, workingDirectory: nil, timeout: .seconds(30))
+            guard made.exitCode == 0 else {
+                throw HandsError(.invalidRequest, "cannot create directory \(directory): \(String(decoding: made.stderr, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))")
+            }
+        }
+        do {
+            try await engine.putFile(
+                sandbox.id, path: absolute, contents: contents, mode: 0o644, uid: sandbox.spec.uid, gid: sandbox.spec.gid)
+        } catch let error as EngineError {
+            throw await diagnose(error, sandbox: sandbox, doing: "writing \(absolute)")
+        }
+    }
+
+    public func readFile(_ path: String, in sandbox: SandboxHandle) async throws -> [UInt8] {
+        let absolute = Self.absolute(path)
+        do {
+            return try await engine.getFile(sandbox.id, path: absolute, maxBytes: sandbox.spec.fileLimitBytes)
+        } catch let error as EngineError {
+            throw await diagnose(error, sandbox: sandbox, doing: "reading \(absolute)")
+        }
+    }
+
+    public func destroy(_ sandbox: SandboxHandle) async throws {
+        try await destroy(id: sandbox.id)
+    }
+
+    public func destroy(id: String) async throws {
+        do {
+            try await engine.removeContainer(id, force: true)
+        } catch let error as EngineError {
+            throw Self.translate(error, doing: "removing sandbox \(id.prefix(12))")
+        }
+    }
+
+    public func list(instance: String) async throws -> [(id: String, labels: [String: String])] {
+        do {
+            return try await engine.listContainers(labels: [SandboxLabel.instance: instance]).map { ($0.Id, $0.Labels ?? [:]) }
+        } catch let error as EngineError {
+            throw Self.translate(error, doing: "listing sandboxes")
+        }
+    }
+
+    // MARK: - errors
+
+    static func absolute(_ path: String) -> String {
+        path.hasPrefix("/") ? path : workspace + "/" + path
+    }
+
+    /// Works out what an engine error means for the sandbox: gone, out of memory, or only
+    /// this request failed.
+    private func diagnose(_ error: EngineError, sandbox: SandboxHandle, doing what: String) async -> HandsError {
+        if error.code == .http, let status = error.status, status == 404 || status == 409 || status == 500 {
+            if let inspect = try? await engine.inspectContainer(sandbox.id) {
+                if inspect.State?.Running != true { return Self.stateError(inspect, spec: sandbox.spec) }
+            } else if error.code != .unreachable {
+                return HandsError(.sandboxGone, "the sandbox no longer exists (removed from outside?) while \(what)")
+            }
+        }
+        return Self.translate(error, doing: what)
+    }
+
+    static func stateError(_ inspect: ContainerInspect, spec: SandboxSpec) -> HandsError {
+        if inspect.State?.OOMKilled == true {
+            return HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(spec.memoryBytes)))")
+        }
+        let status = inspect.State?.Status ?? "stopped"
+        let code = inspect.State?.ExitCode.map { ", exit code \($0)" } ?? ""
+        return HandsError(.sandboxGone, "the sandbox is no longer running (\(status)\(code))")
+    }
+
+    static func translate(_ error: EngineError, doing what: String, provisioning: Bool = false) -> HandsError {
+        switch error.code {
+        case .unreachable, .transport, .cancelled:
+            return HandsError(.unreachable, "the container engine is unreachable while \(what): \(error.message)")
+        case .timeout:
+            return HandsError(.unreachable, "the container engine did not answer in time while \(what)")
+        default:
+            if error.isNotFound && !provisioning {
+                return HandsError(.invalidRequest, "\(what): \(error.engineMessage ?? error.message)")
+            }
+            return HandsError(provisioning ? .provisioning : .invalidRequest, "\(what): \(error.engineMessage ?? error.message)")
+        }
+    }
+}
+
+/// Path helpers shared by the drivers.
+enum EngineClientPath {
+    static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        let d = String(path[..<slash])
+        return d.isEmpty ? "/" : d
+    }
+}
+
+/// `268435456` → `256 MiB`.
+func formatBytes(_ bytes: Int) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    var value = Double(bytes)
+    var unit = 0
+    while value >= 1024 && unit < units.count - 1 && value.truncatingRemainder(dividingBy: 1024) == 0 {
+        value /= 1024
+        unit += 1
+    }
+    return value == value.rounded() ? "\(Int(value)) \(units[unit])" : String(format: "%.1f %@", value, units[unit])
+}

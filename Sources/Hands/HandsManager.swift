@@ -1,0 +1,215 @@
+import Foundation
+import Logging
+
+/// Something that happened to a task's Hands, for the journal and metrics.
+public enum HandsEvent: Sendable, Equatable {
+    case provisioned(TaskKey, sandbox: String, fromPool: Bool, milliseconds: Int)
+    case released(TaskKey, sandbox: String, reason: String)
+    case failed(TaskKey, sandbox: String, kind: String, message: String)
+}
+
+/// Owns every task's sandbox: provisions on demand (or from a warm pool), runs tool calls,
+/// turns every failure into a string, releases sandboxes when a task ends or idles out, and
+/// removes orphans of this instance (reconcile).
+///
+/// Contract: `execute` never throws. A failure that leaves the sandbox unusable (engine
+/// unreachable, sandbox killed or out of memory, timeout backstop) discards it, and the next
+/// call provisions fresh Hands.
+public actor HandsManager {
+    private struct Live {
+        var sandbox: SandboxHandle
+        var lastUsed: ContinuousClock.Instant
+        var inFlight: Int
+    }
+
+    public nonisolated let driver: any HandsDriver
+    public nonisolated let instance: String
+    private let logger: Logger
+    private let onEvent: @Sendable (HandsEvent) async -> Void
+    private var live: [TaskKey: Live] = [:]
+    private var provisioning: [TaskKey: Task<SandboxHandle, any Error>] = [:]
+    private var pool: [SandboxSpec: [SandboxHandle]] = [:]
+    private var poolTargets: [SandboxSpec: Int] = [:]
+    private var refills: [SandboxSpec: Task<Void, Never>] = [:]
+
+    public init(
+        driver: any HandsDriver, instance: String, logger: Logger = Logger(label: "agentd.hands"),
+        onEvent: @escaping @Sendable (HandsEvent) async -> Void = { _ in }
+    ) {
+        self.driver = driver
+        self.instance = instance
+        self.logger = logger
+        self.onEvent = onEvent
+    }
+
+    // MARK: - execute
+
+    /// Runs tool `name` with JSON `input` in the sandbox of `key`, provisioning it on first use.
+    public func execute(_ key: TaskKey, spec: SandboxSpec, tool name: String, input: [UInt8]) async -> ToolResult {
+        let call: ToolCall
+        do {
+            call = try ToolCall.decode(name: name, input: input)
+        } catch {
+            return .error("\(error)")
+        }
+        let sandbox: SandboxHandle
+        do {
+            sandbox = try await sandboxFor(key, spec: spec)
+        } catch {
+            let message = (error as? HandsError)?.message ?? "\(error)"
+            return .error("could not provision a sandbox for task \(key.task): \(message); the next call will try again")
+        }
+        live[key]?.inFlight += 1
+        defer {
+            live[key]?.inFlight -= 1
+            live[key]?.lastUsed = .now
+        }
+        do {
+            return try await ToolRunner.run(call, on: sandbox, driver: driver)
+        } catch let error as HandsError {
+            guard error.discardsSandbox else { return .error(error.message) }
+            await discard(key, sandbox: sandbox, error: error)
+            return .error("\(error.message); a fresh sandbox will be provisioned on the next call")
+        } catch {
+            return .error("\(error)")
+        }
+    }
+
+    /// The sandbox of `key`, provisioned now if it has none (once, however many calls wait).
+    private func sandboxFor(_ key: TaskKey, spec: SandboxSpec) async throws -> SandboxHandle {
+        if let existing = live[key] { return existing.sandbox }
+        if let pending = provisioning[key] { return try await pending.value }
+        let started = ContinuousClock.now
+        let task = Task { [driver] () async throws -> SandboxHandle in
+            if let pooled = self.takePooled(spec) {
+                do {
+                    try await driver.assign(pooled, to: key)
+                    var assigned = pooled
+                    assigned.labels[SandboxLabel.session] = key.session
+                    assigned.labels[SandboxLabel.task] = key.task
+                    return assigned
+                } catch {
+                    try? await driver.destroy(pooled)
+                }
+            }
+            return try await driver.provision(spec, labels: [SandboxLabel.session: key.session, SandboxLabel.task: key.task])
+        }
+        provisioning[key] = task
+        defer { provisioning[key] = nil }
+        let sandbox = try await task.value
+        live[key] = Live(sandbox: sandbox, lastUsed: .now, inFlight: 0)
+        let ms = Int((ContinuousClock.now - started).components.seconds * 1000 + (ContinuousClock.now - started).components.attoseconds / 1_000_000_000_000_000)
+        let fromPool = sandbox.labels[SandboxLabel.pool] != nil
+        logger.info("provisioned sandbox", metadata: ["task": "\(key)", "sandbox": "\(sandbox.id.prefix(12))", "pool": "\(fromPool)"])
+        await onEvent(.provisioned(key, sandbox: sandbox.id, fromPool: fromPool, milliseconds: ms))
+        scheduleRefill(spec)
+        return sandbox
+    }
+
+    private func discard(_ key: TaskKey, sandbox: SandboxHandle, error: HandsError) async {
+        if live[key]?.sandbox.id == sandbox.id { live[key] = nil }
+        logger.warning("discarding sandbox", metadata: ["task": "\(key)", "sandbox": "\(sandbox.id.prefix(12))", "reason": "\(error.kind.rawValue)"])
+        await onEvent(.failed(key, sandbox: sandbox.id, kind: error.kind.rawValue, message: error.message))
+        try? await driver.destroy(sandbox)
+    }
+
+    // MARK: - task end, idle, reconcile
+
+    /// Releases the sandbox of `key`, if it has one.
+    /// - Returns: whether there was one.
+    @discardableResult
+    public func endTask(_ key: TaskKey, reason: String = "task ended") async -> Bool {
+        if let pending = provisioning[key] { _ = try? await pending.value }
+        guard let entry = live.removeValue(forKey: key) else { return false }
+        do {
+            try await driver.destroy(entry.sandbox)
+        } catch {
+            logger.warning("could not remove sandbox; reconcile will", metadata: ["sandbox": "\(entry.sandbox.id.prefix(12))", "error": "\(error)"])
+        }
+        await onEvent(.released(key, sandbox: entry.sandbox.id, reason: reason))
+        return true
+    }
+
+    /// Releases every sandbox of `session`.
+    public func endSession(_ session: String) async {
+        for key in live.keys where key.session == session { await endTask(key, reason: "session ended") }
+    }
+
+    /// Releases sandboxes idle longer than their spec's idle timeout.
+    /// - Returns: how many were released.
+    @discardableResult
+    public func releaseIdle(now: ContinuousClock.Instant = .now) async -> Int {
+        let idle = live.filter { $0.value.inFlight == 0 && now - $0.value.lastUsed >= $0.value.sandbox.spec.idleTimeout }.map(\.key)
+        for key in idle { await endTask(key, reason: "idle") }
+        return idle.count
+    }
+
+    /// Removes every sandbox labelled with this instance that no live task or pool holds —
+    /// what a crash of agentd left behind.
+    /// - Returns: the ids removed.
+    @discardableResult
+    public func reconcile() async throws -> [String] {
+        let known = Set(live.values.map(\.sandbox.id) + pool.values.flatMap { $0.map(\.id) })
+        let inFlight = !provisioning.isEmpty || !refills.isEmpty
+        var removed: [String] = []
+        for (id, labels) in try await driver.list(instance: instance) where !known.contains(id) {
+            // A sandbox being provisioned right now is not known yet; leave its kind alone.
+            if inFlight && labels[SandboxLabel.session] != nil { continue }
+            try? await driver.destroy(id: id)
+            removed.append(id)
+        }
+        if !removed.isEmpty { logger.info("reconcile removed orphaned sandboxes", metadata: ["count": "\(removed.count)"]) }
+        return removed
+    }
+
+    /// Releases everything: live sandboxes and the pool (shutdown).
+    public func shutdown() async {
+        for key in Array(live.keys) { await endTask(key, reason: "agentd stopping") }
+        poolTargets.removeAll()
+        for (_, sandboxes) in pool { for s in sandboxes { try? await driver.destroy(s) } }
+        pool.removeAll()
+    }
+
+    // MARK: - warm pool
+
+    /// Keeps `size` started sandboxes of `spec` ready; taking one starts a refill.
+    public func setPoolSize(_ size: Int, for spec: SandboxSpec) {
+        poolTargets[spec] = max(0, size)
+        scheduleRefill(spec)
+    }
+
+    /// Fills every pool to its target now and waits until done.
+    public func fillPools() async {
+        for spec in poolTargets.keys { scheduleRefill(spec) }
+        for task in refills.values { await task.value }
+    }
+
+    public var pooledCount: Int { pool.values.reduce(0) { $0 + $1.count } }
+    public var liveCount: Int { live.count }
+    public func sandbox(of key: TaskKey) -> SandboxHandle? { live[key]?.sandbox }
+
+    private func takePooled(_ spec: SandboxSpec) -> SandboxHandle? {
+        guard var list = pool[spec], !list.isEmpty, spec.workspace == .task else { return nil }
+        let s = list.removeFirst()
+        pool[spec] = list
+        return s
+    }
+
+    private func scheduleRefill(_ spec: SandboxSpec) {
+        guard spec.workspace == .task, (poolTargets[spec] ?? 0) > (pool[spec]?.count ?? 0), refills[spec] == nil else { return }
+        refills[spec] = Task { await self.refill(spec) }
+    }
+
+    private func refill(_ spec: SandboxSpec) async {
+        defer { refills[spec] = nil }
+        while (pool[spec]?.count ?? 0) < (poolTargets[spec] ?? 0) {
+            do {
+                let s = try await driver.provision(spec, labels: [SandboxLabel.pool: "warm"])
+                pool[spec, default: []].append(s)
+            } catch {
+                logger.warning("warm pool refill failed", metadata: ["error": "\(error)"])
+                return
+            }
+        }
+    }
+}
