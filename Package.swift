@@ -29,9 +29,10 @@ let package = Package(
 
         // Leaf modules.
         .target(name: "Blocking", swiftSettings: strict),
+        .target(name: "CurlHTTP", dependencies: ["CCurl", "Blocking"], swiftSettings: strict),
         .target(
             name: "EngineAPI",
-            dependencies: ["CCurl", "Blocking", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["CurlHTTP", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
         .target(
             name: "SystemdBus",

@@ -1,3 +1,4 @@
+@_exported import CurlHTTP
 import Foundation
 
 /// A typed client of the Docker Engine API (served by Docker or by Podman's
@@ -23,7 +24,7 @@ public struct EngineClient: Sendable {
     ) {
         self.endpoint = endpoint
         self.apiVersion = apiVersion
-        self.transport = transport ?? CurlTransport(endpoint: endpoint)
+        self.transport = transport ?? CurlTransport(endpoint: endpoint.http)
         self.requestTimeout = requestTimeout
     }
 
@@ -179,7 +180,12 @@ public struct EngineClient: Sendable {
         let target = versioned ? "/v\(apiVersion)\(path)" : path
         let request = HTTPRequest(
             method: method, target: target, body: body, timeout: timeout ?? requestTimeout, maxResponseBytes: maxResponseBytes)
-        let response = try await transport.send(request)
+        let response: HTTPResponse
+        do {
+            response = try await transport.send(request)
+        } catch let error as HTTPClientError {
+            throw EngineError(transportError: error, endpoint: endpoint)
+        }
         guard (200..<300).contains(response.status) else {
             let raw = String(decoding: response.body.prefix(4096), as: UTF8.self)
             let engineMessage = (try? JSONDecoder().decode(EngineMessage.self, from: Data(response.body)))?.message ?? raw

@@ -47,3 +47,15 @@ public enum EngineEndpoint: Sendable, Hashable, CustomStringConvertible {
 }
 
 import Foundation
+
+extension EngineEndpoint {
+    /// The endpoint in libcurl's terms.
+    var http: HTTPEndpoint {
+        switch self {
+        case .unixSocket(let path): .unixSocket(path: path)
+        case .tcp(let host, let port): .url("http://\(host):\(port)")
+        }
+    }
+}
+
+import CurlHTTP

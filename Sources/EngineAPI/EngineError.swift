@@ -54,3 +54,22 @@ public struct EngineError: Error, Sendable, CustomStringConvertible {
     /// True for an HTTP 404 from the engine (no such container, image or exec).
     public var isNotFound: Bool { code == .http && status == 404 }
 }
+
+extension EngineError {
+    /// The engine error for a request that got no HTTP answer, with what to do about it.
+    init(transportError error: HTTPClientError, endpoint: EngineEndpoint) {
+        switch error.code {
+        case .unreachable:
+            self.init(
+                .unreachable,
+                "cannot reach the container engine: \(error.message) — is it running? Run `make env` (it starts `podman system service`) and export the AGENTD_ENGINE it prints",
+                cause: error)
+        case .timeout: self.init(.timeout, "the container engine at \(endpoint) did not answer in time: \(error.message)", cause: error)
+        case .cancelled: self.init(.cancelled, error.message, cause: error)
+        case .transport: self.init(.transport, "talking to the container engine at \(endpoint): \(error.message)", cause: error)
+        case .invalidArgument: self.init(.invalidArgument, error.message, cause: error)
+        }
+    }
+}
+
+import CurlHTTP

@@ -3,7 +3,8 @@ import CCurl
 import Foundation
 import Synchronization
 
-/// `HTTPTransport` over libcurl, to a unix socket (`CURLOPT_UNIX_SOCKET_PATH`) or TCP.
+/// `HTTPTransport` over libcurl, to a unix socket (`CURLOPT_UNIX_SOCKET_PATH`) or a URL
+/// (HTTP or HTTPS).
 ///
 /// Concurrency: `curl_easy_perform` blocks, so every request runs on `BlockingPool` threads,
 /// never on the cooperative pool. Easy handles are kept in a small free list and reused (after
@@ -16,7 +17,7 @@ import Synchronization
 public final class CurlTransport: HTTPTransport, @unchecked Sendable {
     // Invariant for @unchecked Sendable: `idleHandles` is only touched under its Mutex; a
     // handle taken from it is owned by exactly one request until it is put back.
-    private let endpoint: EngineEndpoint
+    public let endpoint: HTTPEndpoint
     private let idleHandles = Mutex<[HandleBox]>([])
     private let pool: BlockingPool
     private static let maxIdleHandles = 16
@@ -31,7 +32,7 @@ public final class CurlTransport: HTTPTransport, @unchecked Sendable {
     /// Initializes libcurl for the process; call first thing in `main`.
     public static func globalInit() { _ = initialized }
 
-    public init(endpoint: EngineEndpoint, pool: BlockingPool = .shared) {
+    public init(endpoint: HTTPEndpoint, pool: BlockingPool = .shared) {
         _ = Self.initialized
         self.endpoint = endpoint
         self.pool = pool
@@ -50,7 +51,7 @@ public final class CurlTransport: HTTPTransport, @unchecked Sendable {
 
     private func perform(_ context: RequestContext) throws -> HTTPResponse {
         if context.cancelled.load(ordering: .relaxed) {
-            throw EngineError(.cancelled, "request \(context.request.method) \(context.request.target) was cancelled")
+            throw HTTPClientError(.cancelled, "request \(context.request.method) \(context.request.target) was cancelled")
         }
         let box = idleHandles.withLock { $0.popLast() } ?? HandleBox()
         defer {
@@ -69,8 +70,8 @@ public final class CurlTransport: HTTPTransport, @unchecked Sendable {
         case .unixSocket(let path):
             url = "http://localhost" + request.target
             ccurl_easy_setopt_string(h, CURLOPT_UNIX_SOCKET_PATH, path)
-        case .tcp(let host, let port):
-            url = "http://\(host):\(port)" + request.target
+        case .url(let base):
+            url = (base.hasSuffix("/") ? String(base.dropLast()) : base) + request.target
         }
         ccurl_easy_setopt_string(h, CURLOPT_URL, url)
         ccurl_easy_setopt_long(h, CURLOPT_NOSIGNAL, 1)
@@ -80,6 +81,7 @@ public final class CurlTransport: HTTPTransport, @unchecked Sendable {
         ccurl_easy_setopt_long(h, CURLOPT_TIMEOUT_MS, timeoutMs)
         ccurl_easy_setopt_long(h, CURLOPT_CONNECTTIMEOUT_MS, min(timeoutMs, 10_000))
         headers = curl_slist_append(headers, "Expect:")  // no 100-continue round trip
+        for (name, value) in request.headers { headers = curl_slist_append(headers, "\(name): \(value)") }
 
         let unmanaged = Unmanaged.passUnretained(context).toOpaque()
         ccurl_easy_setopt_data_callback(h, CURLOPT_WRITEFUNCTION, curlWrite)
@@ -101,7 +103,7 @@ public final class CurlTransport: HTTPTransport, @unchecked Sendable {
             ccurl_easy_setopt_pointer(h, CURLOPT_POSTFIELDS, context.bodyBytes.baseAddress)
         case .file(let path, let contentType):
             guard let f = fopen(path, "rb") else {
-                throw EngineError(.invalidArgument, "cannot open \(path) to send to the engine: \(String(cString: strerror(errno)))")
+                throw HTTPClientError(.invalidArgument, "cannot open \(path) to send it: \(String(cString: strerror(errno)))")
             }
             uploadFile = f
             var st = stat()
@@ -123,30 +125,24 @@ public final class CurlTransport: HTTPTransport, @unchecked Sendable {
         return HTTPResponse(status: status, body: context.response, truncated: context.truncated)
     }
 
-    private func transportError(_ code: CURLcode, detail: String, request: HTTPRequest) -> EngineError {
+    private func transportError(_ code: CURLcode, detail: String, request: HTTPRequest) -> HTTPClientError {
         let what = "\(request.method) \(request.target.split(separator: "?").first ?? "")"
         let curlMessage = detail.isEmpty ? String(cString: curl_easy_strerror(code)) : detail
+        let raw = Int(code.rawValue)
         switch code {
         case CURLE_ABORTED_BY_CALLBACK:
-            return EngineError(.cancelled, "\(what) was cancelled")
+            return HTTPClientError(.cancelled, "\(what) was cancelled", curlCode: raw)
         case CURLE_OPERATION_TIMEDOUT:
-            return EngineError(.timeout, "\(what) to the container engine at \(endpoint) timed out after \(request.timeout) (\(curlMessage))")
-        case CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_HOST, CURLE_SEND_ERROR, CURLE_RECV_ERROR, CURLE_GOT_NOTHING:
+            return HTTPClientError(.timeout, "\(what) to \(endpoint) timed out after \(request.timeout) (\(curlMessage))", curlCode: raw)
+        case CURLE_COULDNT_CONNECT, CURLE_COULDNT_RESOLVE_HOST:
             var reason = curlMessage
             if case .unixSocket(let path) = endpoint {
                 var st = stat()
-                if stat(path, &st) != 0 {
-                    reason = "no socket at \(path)"
-                } else if code == CURLE_COULDNT_CONNECT {
-                    reason = "connection refused at \(path)"
-                }
+                reason = stat(path, &st) != 0 ? "no socket at \(path)" : "connection refused at \(path)"
             }
-            let hint = code == CURLE_COULDNT_CONNECT || code == CURLE_COULDNT_RESOLVE_HOST
-                ? " — is the engine running? Run `make env` (it starts `podman system service`) and export the AGENTD_ENGINE it prints"
-                : ""
-            return EngineError(.unreachable, "cannot reach the container engine at \(endpoint) (\(reason))\(hint)")
+            return HTTPClientError(.unreachable, "cannot reach \(endpoint) (\(reason))", curlCode: raw)
         default:
-            return EngineError(.transport, "\(what) to the container engine at \(endpoint) failed: \(curlMessage) (curl error \(code.rawValue))")
+            return HTTPClientError(.transport, "\(what) to \(endpoint) failed: \(curlMessage) (curl error \(raw))", curlCode: raw)
         }
     }
 }
@@ -195,6 +191,10 @@ private func curlWrite(_ ptr: UnsafeMutablePointer<CChar>?, _ size: Int, _ count
     let n = size * count
     guard let ptr, let userdata else { return n }
     let context = Unmanaged<RequestContext>.fromOpaque(userdata).takeUnretainedValue()
+    if let sink = context.request.onData {
+        sink(ptr.withMemoryRebound(to: UInt8.self, capacity: n) { Array(UnsafeBufferPointer(start: $0, count: n)) })
+        return n
+    }
     let room = context.request.maxResponseBytes - context.response.count
     if room < n { context.truncated = true }
     let take = max(0, min(room, n))
