@@ -61,6 +61,11 @@ let package = Package(
             dependencies: ["EngineAPI", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
 
+        .target(
+            name: "Runtime",
+            dependencies: ["SessionLog", "Hands", "Policy", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+
         // Executables: wiring only.
         .executableTarget(
             name: "agentd",

@@ -187,6 +187,8 @@ public actor HandsManager {
     public var pooledCount: Int { pool.values.reduce(0) { $0 + $1.count } }
     public var liveCount: Int { live.count }
     public func sandbox(of key: TaskKey) -> SandboxHandle? { live[key]?.sandbox }
+    /// The tasks of `session` that hold a sandbox now.
+    public func liveTasks(session: String) -> [String] { live.keys.filter { $0.session == session }.map(\.task) }
 
     private func takePooled(_ spec: SandboxSpec) -> SandboxHandle? {
         guard var list = pool[spec], !list.isEmpty, spec.workspace == .task else { return nil }
