@@ -671,7 +671,12 @@ public struct EventSequence: AsyncSequence, Sendable {
                 }
                 try Task.checkCancellation()
                 let (store, session, from) = (self.store, self.session, self.next)
-                let chunk = try await BlockingPool.shared.run { try store.readRecords(session: session, from: from, count: 2048) }
+                let chunk: [Event]
+                do {
+                    chunk = try await BlockingPool.shared.run { try store.readRecords(session: session, from: from, count: 2048) }
+                } catch let error as SessionLogError where follow && error.code == .closed {
+                    return nil  // a live follow ends when the store closes
+                }
                 buffer = chunk
                 index = 0
                 if let last = chunk.last {

@@ -172,7 +172,7 @@ struct JournalBasicsTests {
             let token = "ghp_SuperSecretToken1234567890"
             let key = "sk-ant-api03-verysecret"
             let redactor = Redactor([try Secret(name: "github", value: token)])
-            let store = try await SessionStore.open(directory: dir, redactor: redactor)
+            let store = try await SessionStore.open(directory: dir, options: SessionStoreOptions(segmentBytes: 64 << 10), redactor: redactor)
             redactor.add(try Secret(name: "anthropic", value: key))
             #expect("\(try Secret(name: "x", value: token))".contains(token) == false)
             let s = sid("secretive")
