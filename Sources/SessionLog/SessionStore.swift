@@ -1,6 +1,7 @@
 import Blocking
 import Foundation
 import Logging
+import Synchronization
 
 /// Where a durable record lives.
 struct RecordLoc: Sendable, Equatable {
@@ -74,6 +75,7 @@ public final class SessionStore: @unchecked Sendable {
     var writerExited = false  // lock
     var followers: [SessionID: [UInt64: UnsafeContinuation<Void, Never>]] = [:]  // lock
     var nextFollowerID: UInt64 = 0  // lock
+    var stats = SessionStoreStatistics()  // lock
 
     var active: SegmentFile  // writer
     var activeEnd: UInt64  // writer
@@ -81,6 +83,9 @@ public final class SessionStore: @unchecked Sendable {
     var rolloversSinceIndex = 0  // writer
     let lockFD: Int32
 
+    let completions = CompletionThread()
+    /// Mirrors `pending.count` so that the writer can spin briefly without the lock.
+    let queued = Atomic<Int>(0)
     let indexLock = NSLock()
     var indexGeneration: UInt64 = 0  // indexLock
     var writtenIndexGeneration: UInt64 = 0  // indexLock
@@ -124,6 +129,8 @@ public final class SessionStore: @unchecked Sendable {
             try SessionStore(directory: directory, options: options, redactor: redactor, logger: logger)
         }
         startDedicatedThread(name: "agentd-journal") { store.writerLoop() }
+        let completions = store.completions
+        startDedicatedThread(name: "agentd-journal-done") { completions.run() }
         return store
     }
 
@@ -250,6 +257,7 @@ public final class SessionStore: @unchecked Sendable {
             state.tentativeHash = hash
             table[session] = state
             pending.append(PendingRecord(bytes: record, session: session, seq: seq, epoch: recordEpoch, hash: hash, isCheckpoint: isCheckpoint, what: what, continuation: continuation))
+            queued.store(pending.count, ordering: .releasing)
             if pending.count == 1 { lock.signal() }
             lock.unlock()
         }
@@ -263,15 +271,21 @@ public final class SessionStore: @unchecked Sendable {
         var buffer: [UInt8] = []
         buffer.reserveCapacity(1 << 20)
         while true {
+            // A waiter resumed by the last commit usually appends again within microseconds:
+            // spin for a moment before sleeping, to spare it a futex wake-up of this thread.
+            let spinUntil = Sys.monotonicNanos() + 40_000
+            while queued.load(ordering: .acquiring) == 0 && Sys.monotonicNanos() < spinUntil {}
             lock.lock()
             while pending.isEmpty && !closing { lock.wait() }
             if pending.isEmpty {
+                completions.stop()
                 writerExited = true
                 lock.broadcast()
                 lock.unlock()
                 return
             }
             swap(&batch, &pending)
+            queued.store(0, ordering: .releasing)
             lock.unlock()
 
             buffer.removeAll(keepingCapacity: true)
@@ -280,6 +294,9 @@ public final class SessionStore: @unchecked Sendable {
                 let (segment, start) = try writeDurably(buffer, sessionsHint: batch[0].session)
                 var woken: [UnsafeContinuation<Void, Never>] = []
                 lock.lock()
+                stats.records += UInt64(batch.count)
+                stats.syncs += 1
+                stats.bytesWritten += UInt64(buffer.count)
                 var offset = start
                 for p in batch {
                     let loc = RecordLoc(segment: segment, length: UInt32(p.bytes.count), offset: offset)
@@ -292,8 +309,15 @@ public final class SessionStore: @unchecked Sendable {
                     if let waiting = followers.removeValue(forKey: p.session) { woken.append(contentsOf: waiting.values) }
                 }
                 lock.unlock()
-                for p in batch { p.continuation.resume(returning: (p.seq, p.epoch)) }
-                for w in woken { w.resume() }
+                if batch.count <= 4 {
+                    // Few waiters: resume them here, without a thread hop (single-writer latency).
+                    for p in batch { p.continuation.resume(returning: (p.seq, p.epoch)) }
+                    for w in woken { w.resume() }
+                } else {
+                    // Many waiters: let the completion thread resume them while this thread
+                    // starts the next write, so the disk never waits for the resumptions.
+                    completions.hand(batch.map { ($0.continuation, ($0.seq, $0.epoch)) }, woken)
+                }
             } catch {
                 let failure = (error as? SessionLogError) ?? SessionLogError(.ioError, "journal write failed: \(error)")
                 lock.lock()
@@ -465,6 +489,26 @@ public final class SessionStore: @unchecked Sendable {
         }
         lock.unlock()
 
+        if locs.count < 1024 {
+            return try decode(session: session, from: from, locs: locs[...], maps: maps)
+        }
+        // Big batches (replay): decode the second half on another thread at the same time.
+        let half = locs.count / 2
+        let second = ResultBox()
+        let done = DispatchSemaphore(value: 0)
+        let secondLocs = locs[half...]
+        let frozen = maps
+        BlockingPool.shared.submit {
+            second.result = Result { try self.decode(session: session, from: from + UInt64(half), locs: secondLocs, maps: frozen) }
+            done.signal()
+        }
+        let first = Result { try decode(session: session, from: from, locs: locs[..<half], maps: maps) }
+        done.wait()
+        return try first.get() + second.result!.get()
+    }
+
+    /// Checks and decodes the records at `locs` (seq `from`, `from + 1`, …).
+    func decode(session: SessionID, from: UInt64, locs: ArraySlice<RecordLoc>, maps: [UInt32: Mapping]) throws -> [Event] {
         let sid = Array(session.rawValue.utf8)
         var out: [Event] = []
         out.reserveCapacity(locs.count)
@@ -602,6 +646,9 @@ public final class SessionStore: @unchecked Sendable {
         lock.withLock { table[session]?.lastSeq ?? 0 }
     }
 
+    /// Counters since the store was opened (for benchmarks and metrics).
+    public var statistics: SessionStoreStatistics { lock.withLock { stats } }
+
     /// The session's current lease epoch (0 before the first wake).
     public func leaseEpoch(session: SessionID) -> UInt64 {
         lock.withLock { table[session]?.durableEpoch ?? 0 }
@@ -691,4 +738,53 @@ public struct EventSequence: AsyncSequence, Sendable {
             }
         }
     }
+}
+
+/// Resumes the waiters of large group commits on a thread of its own, so the writer thread
+/// goes straight back to the disk.
+final class CompletionThread: @unchecked Sendable {
+    // Invariant for @unchecked Sendable: `queue` and `stopped` are accessed only under `condition`.
+    typealias Done = (UnsafeContinuation<(UInt64, UInt64), any Error>, (UInt64, UInt64))
+    private let condition = NSCondition()
+    private var queue: [([Done], [UnsafeContinuation<Void, Never>])] = []
+    private var stopped = false
+
+    func hand(_ done: [Done], _ woken: [UnsafeContinuation<Void, Never>]) {
+        condition.lock()
+        queue.append((done, woken))
+        condition.signal()
+        condition.unlock()
+    }
+
+    func stop() {
+        condition.lock()
+        stopped = true
+        condition.signal()
+        condition.unlock()
+    }
+
+    func run() {
+        var work: [([Done], [UnsafeContinuation<Void, Never>])] = []
+        while true {
+            condition.lock()
+            while queue.isEmpty && !stopped { condition.wait() }
+            if queue.isEmpty && stopped {
+                condition.unlock()
+                return
+            }
+            swap(&work, &queue)
+            condition.unlock()
+            for (done, woken) in work {
+                for (c, value) in done { c.resume(returning: value) }
+                for w in woken { w.resume() }
+            }
+            work.removeAll(keepingCapacity: true)
+        }
+    }
+}
+
+/// Carries one thread's result to another; the semaphore that guards it orders the accesses.
+final class ResultBox: @unchecked Sendable {
+    // Invariant for @unchecked Sendable: written once before `done.signal()`, read after `done.wait()`.
+    var result: Result<[Event], any Error>?
 }

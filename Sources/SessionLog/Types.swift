@@ -139,3 +139,13 @@ public struct SessionStoreOptions: Sendable {
         self.indexEveryRollovers = max(1, indexEveryRollovers)
     }
 }
+
+/// Counters of a store since it was opened.
+public struct SessionStoreStatistics: Sendable {
+    /// Records made durable.
+    public var records: UInt64 = 0
+    /// Group commits (one write and one fdatasync each).
+    public var syncs: UInt64 = 0
+    /// Bytes written to the log.
+    public var bytesWritten: UInt64 = 0
+}
