@@ -454,6 +454,12 @@ public final class SessionStore: @unchecked Sendable {
 
     /// Reads up to `count` durable records of `session` starting at seq `from`.
     func readRecords(session: SessionID, from: UInt64, count: Int, upTo: UInt64 = .max) throws -> [Event] {
+        let parts = try readParts(session: session, from: from, count: count, upTo: upTo)
+        return parts.count == 1 ? parts[0] : parts.flatMap { $0 }
+    }
+
+    /// `readRecords`, as consecutive parts (decoded in parallel for big reads).
+    func readParts(session: SessionID, from: UInt64, count: Int, upTo: UInt64 = .max) throws -> [[Event]] {
         lock.lock()
         if closed {
             lock.unlock()
@@ -461,7 +467,7 @@ public final class SessionStore: @unchecked Sendable {
         }
         guard let state = table[session] else {
             lock.unlock()
-            return []
+            return [[]]
         }
         if let damage = state.damage {
             lock.unlock()
@@ -470,7 +476,7 @@ public final class SessionStore: @unchecked Sendable {
         let end = min(state.lastSeq, upTo, from &+ UInt64(count) &- 1)
         guard from >= 1, from <= end else {
             lock.unlock()
-            return []
+            return [[]]
         }
         let locs = Array(state.locs[Int(from - 1)..<Int(end)])
         var maps: [UInt32: Mapping] = [:]
@@ -490,7 +496,7 @@ public final class SessionStore: @unchecked Sendable {
         lock.unlock()
 
         if locs.count < 1024 {
-            return try decode(session: session, from: from, locs: locs[...], maps: maps)
+            return [try decode(session: session, from: from, locs: locs[...], maps: maps)]
         }
         // Big batches (replay): decode the second half on another thread at the same time.
         let half = locs.count / 2
@@ -504,7 +510,7 @@ public final class SessionStore: @unchecked Sendable {
         }
         let first = Result { try decode(session: session, from: from, locs: locs[..<half], maps: maps) }
         done.wait()
-        return try first.get() + second.result!.get()
+        return [try first.get(), try second.result!.get()]
     }
 
     /// Checks and decodes the records at `locs` (seq `from`, `from + 1`, …).
@@ -512,12 +518,18 @@ public final class SessionStore: @unchecked Sendable {
         let sid = Array(session.rawValue.utf8)
         var out: [Event] = []
         out.reserveCapacity(locs.count)
+        var cachedSegment = UInt32.max
+        var base = UnsafeRawPointer(bitPattern: 1)!
         for (i, loc) in locs.enumerated() {
             let seq = from + UInt64(i)
-            let p = maps[loc.segment]!.base + Int(loc.offset)
+            if loc.segment != cachedSegment {
+                cachedSegment = loc.segment
+                base = maps[loc.segment]!.base
+            }
+            let p = base + Int(loc.offset)
             switch Record.parse(p, available: Int(loc.length)) {
             case .success(let h):
-                let sidOK = sid.withUnsafeBytes { h.sidLen == sid.count && memcmp(p + Record.fixedSize, $0.baseAddress!, sid.count) == 0 }
+                let sidOK = h.sidLen == sid.count && sid.withUnsafeBytes { memcmp(p + Record.fixedSize, $0.baseAddress!, sid.count) == 0 }
                 guard sidOK, h.seq == seq, h.length == Int(loc.length) else {
                     throw markDamaged(session, loc, seq: seq, reason: "the record there is not seq \(seq) of this session (the index is out of step with the log)")
                 }
@@ -707,27 +719,55 @@ public struct EventSequence: AsyncSequence, Sendable {
         let session: SessionID
         var next: UInt64
         let follow: Bool
-        var buffer: [Event] = []
+        var parts: [[Event]] = []
+        var part = 0
         var index = 0
+        /// The next chunk, read ahead while the caller consumes this one (replay).
+        var readAhead: Task<[[Event]], any Error>?
+
+        static let chunk = 4096
+
+        init(store: SessionStore, session: SessionID, next: UInt64, follow: Bool) {
+            self.store = store
+            self.session = session
+            self.next = next
+            self.follow = follow
+        }
 
         public mutating func next() async throws -> Event? {
             while true {
-                if index < buffer.count {
-                    defer { index += 1 }
-                    return buffer[index]
+                if part < parts.count {
+                    if index < parts[part].count {
+                        defer { index += 1 }
+                        return parts[part][index]
+                    }
+                    part += 1
+                    index = 0
+                    continue
                 }
                 try Task.checkCancellation()
                 let (store, session, from) = (self.store, self.session, self.next)
-                let chunk: [Event]
+                let chunk: [[Event]]
                 do {
-                    chunk = try await BlockingPool.shared.run { try store.readRecords(session: session, from: from, count: 2048) }
+                    if let readAhead {
+                        self.readAhead = nil
+                        chunk = try await readAhead.value
+                    } else {
+                        chunk = try await BlockingPool.shared.run { try store.readParts(session: session, from: from, count: Self.chunk) }
+                    }
                 } catch let error as SessionLogError where follow && error.code == .closed {
                     return nil  // a live follow ends when the store closes
                 }
-                buffer = chunk
+                parts = chunk
+                part = 0
                 index = 0
-                if let last = chunk.last {
+                if let last = chunk.last?.last {
+                    let count = Int(last.seq - from + 1)
                     next = last.seq + 1
+                    if count == Self.chunk {
+                        let ahead = next
+                        readAhead = Task { try await BlockingPool.shared.run { try store.readParts(session: session, from: ahead, count: Self.chunk) } }
+                    }
                     continue
                 }
                 guard follow else { return nil }
