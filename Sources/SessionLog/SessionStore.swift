@@ -395,7 +395,14 @@ public final class SessionStore: @unchecked Sendable {
         let path = directory + "/" + SegmentFile.name(id)
         let fd = try Sys.open(path, O_RDWR | O_CREAT | O_EXCL, context: "creating segment \(SegmentFile.name(id))")
         do {
-            _ = try Sys.preallocate(fd, from: 0, length: bytes, path: path)
+            do {
+                _ = try Sys.preallocate(fd, from: 0, length: bytes, path: path)
+            } catch let error as SessionLogError where error.code == .diskFull {
+                // Not enough room to preallocate: start the segment empty and let it grow, so
+                // that whatever space is left can still be used; a write that finds the disk
+                // full fails cleanly and is cut back.
+                try Sys.truncate(fd, to: 0, path: path)
+            }
             try Sys.fsync(fd, path: path, context: "creating segment \(SegmentFile.name(id))")
             try Sys.fsyncDirectory(directory)
         } catch {

@@ -172,6 +172,7 @@ struct JournalCrashTests {
             #expect(error.code == .diskFull)
             #expect(error.errno == ENOSPC)
             #expect(error.message.contains("ENOSPC") && error.message.contains("acknowledged events are intact"), "\(error)")
+            #expect(error.message.contains("session full"), "the error names the session: \(error)")
             // Still full: still a clean error, and nothing acknowledged is lost.
             await #expect(throws: SessionLogError.self) { try await store.append(session: s, type: "big", payload: [UInt8](repeating: 0x61, count: 8000)) }
             #expect(try await allEvents(store, s).map(\.seq) == acked)
@@ -182,8 +183,10 @@ struct JournalCrashTests {
             #expect(next == UInt64(acked.count + 1))
             try await store.close()
 
+            // No half-written record was left behind: a full scan finds neither damage nor a torn tail.
+            try FileManager.default.removeItem(atPath: dir + "/index.bin")
             let reopened = try await SessionStore.open(directory: dir, options: options)
-            #expect(reopened.recovery.damage.isEmpty)
+            #expect(reopened.recovery.damage.isEmpty && reopened.recovery.tornTail == nil, "\(reopened.recovery)")
             #expect(try await allEvents(reopened, s).count == acked.count + 1)
             #expect(try await reopened.verify(session: s).isIntact)
             try await reopened.close()
