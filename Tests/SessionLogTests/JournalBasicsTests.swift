@@ -77,6 +77,15 @@ struct JournalBasicsTests {
                 try await store.append(session: s, type: "next", payload: json("\(i)"))
             }
             #expect(try await follower.value == [1, 2, 3, 4, 5])
+            // A parked follower ends when its task is cancelled.
+            let cancelled = Task { () -> Int in
+                var n = 0
+                for try await _ in store.follow(session: s, after: 5) { n += 1 }
+                return n
+            }
+            try await Task.sleep(for: .milliseconds(50))
+            cancelled.cancel()
+            #expect(try await cancelled.value == 0)
             // A follower parked on a session ends when the store closes.
             let parked = Task { () -> Int in
                 var n = 0
