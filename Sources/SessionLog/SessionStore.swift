@@ -76,6 +76,8 @@ public final class SessionStore: @unchecked Sendable {
     var followers: [SessionID: [UInt64: UnsafeContinuation<Void, Never>]] = [:]  // lock
     var nextFollowerID: UInt64 = 0  // lock
     var stats = SessionStoreStatistics()  // lock
+    var gatherTarget = 0  // lock
+    let gatherWindow = 0.000_2
 
     var active: SegmentFile  // writer
     var activeEnd: UInt64  // writer
@@ -258,7 +260,7 @@ public final class SessionStore: @unchecked Sendable {
             table[session] = state
             pending.append(PendingRecord(bytes: record, session: session, seq: seq, epoch: recordEpoch, hash: hash, isCheckpoint: isCheckpoint, what: what, continuation: continuation))
             queued.store(pending.count, ordering: .releasing)
-            if pending.count == 1 { lock.signal() }
+            if pending.count == 1 || pending.count == gatherTarget { lock.signal() }
             lock.unlock()
         }
         return result
@@ -268,15 +270,28 @@ public final class SessionStore: @unchecked Sendable {
 
     func writerLoop() {
         var batch: [PendingRecord] = []
+        var spin = false
         var buffer: [UInt8] = []
         buffer.reserveCapacity(1 << 20)
         while true {
             // A waiter resumed by the last commit usually appends again within microseconds:
             // spin for a moment before sleeping, to spare it a futex wake-up of this thread.
-            let spinUntil = Sys.monotonicNanos() + 40_000
-            while queued.load(ordering: .acquiring) == 0 && Sys.monotonicNanos() < spinUntil {}
+            // Only after a small batch: under load the cores are needed by the appenders.
+            if spin {
+                let spinUntil = Sys.monotonicNanos() + 40_000
+                while queued.load(ordering: .acquiring) == 0 && Sys.monotonicNanos() < spinUntil {}
+            }
             lock.lock()
             while pending.isEmpty && !closing { lock.wait() }
+            if gatherTarget > 0 {
+                // Many waiters were just resumed: give them a moment to append again so they
+                // share the next fdatasync instead of alternating between two half batches.
+                let deadline = Date(timeIntervalSinceNow: gatherWindow)
+                while pending.count < gatherTarget && !closing {
+                    if !lock.wait(until: deadline) { break }
+                }
+                gatherTarget = 0
+            }
             if pending.isEmpty {
                 completions.stop()
                 writerExited = true
@@ -316,6 +331,7 @@ public final class SessionStore: @unchecked Sendable {
                 } else {
                     // Many waiters: let the completion thread resume them while this thread
                     // starts the next write, so the disk never waits for the resumptions.
+                    lock.withLock { gatherTarget = batch.count >= 8 ? pending.count + batch.count * 7 / 8 : 0 }
                     completions.hand(batch.map { ($0.continuation, ($0.seq, $0.epoch)) }, woken)
                 }
             } catch {
@@ -330,6 +346,7 @@ public final class SessionStore: @unchecked Sendable {
                 logger.warning("journal append failed", metadata: ["journal.error": "\(failure.message)"])
                 for p in batch + queued { p.continuation.resume(throwing: failure.forSession(p.session, p.what)) }
             }
+            spin = batch.count <= 2
             batch.removeAll(keepingCapacity: true)
         }
     }
