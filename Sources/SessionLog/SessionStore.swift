@@ -316,12 +316,8 @@ public final class SessionStore: @unchecked Sendable {
                 for p in batch {
                     let loc = RecordLoc(segment: segment, length: UInt32(p.bytes.count), offset: offset)
                     offset += UInt64(p.bytes.count)
-                    if table[p.session] == nil { table[p.session] = SessionState() }
-                    table[p.session]!.locs.append(loc)
-                    table[p.session]!.durableHash = p.hash
-                    table[p.session]!.durableEpoch = p.epoch
-                    if p.isCheckpoint { table[p.session]!.checkpointSeq = p.seq }
-                    if let waiting = followers.removeValue(forKey: p.session) { woken.append(contentsOf: waiting.values) }
+                    SessionStore.commit(&table[p.session, default: SessionState()], p, loc)
+                    if !followers.isEmpty, let waiting = followers.removeValue(forKey: p.session) { woken.append(contentsOf: waiting.values) }
                 }
                 lock.unlock()
                 if batch.count <= 4 {
@@ -349,6 +345,14 @@ public final class SessionStore: @unchecked Sendable {
             spin = batch.count <= 2
             batch.removeAll(keepingCapacity: true)
         }
+    }
+
+    /// Records a durable record in its session's state (one dictionary access per record).
+    static func commit(_ state: inout SessionState, _ p: PendingRecord, _ loc: RecordLoc) {
+        state.locs.append(loc)
+        state.durableHash = p.hash
+        state.durableEpoch = p.epoch
+        if p.isCheckpoint { state.checkpointSeq = p.seq }
     }
 
     /// Writes `buffer` at the end of the active segment (rolling over first if it does not

@@ -1,7 +1,7 @@
 // journal-torture: the child process of the crash tests. It opens a journal, appends from
 // many tasks at once, and reports every acknowledged event on stdout as one line
-// `ack <session> <seq> <task> <n>` written with a single write(2) (atomic on a pipe), until
-// it is killed. Usage: journal-torture DIR [tasks] [sessions] [segmentBytes]
+// `ack <session> <seq> <task> <n>` (and `lease <session> <seq> <epoch>` for each wake),
+// written with a single write(2) (atomic on a pipe), until it is killed. Usage: journal-torture DIR [tasks] [sessions] [segmentBytes]
 import Foundation
 import SessionLog
 
@@ -36,6 +36,18 @@ do {
                     emit("ack \(session) \(seq) \(task) \(n)")
                     n += 1
                     try await Task.sleep(for: .microseconds(Int.random(in: 0...1500)))
+                }
+            }
+        }
+        // One more task drives a fenced session: wake, then appends under the new epoch.
+        group.addTask {
+            let session = try SessionID("torture-fenced")
+            while true {
+                let lease = try await store.wake(session: session)
+                emit("lease \(session) \(lease.seq) \(lease.epoch)")
+                for n in 0..<5 {
+                    let seq = try await store.append(session: session, type: "torture.fenced", payload: Array("{\"epoch\":\(lease.epoch),\"n\":\(n)}".utf8), epoch: lease.epoch)
+                    emit("ack \(session) \(seq) \(lease.epoch) \(n)")
                 }
             }
         }

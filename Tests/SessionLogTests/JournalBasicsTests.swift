@@ -124,6 +124,26 @@ struct JournalBasicsTests {
         }
     }
 
+    @Test func getSessionDoesNotReadHistoryBeforeTheCheckpoint() async throws {
+        try await withTempDirectory { dir in
+            var store = try await SessionStore.open(directory: dir)
+            let s = sid("resume")
+            for i in 1...100 { try await store.append(session: s, type: "step", payload: json("{\"i\":\(i)}")) }
+            try await store.checkpoint(session: s, state: json("{\"upTo\":100}"))
+            try await store.append(session: s, type: "step", payload: json("{\"i\":101}"))
+            let early = locations(store)[s]![4]  // seq 5
+            try await store.close()
+            // Damage an early record behind the index's back: only a full replay reaches it.
+            flipBit(path: dir + "/" + SegmentFile.name(early.segment), offset: early.offset + UInt64(early.length) - 3, bit: 2)
+            store = try await SessionStore.open(directory: dir)
+            let snap = try await store.getSession(s)
+            #expect(snap.checkpoint?.seq == 101 && snap.events.map(\.seq) == [102])
+            let full = await #expect(throws: SessionLogError.self) { try await allEvents(store, s) }
+            #expect(full?.code == .damaged && full?.offset == early.offset, "\(String(describing: full))")
+            try await store.close()
+        }
+    }
+
     @Test func staleEpochAppendIsRefusedAfterWake() async throws {
         try await withTempDirectory { dir in
             var store = try await SessionStore.open(directory: dir)

@@ -208,10 +208,19 @@ struct JournalCrashTests {
     @Test func sigkillAtRandomMomentsLosesNoAcknowledgedEvent() async throws {
         let torture = try Self.tortureExecutable()
         let cycles = Int(ProcessInfo.processInfo.environment["AGENTD_CRASH_CYCLES"] ?? "") ?? 30
-        try await withTempDirectory("crash") { dir in
+        try await withTempDirectory("crash") { root in
             var acked: [SessionID: [UInt64: String]] = [:]
             var totalAcks = 0
+            var maxLease: UInt64 = 0
+            var leases = 0
+            var dir = root
             for cycle in 0..<cycles {
+                // A fresh journal every 25 cycles keeps a long soak's per-cycle checks bounded.
+                if cycle % 25 == 0 {
+                    dir = root + "/journal-\(cycle / 25)"
+                    acked = [:]
+                    maxLease = 0
+                }
                 let child = Process()
                 child.executableURL = URL(fileURLWithPath: torture)
                 child.arguments = [dir, "16", "4", "\(256 << 10)"]
@@ -244,8 +253,14 @@ struct JournalCrashTests {
                 for line in output.split(separator: "\n") {
                     let f = line.split(separator: " ")
                     if f.first == "error" { Issue.record("cycle \(cycle): child failed: \(line)") }
+                    if f.count == 4, f[0] == "lease", let epoch = UInt64(f[3]) {
+                        maxLease = max(maxLease, epoch)
+                        leases += 1
+                        continue
+                    }
                     guard f.count == 5, f[0] == "ack", let seq = UInt64(f[2]) else { continue }
-                    acked[sid(String(f[1])), default: [:]][seq] = "{\"task\":\(f[3]),\"n\":\(f[4]),"
+                    let fenced = f[1] == "torture-fenced"
+                    acked[sid(String(f[1])), default: [:]][seq] = "{\"\(fenced ? "epoch" : "task")\":\(f[3]),\"n\":\(f[4])\(fenced ? "}" : ",")"
                     cycleAcks += 1
                 }
                 #expect(cycleAcks > 0, "cycle \(cycle): the child acknowledged nothing before the kill: \(output.prefix(300))")
@@ -263,11 +278,14 @@ struct JournalCrashTests {
                     let report = try await store.verify(session: s)
                     #expect(report.isIntact, "cycle \(cycle): \(report)")
                 }
+                // No acknowledged lease is lost: the fence never moves backwards.
+                #expect(store.leaseEpoch(session: sid("torture-fenced")) >= maxLease, "cycle \(cycle): lease epoch went backwards")
                 try await store.close()
                 // Alternate recovery paths: from the index, and from a full scan.
                 if cycle % 2 == 1 { try? FileManager.default.removeItem(atPath: dir + "/index.bin") }
             }
             #expect(totalAcks > cycles)
+            #expect(leases > 0, "the fenced task acknowledged leases")
         }
     }
 }
