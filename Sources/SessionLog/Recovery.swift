@@ -54,7 +54,7 @@ extension SessionStore {
         case .failure(let problem):
             report.indexProblem = problem.message
             if FileManager.default.fileExists(atPath: directory + "/" + SessionStore.indexName) {
-                logger.warning("journal index rebuilt from the log", metadata: ["journal.reason": "\(problem.message)"])
+                logger.info("journal index rebuilt from the log", metadata: ["journal.reason": "\(problem.message)"])
             }
         }
 
@@ -69,7 +69,7 @@ extension SessionStore {
 
         for key in Array(states.keys) { states[key]!.resetTentative() }
         report.damagedSessions = states.filter { $0.value.damage != nil }.keys.sorted()
-        for d in report.damage { logger.warning("journal damage found", metadata: ["journal.segment": "\(d.segment)", "journal.offset": "\(d.offset)", "journal.reason": "\(d.reason)"]) }
+        for d in report.damage { logger.info("journal damage found", metadata: ["journal.segment": "\(d.segment)", "journal.offset": "\(d.offset)", "journal.reason": "\(d.reason)"]) }
         if let t = report.tornTail { logger.info("journal torn tail truncated", metadata: ["journal.segment": "\(t.segment)", "journal.offset": "\(t.offset)"]) }
 
         let active = files[ids.last!]!
@@ -205,7 +205,7 @@ extension SessionStore {
         let generation = nextIndexGeneration()
         BlockingPool.shared.submit {
             do { try self.persistIndex(snapshot, covered: covered, generation: generation) } catch {
-                self.logger.warning("could not persist the journal index", metadata: ["journal.error": "\(error)"])
+                self.logger.info("could not persist the journal index", metadata: ["journal.error": "\(error)"])
             }
         }
     }

@@ -29,7 +29,9 @@ public struct Secret: Sendable, CustomStringConvertible, CustomDebugStringConver
         self.value = bytes
     }
 
+    /// `Secret(name: [REDACTED])`: never the value.
     public var description: String { "Secret(\(name): [REDACTED])" }
+    /// Same as `description`.
     public var debugDescription: String { description }
 }
 

@@ -56,6 +56,8 @@ public struct SessionID: Hashable, Sendable, Comparable, CustomStringConvertible
         return "\"" + shown.unicodeScalars.map { $0.isASCII && $0.value >= 0x20 && $0.value < 0x7f ? String($0) : "\\u{\(String($0.value, radix: 16))}" }.joined() + "\""
     }
 
+    /// The id itself.
     public var description: String { rawValue }
+    /// Orders ids by their text.
     public static func < (a: SessionID, b: SessionID) -> Bool { a.rawValue < b.rawValue }
 }

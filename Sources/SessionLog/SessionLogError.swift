@@ -8,8 +8,11 @@ import Foundation
 public struct SessionLogError: Error, Sendable, CustomStringConvertible, Equatable {
     /// A stable, extensible error code.
     public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// The code's stable name.
         public let rawValue: String
+        /// A code; modules above may define their own.
         public init(_ rawValue: String) { self.rawValue = rawValue }
+        /// The code's name.
         public var description: String { rawValue }
 
         /// A session id is not a single safe path component.
@@ -47,6 +50,7 @@ public struct SessionLogError: Error, Sendable, CustomStringConvertible, Equatab
     /// The byte offset in `segment`, if any.
     public let offset: UInt64?
 
+    /// An error with its code, message and, where they apply, errno and location.
     public init(_ code: Code, _ message: String, errno: Int32? = nil, segment: String? = nil, offset: UInt64? = nil) {
         self.code = code
         self.message = message
@@ -55,6 +59,7 @@ public struct SessionLogError: Error, Sendable, CustomStringConvertible, Equatab
         self.offset = offset
     }
 
+    /// The human message.
     public var description: String { message }
 
     /// Builds the error for a failed syscall, translating errno at the call site.

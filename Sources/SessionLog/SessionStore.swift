@@ -339,7 +339,7 @@ public final class SessionStore: @unchecked Sendable {
                 pending.removeAll()
                 for key in Array(table.keys) { table[key]!.resetTentative() }
                 lock.unlock()
-                logger.warning("journal append failed", metadata: ["journal.error": "\(failure.message)"])
+                logger.info("journal append failed", metadata: ["journal.error": "\(failure.message)"])
                 for p in batch + queued { p.continuation.resume(throwing: failure.forSession(p.session, p.what)) }
             }
             spin = batch.count <= 2
@@ -386,7 +386,7 @@ public final class SessionStore: @unchecked Sendable {
             }
             try? Sys.fsync(active.fd, path: active.path, context: "cutting back a failed write")
         } catch {
-            logger.warning("could not cut back \(active.name) after a failed write", metadata: ["journal.error": "\(error)"])
+            logger.info("could not cut back \(active.name) after a failed write", metadata: ["journal.error": "\(error)"])
         }
     }
 
@@ -577,7 +577,7 @@ public final class SessionStore: @unchecked Sendable {
         let waiting = followers.removeValue(forKey: session)
         lock.unlock()
         waiting?.values.forEach { $0.resume() }
-        logger.warning("journal damage", metadata: ["session.id": "\(session)", "journal.error": "\(error.message)"])
+        logger.info("journal damage", metadata: ["session.id": "\(session)", "journal.error": "\(error.message)"])
         return error
     }
 
@@ -732,16 +732,19 @@ public final class SessionStore: @unchecked Sendable {
 /// The events of one session as an async sequence, read in batches through the index.
 /// With `follow`, it waits for new events instead of ending.
 public struct EventSequence: AsyncSequence, Sendable {
+    /// Events in seq order.
     public typealias Element = Event
     let store: SessionStore
     let session: SessionID
     let after: UInt64
     let follow: Bool
 
+    /// An iterator that starts after `after`.
     public func makeAsyncIterator() -> Iterator {
         Iterator(store: store, session: session, next: after + 1, follow: follow)
     }
 
+    /// Reads the session in chunks of 4096 records, reading the next chunk ahead.
     public struct Iterator: AsyncIteratorProtocol {
         let store: SessionStore
         let session: SessionID
@@ -762,6 +765,8 @@ public struct EventSequence: AsyncSequence, Sendable {
             self.follow = follow
         }
 
+        /// The next event; nil at the end (replay), on cancellation, or when the store
+        /// closes (follow). Throws `SessionLogError` (`.damaged`, `.closed`).
         public mutating func next() async throws -> Event? {
             while true {
                 if part < parts.count {

@@ -41,6 +41,7 @@ public struct Checkpoint: Sendable, Equatable {
 
 /// What a new Brain needs to resume: the last checkpoint and everything after it.
 public struct SessionSnapshot: Sendable {
+    /// The session.
     public let session: SessionID
     /// The last checkpoint, or nil when none was stored.
     public let checkpoint: Checkpoint?
@@ -54,6 +55,7 @@ public struct SessionSnapshot: Sendable {
 
 /// The right to drive a session, handed out by `wake`. Appends must carry `epoch`.
 public struct Lease: Sendable, Equatable {
+    /// The session the lease is for.
     public let session: SessionID
     /// The fencing epoch: one higher than any before it.
     public let epoch: UInt64
@@ -68,11 +70,15 @@ public struct VerifyReport: Sendable, CustomStringConvertible {
         /// The sequence number of the first record that does not verify (the expected one
         /// when the record itself is missing).
         public let seq: UInt64
+        /// The segment file holding it.
         public let segment: String
+        /// Its byte offset in the segment.
         public let offset: UInt64
+        /// What does not hold.
         public let reason: String
     }
 
+    /// The session walked.
     public let session: SessionID
     /// How many records verified before the first broken link (all of them when intact).
     public let verifiedRecords: UInt64
@@ -81,6 +87,7 @@ public struct VerifyReport: Sendable, CustomStringConvertible {
     /// Hex SHA-256 of the last verified record.
     public let lastHash: String
 
+    /// True when every link of the chain holds.
     public var isIntact: Bool { firstBroken == nil }
 
     public var description: String {
@@ -96,17 +103,25 @@ public struct RecoveryReport: Sendable {
     /// A torn tail that was cut off: the segment, the offset it was cut at and how many bytes
     /// were dropped (none of them had been acknowledged).
     public struct TornTail: Sendable, Equatable {
+        /// The segment file (always the last one).
         public let segment: String
+        /// Where the log now ends.
         public let offset: UInt64
+        /// How many non-zero bytes were cut off.
         public let droppedBytes: UInt64
     }
 
     /// Damage found in the log, located; `session` is nil when it could not be attributed.
     public struct Damage: Sendable, Equatable {
+        /// The segment file.
         public let segment: String
+        /// The byte offset of the first bad byte range.
         public let offset: UInt64
+        /// How many bytes up to the next valid record (or the end of the segment).
         public let length: UInt64
+        /// The session the damaged record belongs to, when its identity checksum still holds.
         public let session: SessionID?
+        /// What is wrong (which check failed).
         public let reason: String
     }
 
@@ -132,6 +147,7 @@ public struct SessionStoreOptions: Sendable {
     /// Persist the index after every this many segment roll-overs (and always on close).
     public var indexEveryRollovers: Int
 
+    /// Options with the documented defaults; `segmentBytes` is at least 64 KiB.
     public init(maxEventBytes: Int = 1 << 20, maxCheckpointBytes: Int = 16 << 20, segmentBytes: Int = 64 << 20, indexEveryRollovers: Int = 1) {
         self.maxEventBytes = maxEventBytes
         self.maxCheckpointBytes = maxCheckpointBytes
