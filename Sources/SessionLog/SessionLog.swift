@@ -1,1 +1,0 @@
-// SessionLog — see the module's README.
