@@ -20,6 +20,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         // C libraries, each behind one system library target with typed shims for variadic calls.
@@ -67,11 +69,28 @@ let package = Package(
             dependencies: ["SessionLog", "Hands", "Policy", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
 
+        .target(
+            name: "Service",
+            dependencies: [
+                "Runtime",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+
+        .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
+
         // Executables: wiring only.
         .executableTarget(
             name: "agentd",
             dependencies: [
-                "EngineAPI", "SystemdBus", "SessionLog", "Policy",
+                "EngineAPI", "SystemdBus", "SessionLog", "Policy", "Hands", "Runtime", "Service", "Vault",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

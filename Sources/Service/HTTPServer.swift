@@ -1,0 +1,238 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import ServiceLifecycle
+
+/// An HTTP request as the API handler sees it: fully read, bounded in size.
+public struct APIRequest: Sendable {
+    public var method: String
+    public var path: String
+    public var query: [String: String]
+    public var headers: [(String, String)]
+    public var body: [UInt8]
+    /// Who connected over the unix socket (`SO_PEERCRED`), when known.
+    public var peer: PeerCredentials?
+
+    public func header(_ name: String) -> String? {
+        headers.first { $0.0.caseInsensitiveCompare(name) == .orderedSame }?.1
+    }
+}
+
+/// The process on the other end of a unix socket connection.
+public struct PeerCredentials: Sendable, CustomStringConvertible {
+    public var pid: Int32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var description: String { "pid=\(pid) uid=\(uid) gid=\(gid)" }
+}
+
+/// An HTTP response: a body in memory, or a stream of chunks (server-sent events).
+public struct APIResponse: Sendable {
+    public enum Body: Sendable {
+        case bytes([UInt8])
+        case stream(AsyncStream<[UInt8]>)
+    }
+    public var status: Int
+    public var headers: [(String, String)]
+    public var body: Body
+
+    public init(status: Int, headers: [(String, String)] = [], body: Body = .bytes([])) {
+        self.status = status
+        self.headers = headers
+        self.body = body
+    }
+}
+
+/// Where the API listens.
+public enum Listener: Sendable {
+    /// A unix socket created at `path` with `mode` (0660 by default).
+    case unixSocket(path: String, mode: mode_t = 0o660)
+    /// An already-bound listening socket handed over by systemd (socket activation).
+    case inherited(fd: Int32)
+    /// TCP on `host:port`; every request must carry `Authorization: Bearer <token>`.
+    case tcp(host: String, port: Int, token: String)
+}
+
+/// A small HTTP/1.1 server on SwiftNIO: unix sockets (also inherited from systemd) and TCP
+/// with a bearer token. It reads each request whole (up to `maxBodyBytes`, else 413), calls
+/// the handler, and writes the response, streaming it when the handler streams.
+public final class HTTPServer: Service, Sendable {
+    public typealias Handler = @Sendable (APIRequest) async -> APIResponse
+
+    private let listeners: [Listener]
+    private let maxBodyBytes: Int
+    private let handler: Handler
+    private let logger: Logger
+    private let ready: NIOLockedValueBox<[CheckedContinuation<Void, Never>]?> = .init([])
+
+    public init(listeners: [Listener], maxBodyBytes: Int = 8 << 20, logger: Logger, handler: @escaping Handler) {
+        self.listeners = listeners
+        self.maxBodyBytes = maxBodyBytes
+        self.logger = logger
+        self.handler = handler
+    }
+
+    /// Returns once every listener is bound (immediately if they already are).
+    public func waitUntilListening() async {
+        await withCheckedContinuation { continuation in
+            let pending = ready.withLockedValue { waiters -> Bool in
+                guard waiters != nil else { return false }
+                waiters!.append(continuation)
+                return true
+            }
+            if !pending { continuation.resume() }
+        }
+    }
+
+    public func run() async throws {
+        typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPPart<HTTPResponseHead, IOData>>
+        let group = MultiThreadedEventLoopGroup.singleton
+        var bound: [(NIOAsyncChannel<Connection, Never>, String?)] = []
+        for listener in listeners {
+            let bootstrap = ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 256)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            let initializer: @Sendable (Channel) -> EventLoopFuture<Connection> = { child in
+                child.eventLoop.makeCompletedFuture {
+                    try child.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    return try Connection(wrappingChannelSynchronously: child)
+                }
+            }
+            switch listener {
+            case .unixSocket(let path, let mode):
+                let server = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true, childChannelInitializer: initializer)
+                chmod(path, mode)
+                logger.info("listening", metadata: ["socket": "\(path)", "mode": "\(String(mode, radix: 8))"])
+                bound.append((server, nil))
+            case .inherited(let fd):
+                let server = try await bootstrap.bind(fd, childChannelInitializer: initializer)
+                logger.info("listening on the socket systemd passed", metadata: ["fd": "\(fd)"])
+                bound.append((server, nil))
+            case .tcp(let host, let port, let token):
+                let server = try await bootstrap.bind(host: host, port: port, childChannelInitializer: initializer)
+                logger.info("listening", metadata: ["tcp": "\(host):\(port)", "auth": "bearer token"])
+                bound.append((server, token))
+            }
+        }
+        ready.withLockedValue { waiters in
+            waiters?.forEach { $0.resume() }
+            waiters = nil
+        }
+        let servers = bound
+        try await withGracefulShutdownHandler {
+            try await withThrowingDiscardingTaskGroup { group in
+                for (server, token) in servers {
+                    group.addTask {
+                        try await server.executeThenClose { inbound in
+                            try await withThrowingDiscardingTaskGroup { connections in
+                                for try await connection in inbound.cancelOnGracefulShutdown() {
+                                    connections.addTask { await self.serve(connection, token: token) }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        } onGracefulShutdown: {
+            for (server, _) in servers { server.channel.close(promise: nil) }
+        }
+    }
+
+    private func serve(_ connection: NIOAsyncChannel<HTTPServerRequestPart, HTTPPart<HTTPResponseHead, IOData>>, token: String?) async {
+        let peer = await Self.peerCredentials(connection.channel)
+        if let peer { logger.debug("connection", metadata: ["peer": "\(peer)"]) }
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                var head: HTTPRequestHead?
+                var body: [UInt8] = []
+                var tooLarge = false
+                for try await part in inbound {
+                    switch part {
+                    case .head(let h):
+                        head = h
+                        body.removeAll(keepingCapacity: true)
+                        tooLarge = false
+                    case .body(let buffer):
+                        if body.count + buffer.readableBytes > maxBodyBytes {
+                            tooLarge = true
+                        } else {
+                            body.append(contentsOf: buffer.readableBytesView)
+                        }
+                    case .end:
+                        guard let h = head else { continue }
+                        let response: APIResponse
+                        if let token, !Self.authorized(h.headers["authorization"].first, token: token) {
+                            response = APIError.response(401, "unauthorized", "this listener needs `Authorization: Bearer <token>`")
+                        } else if tooLarge {
+                            response = APIError.response(413, "too-large", "the request body is larger than \(maxBodyBytes) bytes")
+                        } else {
+                            response = await handler(Self.request(h, body: body, peer: peer))
+                        }
+                        try await write(response, keepAlive: h.isKeepAlive, version: h.version, to: outbound)
+                        if !h.isKeepAlive { return }
+                        head = nil
+                    }
+                }
+            }
+        } catch {
+            logger.debug("connection ended", metadata: ["error": "\(error)"])
+        }
+    }
+
+    private func write(
+        _ response: APIResponse, keepAlive: Bool, version: HTTPVersion,
+        to outbound: NIOAsyncChannelOutboundWriter<HTTPPart<HTTPResponseHead, IOData>>
+    ) async throws {
+        var headers = HTTPHeaders(response.headers)
+        if case .bytes(let bytes) = response.body { headers.replaceOrAdd(name: "content-length", value: String(bytes.count)) }
+        headers.replaceOrAdd(name: "connection", value: keepAlive ? "keep-alive" : "close")
+        try await outbound.write(.head(HTTPResponseHead(version: version, status: .init(statusCode: response.status), headers: headers)))
+        switch response.body {
+        case .bytes(let bytes):
+            if !bytes.isEmpty { try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: bytes)))) }
+        case .stream(let chunks):
+            for await chunk in chunks {
+                try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: chunk))))
+            }
+        }
+        try await outbound.write(.end(nil))
+    }
+
+    private static func request(_ head: HTTPRequestHead, body: [UInt8], peer: PeerCredentials?) -> APIRequest {
+        let parts = head.uri.split(separator: "?", maxSplits: 1)
+        var query: [String: String] = [:]
+        if parts.count > 1 {
+            for pair in parts[1].split(separator: "&") {
+                let kv = pair.split(separator: "=", maxSplits: 1)
+                let key = String(kv[0]).removingPercentEncoding ?? String(kv[0])
+                query[key] = kv.count > 1 ? (String(kv[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(kv[1])) : ""
+            }
+        }
+        return APIRequest(
+            method: head.method.rawValue, path: String(parts.first ?? "/"), query: query,
+            headers: head.headers.map { ($0.name, $0.value) }, body: body, peer: peer)
+    }
+
+    /// Constant-time comparison of the bearer token.
+    static func authorized(_ header: String?, token: String) -> Bool {
+        guard let header, header.hasPrefix("Bearer ") else { return false }
+        let given = Array(header.dropFirst(7).utf8)
+        let expected = Array(token.utf8)
+        guard given.count == expected.count else { return false }
+        return zip(given, expected).reduce(UInt8(0)) { $0 | ($1.0 ^ $1.1) } == 0
+    }
+
+    /// `SO_PEERCRED` of a unix socket connection.
+    private static func peerCredentials(_ channel: Channel) async -> PeerCredentials? {
+        guard let provider = channel as? SocketOptionProvider else { return nil }
+        // `struct ucred` needs _GNU_SOURCE, which Swift's Glibc module does not define; this
+        // has its layout (pid_t, uid_t, gid_t). SO_PEERCRED is 17 on Linux.
+        struct UCred { var pid: Int32 = 0; var uid: UInt32 = 0; var gid: UInt32 = 0 }
+        let future: EventLoopFuture<UCred> = provider.unsafeGetSocketOption(level: .socket, name: .init(rawValue: 17))
+        guard let cred = try? await future.get() else { return nil }
+        return PeerCredentials(pid: cred.pid, uid: cred.uid, gid: cred.gid)
+    }
+}

@@ -1,0 +1,73 @@
+import Foundation
+import Runtime
+import Synchronization
+
+/// Prometheus metrics, rendered in the text exposition format at `GET /metrics`.
+public final class Metrics: Sendable {
+    private struct Histogram {
+        static let bounds: [Double] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+        var counts = [UInt64](repeating: 0, count: bounds.count)
+        var sum = 0.0
+        var count: UInt64 = 0
+        mutating func observe(_ v: Double) {
+            for (i, b) in Self.bounds.enumerated() where v <= b { counts[i] += 1 }
+            sum += v
+            count += 1
+        }
+    }
+    private struct State {
+        var execute = Histogram()
+        var executeErrors: UInt64 = 0
+        var requests = Histogram()
+        var requestsByStatus: [Int: UInt64] = [:]
+    }
+    private let state = Mutex(State())
+
+    public init() {}
+
+    func observeExecute(seconds: Double, isError: Bool) {
+        state.withLock {
+            $0.execute.observe(seconds)
+            if isError { $0.executeErrors += 1 }
+        }
+    }
+
+    func observeRequest(seconds: Double, status: Int) {
+        state.withLock {
+            $0.requests.observe(seconds)
+            $0.requestsByStatus[status, default: 0] += 1
+        }
+    }
+
+    func exposition(_ runtime: Runtime) async -> String {
+        let s = state.withLock { $0 }
+        let stats = runtime.store.statistics
+        var out = ""
+        func gauge(_ name: String, _ help: String, _ value: Double) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) gauge\n\(name) \(value)\n"
+        }
+        func counter(_ name: String, _ help: String, _ value: UInt64) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n\(name) \(value)\n"
+        }
+        func histogram(_ name: String, _ help: String, _ h: Histogram) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) histogram\n"
+            for (i, b) in Histogram.bounds.enumerated() { out += "\(name)_bucket{le=\"\(b)\"} \(h.counts[i])\n" }
+            out += "\(name)_bucket{le=\"+Inf\"} \(h.count)\n\(name)_sum \(h.sum)\n\(name)_count \(h.count)\n"
+        }
+        gauge("agentd_sessions", "Sessions in the journal.", Double(runtime.store.sessions().count))
+        gauge("agentd_sandboxes_live", "Sandboxes held by tasks.", Double(await runtime.hands.liveCount))
+        gauge("agentd_sandboxes_pooled", "Warm sandboxes waiting in the pool.", Double(await runtime.hands.pooledCount))
+        histogram("agentd_execute_seconds", "Latency of execute calls, journaling included.", s.execute)
+        counter("agentd_execute_errors_total", "Execute calls whose result was an error string.", s.executeErrors)
+        histogram("agentd_api_request_seconds", "Latency of API requests.", s.requests)
+        counter("agentd_journal_records_total", "Records made durable in the journal.", stats.records)
+        counter("agentd_journal_syncs_total", "Group commits (one fdatasync each); records/syncs is the mean batch size.", stats.syncs)
+        counter("agentd_journal_bytes_total", "Bytes written to the journal.", stats.bytesWritten)
+        gauge(
+            "agentd_journal_batch_size_mean", "Mean records per fdatasync since start.",
+            stats.syncs == 0 ? 0 : Double(stats.records) / Double(stats.syncs))
+        out += "# HELP agentd_api_requests_total API requests by status.\n# TYPE agentd_api_requests_total counter\n"
+        for (status, n) in s.requestsByStatus.sorted(by: { $0.key < $1.key }) { out += "agentd_api_requests_total{status=\"\(status)\"} \(n)\n" }
+        return out
+    }
+}

@@ -1,0 +1,153 @@
+import ArgumentParser
+import EngineAPI
+import Foundation
+import Hands
+import Logging
+import Policy
+import Runtime
+import Service
+import ServiceLifecycle
+import SessionLog
+import Vault
+
+/// agentd: the host service. Wires the Session journal, the Hands, the policies and the API
+/// together; all logic lives in the modules.
+@main
+struct AgentD: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "agentd",
+        abstract: "The agentd host service: sessions, on-demand sandboxes (Hands), policies, and the API for Brains.",
+        discussion: """
+            agentd keeps every session in an append-only journal under --state-dir, provisions a sandbox per task \
+            on the first tool call (through the container engine's Docker API), and serves an HTTP/JSON API on a \
+            unix socket. Policies are YAML files in --policies; SIGHUP or a file change reloads them.
+
+            Environment: AGENTD_ENGINE (container engine address, e.g. unix:///run/podman/podman.sock), \
+            AGENTD_TOKEN (bearer token for --listen-tcp).
+            """)
+
+    @Option(help: "Directory for the journal and agentd's own state (systemd: $STATE_DIRECTORY).")
+    var stateDir: String = ProcessInfo.processInfo.environment["STATE_DIRECTORY"] ?? "/var/lib/agentd"
+
+    @Option(help: "Path of the API's unix socket (mode 0660). Ignored when systemd passes a socket.")
+    var socket: String = "/run/agentd/agentd.sock"
+
+    @Option(help: "Directory of policy files (*.yaml).")
+    var policies: String = "/etc/agentd/policies"
+
+    @Option(help: "Container engine address (unix:///path or tcp://host:port); default $AGENTD_ENGINE or unix:///run/podman/podman.sock.")
+    var engine: String?
+
+    @Option(help: "Also listen on TCP at HOST:PORT; requests must carry `Authorization: Bearer $AGENTD_TOKEN`.")
+    var listenTCP: String?
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
+    var logLevel: String = "info"
+
+    func run() async throws {
+        CurlTransport.globalInit()
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "agentd")
+        let environment = ProcessInfo.processInfo.environment
+
+        // State directory and this installation's instance id (labels its sandboxes).
+        try FileManager.default.createDirectory(atPath: stateDir, withIntermediateDirectories: true)
+        let instance = try Self.instanceID(stateDir: stateDir)
+
+        // Policies, and the credential values they name (only to keep them off the disk).
+        let policyStore = PolicyStore(directory: policies, logger: Logger(label: "agentd.policy"))
+        let set = await policyStore.current
+        for d in set.diagnostics { logger.error("\(d.description)") }
+        guard !set.names.isEmpty else {
+            throw ValidationError("no valid policy in \(policies); fix the errors above or pass --policies DIR (the repository ships policies/)")
+        }
+        let (secrets, problems) = CredentialResolver(environment: environment).resolveAll(set)
+        for p in problems { logger.warning("\(p.description)") }
+
+        // The journal.
+        let maxEvent = set.policy(named: Policy.defaultName)?.session.maxEventBytes ?? (1 << 20)
+        let store = try await SessionStore.open(
+            directory: stateDir + "/journal", options: SessionStoreOptions(maxEventBytes: maxEvent), redactor: Redactor(secrets),
+            logger: Logger(label: "agentd.journal"))
+
+        // Hands on the container engine.
+        let engineAddress = engine ?? environment[EngineEndpoint.environmentVariable] ?? "unix:///run/podman/podman.sock"
+        var client = EngineClient(endpoint: try EngineEndpoint(parsing: engineAddress))
+        do {
+            client = try await client.negotiated()
+        } catch {
+            logger.warning("the container engine does not answer yet; tool calls will return errors until it does", metadata: ["error": "\(error)"])
+        }
+        let recorder = HandsEventForwarder()
+        let hands = HandsManager(
+            driver: ContainerDriver(engine: client, instance: instance), instance: instance, logger: Logger(label: "agentd.hands"),
+            onEvent: { await recorder.forward($0) })
+        do {
+            let removed = try await hands.reconcile()
+            if !removed.isEmpty { logger.info("removed sandboxes left by a previous run", metadata: ["count": "\(removed.count)"]) }
+        } catch {
+            logger.warning("reconcile at start failed", metadata: ["error": "\(error)"])
+        }
+        for name in set.names {
+            if let p = set.policy(named: name), p.pool.size > 0, p.hands.driver == .container {
+                await hands.setPoolSize(p.pool.size, for: Runtime.sandboxSpec(p))
+            }
+        }
+
+        let runtime = Runtime(store: store, hands: hands, policies: policyStore, logger: Logger(label: "agentd.runtime"))
+        await recorder.attach(runtime)
+        let api = API(runtime: runtime, metrics: Metrics(), logger: Logger(label: "agentd.api"))
+
+        var listeners: [Listener] = [.unixSocket(path: socket)]
+        if let tcp = listenTCP {
+            guard let token = environment["AGENTD_TOKEN"], token.count >= 16 else {
+                throw ValidationError("--listen-tcp needs a bearer token of at least 16 characters in AGENTD_TOKEN")
+            }
+            let parts = tcp.split(separator: ":")
+            guard parts.count == 2, let port = Int(parts[1]) else { throw ValidationError("--listen-tcp takes HOST:PORT, not '\(tcp)'") }
+            listeners.append(.tcp(host: String(parts[0]), port: port, token: token))
+        }
+        try FileManager.default.createDirectory(atPath: (socket as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        let server = HTTPServer(listeners: listeners, logger: Logger(label: "agentd.http")) { await api.handle($0) }
+
+        let group = ServiceGroup(
+            configuration: .init(
+                services: [
+                    .init(service: server),
+                    .init(service: HandsMaintenance(hands: hands, logger: logger)),
+                    .init(service: PolicyReloader(store: policyStore, logger: logger)),
+                ],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
+        logger.info("agentd started", metadata: ["state-dir": "\(stateDir)", "instance": "\(instance)", "engine": "\(client.endpoint)"])
+        try await group.run()
+        logger.info("stopping: releasing sandboxes and closing the journal")
+        await hands.shutdown()
+        try await store.close()
+    }
+
+    /// The instance id kept in the state directory: sandboxes are labelled with it, so that a
+    /// restarted agentd finds (and removes) what its predecessor left.
+    static func instanceID(stateDir: String) throws -> String {
+        let path = stateDir + "/instance"
+        if let text = try? String(contentsOfFile: path, encoding: .utf8) {
+            let id = text.trimmingCharacters(in: .whitespacesAndNewlines)
+            if !id.isEmpty { return id }
+        }
+        let id = String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        try id.write(toFile: path, atomically: true, encoding: .utf8)
+        return id
+    }
+}
+
+/// Forwards Hands events to the runtime once it exists (the runtime needs the Hands first).
+actor HandsEventForwarder {
+    private var runtime: Runtime?
+    func attach(_ runtime: Runtime) { self.runtime = runtime }
+    func forward(_ event: HandsEvent) async { await runtime?.record(event) }
+}
