@@ -35,10 +35,8 @@ soak: ## the journal crash test with 1000 kill -9 cycles
 	$(SWIFT) build --build-tests
 	AGENTD_CRASH_CYCLES=1000 $(SWIFT) test --skip-build --filter SessionLogTests
 
-demo: ## the main job end to end on embedded defaults
-	@scripts/env-up >/dev/null
-	$(SWIFT) build --product agentd-demo
-	$(WITH_ENV) .build/debug/agentd-demo
+demo: ## the main job end to end: agentd, a coding task, kill -9 half-way, wake, timeline, verify
+	@scripts/demo
 
 lint: ## swift format lint
 	$(SWIFT) format lint --recursive Sources Tests

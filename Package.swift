@@ -84,6 +84,7 @@ let package = Package(
             swiftSettings: strict),
 
         .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
+        .target(name: "AgentdClient", dependencies: ["CurlHTTP"], swiftSettings: strict),
 
         // Executables: wiring only.
         .executableTarget(
@@ -98,7 +99,7 @@ let package = Package(
         .executableTarget(
             name: "agentctl",
             dependencies: [
-                "EngineAPI", "SystemdBus", "SessionLog", "Policy",
+                "AgentdClient", "CurlHTTP", "Policy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),

@@ -157,6 +157,9 @@ public actor HandsManager {
             if inFlight && labels[SandboxLabel.session] != nil { continue }
             try? await driver.destroy(id: id)
             removed.append(id)
+            if let session = labels[SandboxLabel.session], let task = labels[SandboxLabel.task] {
+                await onEvent(.released(TaskKey(session: session, task: task), sandbox: id, reason: "orphaned by a previous run of agentd; reconciled"))
+            }
         }
         if !removed.isEmpty { logger.info("reconcile removed orphaned sandboxes", metadata: ["count": "\(removed.count)"]) }
         return removed

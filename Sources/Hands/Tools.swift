@@ -73,7 +73,7 @@ public enum ToolCall: Sendable, Equatable {
             let command = try string("command", required: true)!
             var timeout: Duration?
             if let t = object["timeout_s"] {
-                guard let n = t as? NSNumber, !(t is Bool), n.doubleValue > 0, n.doubleValue <= 86400 else {
+                guard let n = t as? NSNumber, !(String(describing: type(of: t)).contains("Boolean") || type(of: t) == Bool.self), n.doubleValue > 0, n.doubleValue <= 86400 else {
                     throw HandsError(.invalidRequest, "bash: timeout_s must be a number of seconds between 0 and 86400")
                 }
                 timeout = .milliseconds(Int64(n.doubleValue * 1000))

@@ -299,7 +299,7 @@ public struct API: Sendable {
             guard let n = UInt64(s) else { throw BadRequest(message: "\"\(key)\" must be a non-negative integer, not '\(s)'") }
             return n
         }
-        guard let n = value as? NSNumber, !(value is Bool), n.doubleValue >= 0, n.doubleValue == n.doubleValue.rounded() else {
+        guard let n = value as? NSNumber, !isJSONBoolean(value), n.doubleValue >= 0, n.doubleValue == n.doubleValue.rounded() else {
             throw BadRequest(message: "\"\(key)\" must be a non-negative integer")
         }
         return n.uint64Value
@@ -318,3 +318,7 @@ extension ISO8601DateFormatter {
 extension Duration {
     var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }
+
+/// True for a JSON `true`/`false` from JSONSerialization (a boolean NSNumber; `is Bool`
+/// holds for every NSNumber on Linux).
+func isJSONBoolean(_ value: Any) -> Bool { String(describing: type(of: value)).contains("Boolean") || type(of: value) == Bool.self }

@@ -87,12 +87,6 @@ struct AgentD: AsyncParsableCommand {
         let hands = HandsManager(
             driver: ContainerDriver(engine: client, instance: instance), instance: instance, logger: Logger(label: "agentd.hands"),
             onEvent: { await recorder.forward($0) })
-        do {
-            let removed = try await hands.reconcile()
-            if !removed.isEmpty { logger.info("removed sandboxes left by a previous run", metadata: ["count": "\(removed.count)"]) }
-        } catch {
-            logger.warning("reconcile at start failed", metadata: ["error": "\(error)"])
-        }
         for name in set.names {
             if let p = set.policy(named: name), p.pool.size > 0, p.hands.driver == .container {
                 await hands.setPoolSize(p.pool.size, for: Runtime.sandboxSpec(p))
@@ -101,6 +95,12 @@ struct AgentD: AsyncParsableCommand {
 
         let runtime = Runtime(store: store, hands: hands, policies: policyStore, logger: Logger(label: "agentd.runtime"))
         await recorder.attach(runtime)
+        do {
+            let removed = try await hands.reconcile()
+            if !removed.isEmpty { logger.info("removed sandboxes left by a previous run", metadata: ["count": "\(removed.count)"]) }
+        } catch {
+            logger.warning("reconcile at start failed", metadata: ["error": "\(error)"])
+        }
         let api = API(runtime: runtime, metrics: Metrics(), logger: Logger(label: "agentd.api"))
 
         var listeners: [Listener] = [.unixSocket(path: socket)]
