@@ -81,6 +81,7 @@ let package = Package(
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            exclude: ["openapi.yaml"],
             swiftSettings: strict),
 
         .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
@@ -121,6 +122,10 @@ let package = Package(
         .testTarget(name: "SystemdBusTests", dependencies: ["SystemdBus", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SessionLogTests", dependencies: ["SessionLog", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "HandsTests", dependencies: ["Hands", "EngineAPI", "TestSupport"], swiftSettings: strict),
+        .testTarget(
+            name: "AgentdTests",
+            dependencies: ["AgentdClient", "EngineAPI", "TestSupport", .product(name: "Yams", package: "Yams")],
+            swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
     ]
 )

@@ -103,8 +103,8 @@ public actor Runtime {
     /// The intent is journaled before the tool runs and the result after; a Hands failure is a
     /// result (an error string), never a throw. With an `idempotencyKey` seen before, the
     /// earlier result comes back and the tool does not run again.
-    /// - Throws: `RuntimeError` for an unknown session, a stale lease epoch, input that is not
-    ///   a JSON object, or a journal failure.
+    /// - Throws: `RuntimeError` for an unknown session, a stale lease epoch, an unknown tool or
+    ///   input that does not fit the tool, or a journal failure.
     public func execute(
         session id: String, task: String = "main", tool: String, input: [UInt8], epoch: UInt64? = nil, idempotencyKey: String? = nil
     ) async throws -> ExecuteOutcome {
@@ -120,7 +120,19 @@ public actor Runtime {
             throw RuntimeError(.invalidArgument, "input must be a JSON object: \(error.localizedDescription)")
         }
         guard case .object = inputValue else { throw RuntimeError(.invalidArgument, "input must be a JSON object") }
+        // A call that cannot run (unknown tool, input not matching the tool) is refused before
+        // anything is journaled: nothing is stored half-way.
+        do {
+            _ = try ToolCall.decode(name: tool, input: input)
+        } catch let error as HandsError {
+            throw RuntimeError(.invalidArgument, error.message)
+        }
         var state = try await state(of: session)
+        if let epoch, epoch < store.leaseEpoch(session: session) {
+            throw RuntimeError(
+                .staleLease,
+                "execute in session \(session) refused: lease epoch \(epoch) is stale; a newer Brain holds epoch \(store.leaseEpoch(session: session)) (it called wake) — stop this Brain")
+        }
         if let key = idempotencyKey, let (result, intentSeq, resultSeq) = state.completed[key] {
             return ExecuteOutcome(result: result, intent_seq: intentSeq, result_seq: resultSeq, replayed: true)
         }

@@ -67,6 +67,10 @@ public final class HTTPServer: Service, Sendable {
     private let handler: Handler
     private let logger: Logger
     private let ready: NIOLockedValueBox<[CheckedContinuation<Void, Never>]?> = .init([])
+    /// Open connections and whether each is between requests (idle) — so that a graceful
+    /// shutdown can close idle keep-alive connections (and streams) at once while requests in
+    /// flight finish.
+    private let connections = ConnectionRegistry()
 
     public init(listeners: [Listener], maxBodyBytes: Int = 8 << 20, logger: Logger, handler: @escaping Handler) {
         self.listeners = listeners
@@ -138,12 +142,15 @@ public final class HTTPServer: Service, Sendable {
             }
         } onGracefulShutdown: {
             for (server, _) in servers { server.channel.close(promise: nil) }
+            self.connections.shutDown()
         }
     }
 
     private func serve(_ connection: NIOAsyncChannel<HTTPServerRequestPart, HTTPPart<HTTPResponseHead, IOData>>, token: String?) async {
         let peer = await Self.peerCredentials(connection.channel)
         if let peer { logger.debug("connection", metadata: ["peer": "\(peer)"]) }
+        let id = connections.register(connection.channel)
+        defer { connections.remove(id) }
         do {
             try await connection.executeThenClose { inbound, outbound in
                 var head: HTTPRequestHead?
@@ -152,6 +159,7 @@ public final class HTTPServer: Service, Sendable {
                 for try await part in inbound {
                     switch part {
                     case .head(let h):
+                        connections.setBusy(id, true)
                         head = h
                         body.removeAll(keepingCapacity: true)
                         tooLarge = false
@@ -171,8 +179,10 @@ public final class HTTPServer: Service, Sendable {
                         } else {
                             response = await handler(Self.request(h, body: body, peer: peer))
                         }
-                        try await write(response, keepAlive: h.isKeepAlive, version: h.version, to: outbound)
-                        if !h.isKeepAlive { return }
+                        let keepAlive = h.isKeepAlive && !connections.isShuttingDown
+                        try await write(response, keepAlive: keepAlive, version: h.version, connection: id, to: outbound)
+                        if !keepAlive { return }
+                        connections.setBusy(id, false)
                         head = nil
                     }
                 }
@@ -183,7 +193,7 @@ public final class HTTPServer: Service, Sendable {
     }
 
     private func write(
-        _ response: APIResponse, keepAlive: Bool, version: HTTPVersion,
+        _ response: APIResponse, keepAlive: Bool, version: HTTPVersion, connection id: Int,
         to outbound: NIOAsyncChannelOutboundWriter<HTTPPart<HTTPResponseHead, IOData>>
     ) async throws {
         var headers = HTTPHeaders(response.headers)
@@ -194,7 +204,10 @@ public final class HTTPServer: Service, Sendable {
         case .bytes(let bytes):
             if !bytes.isEmpty { try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: bytes)))) }
         case .stream(let chunks):
+            // A stream may last forever: a graceful shutdown closes it like an idle connection.
+            connections.setBusy(id, false)
             for await chunk in chunks {
+                if connections.isShuttingDown { break }
                 try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: chunk))))
             }
         }
@@ -234,5 +247,46 @@ public final class HTTPServer: Service, Sendable {
         let future: EventLoopFuture<UCred> = provider.unsafeGetSocketOption(level: .socket, name: .init(rawValue: 17))
         guard let cred = try? await future.get() else { return nil }
         return PeerCredentials(pid: cred.pid, uid: cred.uid, gid: cred.gid)
+    }
+}
+
+/// The server's open connections, for graceful shutdown.
+final class ConnectionRegistry: Sendable {
+    private struct State {
+        var next = 0
+        var open: [Int: (channel: Channel, busy: Bool)] = [:]
+        var shuttingDown = false
+    }
+    private let state = NIOLockedValueBox(State())
+
+    func register(_ channel: Channel) -> Int {
+        let (id, close) = state.withLockedValue { s -> (Int, Bool) in
+            s.next += 1
+            s.open[s.next] = (channel, false)
+            return (s.next, s.shuttingDown)
+        }
+        if close { channel.close(promise: nil) }
+        return id
+    }
+
+    func remove(_ id: Int) { state.withLockedValue { _ = $0.open.removeValue(forKey: id) } }
+
+    func setBusy(_ id: Int, _ busy: Bool) {
+        let close = state.withLockedValue { s -> Channel? in
+            s.open[id]?.busy = busy
+            return !busy && s.shuttingDown ? s.open[id]?.channel : nil
+        }
+        close?.close(promise: nil)
+    }
+
+    var isShuttingDown: Bool { state.withLockedValue { $0.shuttingDown } }
+
+    /// Closes every idle connection now; busy ones close after their response.
+    func shutDown() {
+        let idle = state.withLockedValue { s -> [Channel] in
+            s.shuttingDown = true
+            return s.open.values.filter { !$0.busy }.map(\.channel)
+        }
+        for channel in idle { channel.close(promise: nil) }
     }
 }

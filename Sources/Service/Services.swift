@@ -19,14 +19,17 @@ public struct HandsMaintenance: Service {
     }
 
     public func run() async throws {
-        var sinceReconcile = Duration.zero
-        while !Task.isCancelledOrShuttingDown {
-            try? await Task.sleep(for: idleCheck)
-            await hands.releaseIdle()
-            sinceReconcile += idleCheck
-            if sinceReconcile >= reconcileEvery {
-                sinceReconcile = .zero
-                do { try await hands.reconcile() } catch { logger.info("reconcile skipped", metadata: ["error": "\(error)"]) }
+        try await cancelWhenGracefulShutdown {
+            var sinceReconcile = Duration.zero
+            while !Task.isCancelled {
+                try? await Task.sleep(for: idleCheck)
+                if Task.isCancelled { return }
+                await hands.releaseIdle()
+                sinceReconcile += idleCheck
+                if sinceReconcile >= reconcileEvery {
+                    sinceReconcile = .zero
+                    do { try await hands.reconcile() } catch { logger.info("reconcile skipped", metadata: ["error": "\(error)"]) }
+                }
             }
         }
     }
@@ -56,8 +59,4 @@ public struct PolicyReloader: Service {
             }
         }
     }
-}
-
-extension Task where Success == Never, Failure == Never {
-    static var isCancelledOrShuttingDown: Bool { isCancelled || isShuttingDownGracefully }
 }

@@ -239,6 +239,7 @@ struct ContainerHandsTests {
         let engine = try PrivateEngine()
         try await engine.start()
         let client = EngineClient(endpoint: engine.endpoint)
+        defer { engine.stop() }  // also keeps the service alive (and running) until the end
         try await withManager(engine: client) { manager, _, _ in
             let key = TaskKey(session: "s10", task: "t1")
             #expect(await manager.execute(key, spec: SandboxSpec(), tool: "bash", input: bash("echo up")).output == "up\n")

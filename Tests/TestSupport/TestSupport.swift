@@ -9,6 +9,7 @@ import SystemdBus
 public enum Components {
     public struct Missing: Error, CustomStringConvertible {
         public let description: String
+        public init(description: String) { self.description = description }
     }
 
     /// The engine client for `$AGENTD_ENGINE`, after checking that the engine answers.

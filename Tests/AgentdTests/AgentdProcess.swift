@@ -1,0 +1,106 @@
+import AgentdClient
+import EngineAPI
+import Foundation
+import TestSupport
+
+/// The real agentd binary, started for one test with its own state directory and socket, and
+/// killed or stopped the way an operator (or a crash) would.
+final class AgentdProcess: @unchecked Sendable {
+    // Invariant: used by one test at a time; `child` changes only in start/kill/stop.
+    let stateDir: String
+    let socket: String
+    let logPath: String
+    private var child: ChildProcess?
+
+    init() throws {
+        let base = "/tmp/agentd-e2e-\(Components.testID())"
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        stateDir = base + "/state"
+        socket = base + "/agentd.sock"
+        logPath = base + "/agentd.log"
+    }
+
+    /// The repository's shipped policies.
+    static var policiesDirectory: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("policies").path
+    }
+
+    var client: AgentdClient {
+        CurlTransport.globalInit()
+        return AgentdClient(socket: socket)
+    }
+
+    /// The instance id agentd labels its sandboxes with (kept in the state directory).
+    var instance: String {
+        ((try? String(contentsOfFile: stateDir + "/instance", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    func start(extraArguments: [String] = []) async throws {
+        let binary = Components.buildProductsDirectory.appendingPathComponent("agentd").path
+        guard FileManager.default.isExecutableFile(atPath: binary) else {
+            throw Components.Missing(description: "agentd is not built at \(binary); `swift build` builds it (make test does)")
+        }
+        _ = try await Components.engine()
+        child = try ChildProcess.spawn(
+            [binary, "--state-dir", stateDir, "--socket", socket, "--policies", Self.policiesDirectory] + extraArguments,
+            environment: ProcessInfo.processInfo.environment, output: logPath)
+        for _ in 0..<200 {
+            if (try? await client.get("/v1/health", timeout: .seconds(1))) != nil { return }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        throw Components.Missing(description: "agentd did not answer on \(socket); its log: \(log)")
+    }
+
+    /// SIGKILL, as a crash.
+    func kill9() {
+        guard let c = child else { return }
+        c.signal(SIGKILL)
+        c.wait()
+        child = nil
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    @discardableResult
+    func stop() -> Int32 {
+        guard let c = child else { return 0 }
+        c.signal(SIGTERM)
+        let status = c.wait()
+        child = nil
+        return status
+    }
+
+    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    deinit { kill9() }
+}
+
+/// Runs `body` with a started agentd, stopping it and removing whatever sandboxes its instance
+/// left afterwards, whatever happens.
+func withAgentd<T>(_ body: (AgentdProcess) async throws -> T) async throws -> T {
+    let agentd = try AgentdProcess()
+    do {
+        try await agentd.start()
+        let result = try await body(agentd)
+        await cleanup(agentd)
+        return result
+    } catch {
+        await cleanup(agentd)
+        throw error
+    }
+}
+
+private func cleanup(_ agentd: AgentdProcess) async {
+    agentd.stop()
+    guard let engine = try? await Components.engine(), !agentd.instance.isEmpty else { return }
+    for c in (try? await engine.listContainers(labels: ["agentd.instance": agentd.instance])) ?? [] {
+        _ = try? await engine.removeContainer(c.Id)
+    }
+}
+
+/// Containers of `instance` (optionally of one session) that the engine lists.
+func sandboxes(_ instance: String, session: String? = nil) async throws -> Int {
+    var labels = ["agentd.instance": instance]
+    if let session { labels["agentd.session"] = session }
+    return try await Components.engine().listContainers(labels: labels).count
+}
