@@ -46,7 +46,17 @@ extension SessionStore {
         var activeEnd: UInt64 = 0
         var start = (ids[0], UInt64(0))
         do {
-        switch SessionStore.loadIndex(directory: directory, files: files, segmentBytes: options.segmentBytes) {
+        // Segment ids are consecutive; a gap means a whole segment file is gone. Then the
+        // index cannot be trusted either: scan, so that every session it broke is found.
+        var missing: [UInt32] = []
+        for (a, b) in zip(ids, ids.dropFirst()) where b != a + 1 { missing += Array((a + 1)..<b) }
+        for id in missing {
+            report.damage.append(.init(segment: SegmentFile.name(id), offset: 0, length: 0, session: nil, reason: "segment file is missing from \(directory)"))
+        }
+        let index = missing.isEmpty
+            ? SessionStore.loadIndex(directory: directory, files: files, segmentBytes: options.segmentBytes)
+            : .failure(IndexProblem(message: "segment files are missing"))
+        switch index {
         case .success(let loaded):
             states = loaded.states
             start = loaded.covered
