@@ -527,17 +527,22 @@ public final class SessionStore: @unchecked Sendable {
             return [try decode(session: session, from: from, locs: locs[...], maps: maps)]
         }
         // Big batches (replay): decode the second half on another thread at the same time.
+        // Whoever claims the second half first decodes it: a pool thread, or this one when
+        // none was free, so a busy pool can never leave this thread waiting on itself.
         let half = locs.count / 2
         let second = ResultBox()
-        let done = DispatchSemaphore(value: 0)
         let secondLocs = locs[half...]
         let frozen = maps
-        BlockingPool.shared.submit {
+        let decodeSecond: @Sendable () -> Void = {
             second.result = Result { try self.decode(session: session, from: from + UInt64(half), locs: secondLocs, maps: frozen) }
-            done.signal()
+        }
+        BlockingPool.shared.submit {
+            guard second.claim(by: .helper) else { return }
+            decodeSecond()
+            second.done.signal()
         }
         let first = Result { try decode(session: session, from: from, locs: locs[..<half], maps: maps) }
-        done.wait()
+        if second.claim(by: .caller) { decodeSecond() } else { second.done.wait() }
         return [try first.get(), try second.result!.get()]
     }
 
@@ -856,8 +861,17 @@ final class CompletionThread: @unchecked Sendable {
     }
 }
 
-/// Carries one thread's result to another; the semaphore that guards it orders the accesses.
+/// One half of a parallel decode, claimed by exactly one thread.
 final class ResultBox: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: written once before `done.signal()`, read after `done.wait()`.
+    // Invariant for @unchecked Sendable: `result` is written only by the thread whose `claim`
+    // succeeded; the caller reads it after decoding it itself or after `done.wait()`, which
+    // the helper signals after writing.
+    enum Claimant: Int { case helper = 1, caller = 2 }
+    private let state = Atomic<Int>(0)
+    let done = DispatchSemaphore(value: 0)
     var result: Result<[Event], any Error>?
+
+    func claim(by who: Claimant) -> Bool {
+        state.compareExchange(expected: 0, desired: who.rawValue, ordering: .acquiringAndReleasing).exchanged
+    }
 }

@@ -308,6 +308,31 @@ struct JournalBasicsTests {
         }
     }
 
+    @Test func manyLongReplaysAtOnceAllComplete() async throws {
+        try await withTempDirectory { dir in
+            let store = try await SessionStore.open(directory: dir)
+            let s = sid("long")
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for w in 0..<16 {
+                    group.addTask { for n in 0..<320 { try await store.append(session: s, type: "e", payload: json("{\"w\":\(w),\"n\":\(n)}")) } }
+                }
+                try await group.waitForAll()
+            }
+            // More concurrent replays than the blocking pool has threads, each reading chunks
+            // big enough to be decoded by two threads at once.
+            let counts = try await withThrowingTaskGroup(of: Bool.self) { group in
+                for _ in 0..<40 {
+                    group.addTask { try await allEvents(store, s).map(\.seq) == Array(1...5120) }
+                }
+                var ok: [Bool] = []
+                for try await r in group { ok.append(r) }
+                return ok
+            }
+            #expect(counts.count == 40 && counts.allSatisfy { $0 })
+            try await store.close()
+        }
+    }
+
     @Test func manyConcurrentWritersShareGroupCommits() async throws {
         try await withTempDirectory { dir in
             let store = try await SessionStore.open(directory: dir)
