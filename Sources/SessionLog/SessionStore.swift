@@ -111,6 +111,9 @@ public final class SessionStore: @unchecked Sendable {
         self.lockFD = lockFD
     }
 
+    /// The store's options (`SessionStore.Options(maxEventBytes:segmentBytes:)`).
+    public typealias Options = SessionStoreOptions
+
     static let leaseType = Array(leaseEventType.utf8)
     static let checkpointType = Array(checkpointEventType.utf8)
 
