@@ -46,32 +46,32 @@ extension SessionStore {
         var activeEnd: UInt64 = 0
         var start = (ids[0], UInt64(0))
         do {
-        // Segment ids are consecutive; a gap means a whole segment file is gone. Then the
-        // index cannot be trusted either: scan, so that every session it broke is found.
-        var missing: [UInt32] = []
-        for (a, b) in zip(ids, ids.dropFirst()) where b != a + 1 { missing += Array((a + 1)..<b) }
-        for id in missing {
-            report.damage.append(.init(segment: SegmentFile.name(id), offset: 0, length: 0, session: nil, reason: "segment file is missing from \(directory)"))
-        }
-        let index = missing.isEmpty
-            ? SessionStore.loadIndex(directory: directory, files: files, segmentBytes: options.segmentBytes)
-            : .failure(IndexProblem(message: "segment files are missing"))
-        switch index {
-        case .success(let loaded):
-            states = loaded.states
-            start = loaded.covered
-            report.usedIndex = true
-        case .failure(let problem):
-            report.indexProblem = problem.message
-            if FileManager.default.fileExists(atPath: directory + "/" + SessionStore.indexName) {
-                logger.info("journal index rebuilt from the log", metadata: ["journal.reason": "\(problem.message)"])
+            // Segment ids are consecutive; a gap means a whole segment file is gone. Then the
+            // index cannot be trusted either: scan, so that every session it broke is found.
+            var missing: [UInt32] = []
+            for (a, b) in zip(ids, ids.dropFirst()) where b != a + 1 { missing += Array((a + 1)..<b) }
+            for id in missing {
+                report.damage.append(.init(segment: SegmentFile.name(id), offset: 0, length: 0, session: nil, reason: "segment file is missing from \(directory)"))
             }
-        }
+            let index = missing.isEmpty
+                ? SessionStore.loadIndex(directory: directory, files: files, segmentBytes: options.segmentBytes)
+                : .failure(IndexProblem(message: "segment files are missing"))
+            switch index {
+            case .success(let loaded):
+                states = loaded.states
+                start = loaded.covered
+                report.usedIndex = true
+            case .failure(let problem):
+                report.indexProblem = problem.message
+                if FileManager.default.fileExists(atPath: directory + "/" + SessionStore.indexName) {
+                    logger.info("journal index rebuilt from the log", metadata: ["journal.reason": "\(problem.message)"])
+                }
+            }
 
-        for id in ids where id >= start.0 {
-            let from = id == start.0 ? start.1 : 0
-            activeEnd = try SessionStore.scan(files[id]!, from: from, isLast: id == ids.last!, segmentBytes: options.segmentBytes, states: &states, report: &report)
-        }
+            for id in ids where id >= start.0 {
+                let from = id == start.0 ? start.1 : 0
+                activeEnd = try SessionStore.scan(files[id]!, from: from, isLast: id == ids.last!, segmentBytes: options.segmentBytes, states: &states, report: &report)
+            }
         } catch {
             files.values.forEach { $0.closeFile() }
             throw error
