@@ -9,7 +9,11 @@ extension SessionStore {
 
     /// Opens and recovers the journal (runs on a blocking thread; see `open`).
     convenience init(directory: String, options: SessionStoreOptions, redactor: Redactor, logger: Logger) throws {
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        } catch {
+            throw SessionLogError(.ioError, "cannot create the journal directory \(directory): \(error.localizedDescription) — check the path and its permissions")
+        }
         let lockPath = directory + "/LOCK"
         let lockFD = try Sys.open(lockPath, O_RDWR | O_CREAT, context: "opening the journal lock file")
         if flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
@@ -30,7 +34,13 @@ extension SessionStore {
 
     convenience init(directory: String, options: SessionStoreOptions, redactor: Redactor, logger: Logger, lockFD: Int32) throws {
         var report = RecoveryReport()
-        var ids = try FileManager.default.contentsOfDirectory(atPath: directory).compactMap(SegmentFile.parseName).sorted()
+        let names: [String]
+        do {
+            names = try FileManager.default.contentsOfDirectory(atPath: directory)
+        } catch {
+            throw SessionLogError(.ioError, "cannot list the journal directory \(directory): \(error.localizedDescription)")
+        }
+        var ids = names.compactMap(SegmentFile.parseName).sorted()
         var files: [UInt32: SegmentFile] = [:]
         for id in ids {
             let path = directory + "/" + SegmentFile.name(id)

@@ -56,6 +56,9 @@ struct JournalBasicsTests {
             try await store.close()
             let again = try await SessionStore.open(directory: dir)
             try await again.close()
+            // A path that cannot be a directory is a clear SessionLogError, not a Foundation one.
+            let notADir = await #expect(throws: SessionLogError.self) { try await SessionStore.open(directory: dir + "/LOCK/journal") }
+            #expect(notADir?.code == .ioError && notADir?.message.contains("LOCK/journal") == true)
         }
     }
 
