@@ -9,7 +9,11 @@ extension SessionStore {
 
     /// Opens and recovers the journal (runs on a blocking thread; see `open`).
     convenience init(directory: String, options: SessionStoreOptions, redactor: Redactor, logger: Logger) throws {
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        } catch {
+            throw SessionLogError(.ioError, "cannot create the journal directory \(directory): \(error.localizedDescription) — check the path and its permissions")
+        }
         let lockPath = directory + "/LOCK"
         let lockFD = try Sys.open(lockPath, O_RDWR | O_CREAT, context: "opening the journal lock file")
         if flock(lockFD, LOCK_EX | LOCK_NB) != 0 {
@@ -30,7 +34,13 @@ extension SessionStore {
 
     convenience init(directory: String, options: SessionStoreOptions, redactor: Redactor, logger: Logger, lockFD: Int32) throws {
         var report = RecoveryReport()
-        var ids = try FileManager.default.contentsOfDirectory(atPath: directory).compactMap(SegmentFile.parseName).sorted()
+        let names: [String]
+        do {
+            names = try FileManager.default.contentsOfDirectory(atPath: directory)
+        } catch {
+            throw SessionLogError(.ioError, "cannot list the journal directory \(directory): \(error.localizedDescription)")
+        }
+        var ids = names.compactMap(SegmentFile.parseName).sorted()
         var files: [UInt32: SegmentFile] = [:]
         for id in ids {
             let path = directory + "/" + SegmentFile.name(id)
@@ -46,22 +56,32 @@ extension SessionStore {
         var activeEnd: UInt64 = 0
         var start = (ids[0], UInt64(0))
         do {
-        switch SessionStore.loadIndex(directory: directory, files: files, segmentBytes: options.segmentBytes) {
-        case .success(let loaded):
-            states = loaded.states
-            start = loaded.covered
-            report.usedIndex = true
-        case .failure(let problem):
-            report.indexProblem = problem.message
-            if FileManager.default.fileExists(atPath: directory + "/" + SessionStore.indexName) {
-                logger.info("journal index rebuilt from the log", metadata: ["journal.reason": "\(problem.message)"])
+            // Segment ids are consecutive; a gap means a whole segment file is gone. Then the
+            // index cannot be trusted either: scan, so that every session it broke is found.
+            var missing: [UInt32] = []
+            for (a, b) in zip(ids, ids.dropFirst()) where b != a + 1 { missing += Array((a + 1)..<b) }
+            for id in missing {
+                report.damage.append(.init(segment: SegmentFile.name(id), offset: 0, length: 0, session: nil, reason: "segment file is missing from \(directory)"))
             }
-        }
+            let index = missing.isEmpty
+                ? SessionStore.loadIndex(directory: directory, files: files, segmentBytes: options.segmentBytes)
+                : .failure(IndexProblem(message: "segment files are missing"))
+            switch index {
+            case .success(let loaded):
+                states = loaded.states
+                start = loaded.covered
+                report.usedIndex = true
+            case .failure(let problem):
+                report.indexProblem = problem.message
+                if FileManager.default.fileExists(atPath: directory + "/" + SessionStore.indexName) {
+                    logger.info("journal index rebuilt from the log", metadata: ["journal.reason": "\(problem.message)"])
+                }
+            }
 
-        for id in ids where id >= start.0 {
-            let from = id == start.0 ? start.1 : 0
-            activeEnd = try SessionStore.scan(files[id]!, from: from, isLast: id == ids.last!, segmentBytes: options.segmentBytes, states: &states, report: &report)
-        }
+            for id in ids where id >= start.0 {
+                let from = id == start.0 ? start.1 : 0
+                activeEnd = try SessionStore.scan(files[id]!, from: from, isLast: id == ids.last!, segmentBytes: options.segmentBytes, states: &states, report: &report)
+            }
         } catch {
             files.values.forEach { $0.closeFile() }
             throw error

@@ -83,6 +83,7 @@ public final class SessionStore: @unchecked Sendable {
     var activeEnd: UInt64  // writer
     var activePreallocated: Bool  // writer
     var rolloversSinceIndex = 0  // writer
+    var needsRewind = false  // writer
     let lockFD: Int32
 
     let completions = CompletionThread()
@@ -109,6 +110,9 @@ public final class SessionStore: @unchecked Sendable {
         self.activePreallocated = preallocated
         self.lockFD = lockFD
     }
+
+    /// The store's options (`SessionStore.Options(maxEventBytes:segmentBytes:)`).
+    public typealias Options = SessionStoreOptions
 
     static let leaseType = Array(leaseEventType.utf8)
     static let checkpointType = Array(checkpointEventType.utf8)
@@ -202,17 +206,16 @@ public final class SessionStore: @unchecked Sendable {
     }
 
     func submit(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
-        let what: String
-        let limit: Int
+        let what: String, limit: Int, limitName: String
         switch kind {
-        case .event: (what, limit) = ("append", options.maxEventBytes)
-        case .checkpoint: (what, limit) = ("checkpoint", options.maxCheckpointBytes)
-        case .lease: (what, limit) = ("wake", options.maxEventBytes)
+        case .event: (what, limit, limitName) = ("append", options.maxEventBytes, "maxEventBytes")
+        case .checkpoint: (what, limit, limitName) = ("checkpoint", options.maxCheckpointBytes, "maxCheckpointBytes")
+        case .lease: (what, limit, limitName) = ("wake", options.maxEventBytes, "maxEventBytes")
         }
         let clean = redactor.redact(payload)
         let cleanType = redactor.redact(type)
         guard clean.count <= limit else {
-            throw SessionLogError(.eventTooLarge, "\(what) to session \(session) refused: the event is \(clean.count) bytes; the limit is \(limit) bytes (policy maxEventBytes)")
+            throw SessionLogError(.eventTooLarge, "\(what) to session \(session) refused: the event is \(clean.count) bytes; the limit is \(limit) bytes (option \(limitName))")
         }
         guard cleanType.count <= Record.maxTypeBytes else {
             throw SessionLogError(.invalidArgument, "\(what) to session \(session) refused: the event type is longer than \(Record.maxTypeBytes) bytes after redaction")
@@ -306,7 +309,7 @@ public final class SessionStore: @unchecked Sendable {
             buffer.removeAll(keepingCapacity: true)
             for p in batch { buffer.append(contentsOf: p.bytes) }
             do {
-                let (segment, start) = try writeDurably(buffer, sessionsHint: batch[0].session)
+                let (segment, start) = try writeDurably(buffer)
                 var woken: [UnsafeContinuation<Void, Never>] = []
                 lock.lock()
                 stats.records += UInt64(batch.count)
@@ -358,7 +361,12 @@ public final class SessionStore: @unchecked Sendable {
     /// Writes `buffer` at the end of the active segment (rolling over first if it does not
     /// fit), then fdatasyncs. On failure the segment is cut back to its durable end, so no
     /// half-written record can later be mistaken for data.
-    func writeDurably(_ buffer: [UInt8], sessionsHint: SessionID) throws -> (UInt32, UInt64) {
+    func writeDurably(_ buffer: [UInt8]) throws -> (UInt32, UInt64) {
+        if needsRewind {
+            // A failed write could not be cut back: never write after bytes that may hold
+            // unacknowledged records. Try again; until it works, refuse.
+            try rewind(to: activeEnd)
+        }
         if activeEnd > 0 && activeEnd + UInt64(buffer.count) > UInt64(options.segmentBytes) {
             try rollOver()
         }
@@ -368,7 +376,7 @@ public final class SessionStore: @unchecked Sendable {
             try buffer.withUnsafeBytes { try Sys.pwriteAll(active.fd, $0, at: start, path: active.path, context: context) }
             try Sys.fdatasync(active.fd, path: active.path, context: context)
         } catch {
-            rewind(to: start)
+            try? rewind(to: start)
             throw error
         }
         activeEnd = start + UInt64(buffer.count)
@@ -377,17 +385,17 @@ public final class SessionStore: @unchecked Sendable {
 
     /// Cuts the active segment back to `end` after a failed write, then re-preallocates what
     /// space there is.
-    func rewind(to end: UInt64) {
+    func rewind(to end: UInt64) throws {
         do {
             try Sys.truncate(active.fd, to: end, path: active.path)
-            activePreallocated = false
-            if (try? Sys.preallocate(active.fd, from: Int(end), length: options.segmentBytes - Int(end), path: active.path)) == true {
-                activePreallocated = true
-            }
-            try? Sys.fsync(active.fd, path: active.path, context: "cutting back a failed write")
+            try Sys.fsync(active.fd, path: active.path, context: "cutting back a failed write")
+            needsRewind = false
         } catch {
+            needsRewind = true
             logger.info("could not cut back \(active.name) after a failed write", metadata: ["journal.error": "\(error)"])
+            throw error
         }
+        activePreallocated = (try? Sys.preallocate(active.fd, from: Int(end), length: options.segmentBytes - Int(end), path: active.path)) ?? false
     }
 
     /// Seals the active segment and starts the next one (created, preallocated, and made
@@ -527,17 +535,22 @@ public final class SessionStore: @unchecked Sendable {
             return [try decode(session: session, from: from, locs: locs[...], maps: maps)]
         }
         // Big batches (replay): decode the second half on another thread at the same time.
+        // Whoever claims the second half first decodes it: a pool thread, or this one when
+        // none was free, so a busy pool can never leave this thread waiting on itself.
         let half = locs.count / 2
         let second = ResultBox()
-        let done = DispatchSemaphore(value: 0)
         let secondLocs = locs[half...]
         let frozen = maps
-        BlockingPool.shared.submit {
+        let decodeSecond: @Sendable () -> Void = {
             second.result = Result { try self.decode(session: session, from: from + UInt64(half), locs: secondLocs, maps: frozen) }
-            done.signal()
+        }
+        BlockingPool.shared.submit {
+            guard second.claim(by: .helper) else { return }
+            decodeSecond()
+            second.done.signal()
         }
         let first = Result { try decode(session: session, from: from, locs: locs[..<half], maps: maps) }
-        done.wait()
+        if second.claim(by: .caller) { decodeSecond() } else { second.done.wait() }
         return [try first.get(), try second.result!.get()]
     }
 
@@ -856,8 +869,17 @@ final class CompletionThread: @unchecked Sendable {
     }
 }
 
-/// Carries one thread's result to another; the semaphore that guards it orders the accesses.
+/// One half of a parallel decode, claimed by exactly one thread.
 final class ResultBox: @unchecked Sendable {
-    // Invariant for @unchecked Sendable: written once before `done.signal()`, read after `done.wait()`.
+    // Invariant for @unchecked Sendable: `result` is written only by the thread whose `claim`
+    // succeeded; the caller reads it after decoding it itself or after `done.wait()`, which
+    // the helper signals after writing.
+    enum Claimant: Int { case helper = 1, caller = 2 }
+    private let state = Atomic<Int>(0)
+    let done = DispatchSemaphore(value: 0)
     var result: Result<[Event], any Error>?
+
+    func claim(by who: Claimant) -> Bool {
+        state.compareExchange(expected: 0, desired: who.rawValue, ordering: .acquiringAndReleasing).exchanged
+    }
 }

@@ -147,10 +147,12 @@ public struct SessionStoreOptions: Sendable {
     /// Persist the index after every this many segment roll-overs (and always on close).
     public var indexEveryRollovers: Int
 
-    /// Options with the documented defaults; `segmentBytes` is at least 64 KiB.
+    /// Options with the documented defaults; `segmentBytes` is at least 64 KiB, the event
+    /// and checkpoint limits at most 256 MiB.
     public init(maxEventBytes: Int = 1 << 20, maxCheckpointBytes: Int = 16 << 20, segmentBytes: Int = 64 << 20, indexEveryRollovers: Int = 1) {
-        self.maxEventBytes = maxEventBytes
-        self.maxCheckpointBytes = maxCheckpointBytes
+        // A record must stay far below the framing's hard limit (1 GiB).
+        self.maxEventBytes = min(max(maxEventBytes, 0), 256 << 20)
+        self.maxCheckpointBytes = min(max(maxCheckpointBytes, 0), 256 << 20)
         self.segmentBytes = max(segmentBytes, 64 << 10)
         self.indexEveryRollovers = max(1, indexEveryRollovers)
     }

@@ -1,6 +1,7 @@
 // journal-torture: the child process of the crash tests. It opens a journal, appends from
 // many tasks at once, and reports every acknowledged event on stdout as one line
-// `ack <session> <seq> <task> <n>` (and `lease <session> <seq> <epoch>` for each wake),
+// `ack <session> <seq> <task> <n>` (plus `lease <session> <seq> <epoch>` for each wake and
+// `checkpoint <session> <seq> <epoch>` for each checkpoint of the fenced session),
 // written with a single write(2) (atomic on a pipe), until it is killed. Usage: journal-torture DIR [tasks] [sessions] [segmentBytes]
 import Foundation
 import SessionLog
@@ -49,6 +50,8 @@ do {
                     let seq = try await store.append(session: session, type: "torture.fenced", payload: Array("{\"epoch\":\(lease.epoch),\"n\":\(n)}".utf8), epoch: lease.epoch)
                     emit("ack \(session) \(seq) \(lease.epoch) \(n)")
                 }
+                let cp = try await store.checkpoint(session: session, state: Array("{\"epoch\":\(lease.epoch)}".utf8), epoch: lease.epoch)
+                emit("checkpoint \(session) \(cp) \(lease.epoch)")
             }
         }
         try await group.next()

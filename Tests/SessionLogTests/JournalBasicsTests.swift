@@ -56,6 +56,9 @@ struct JournalBasicsTests {
             try await store.close()
             let again = try await SessionStore.open(directory: dir)
             try await again.close()
+            // A path that cannot be a directory is a clear SessionLogError, not a Foundation one.
+            let notADir = await #expect(throws: SessionLogError.self) { try await SessionStore.open(directory: dir + "/LOCK/journal") }
+            #expect(notADir?.code == .ioError && notADir?.message.contains("LOCK/journal") == true)
         }
     }
 
@@ -222,7 +225,7 @@ struct JournalBasicsTests {
             let options = SessionStoreOptions(segmentBytes: 64 << 10)
             var store = try await SessionStore.open(directory: dir, options: options)
             let ids = (0..<5).map { sid("s\($0)") }
-            for i in 0..<400 {
+            for i in 0..<1000 {
                 try await store.append(session: ids[i % 5], type: "e", payload: json("{\"i\":\(i),\"pad\":\"\(String(repeating: "p", count: i % 300))\"}"))
             }
             try await store.checkpoint(session: ids[0], state: json("{}"))
@@ -230,7 +233,7 @@ struct JournalBasicsTests {
             for s in ids { expected[s] = try await allEvents(store, s) }
             try await store.close()
             let segments = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasPrefix("seg-") }
-            #expect(segments.count > 1, "the log rolled over several segments")
+            #expect(segments.count > 2, "the log rolled over several segments")
 
             for damage in ["delete", "corrupt", "truncate"] {
                 let index = dir + "/index.bin"
@@ -243,11 +246,21 @@ struct JournalBasicsTests {
                 #expect(!store.recovery.usedIndex, "\(damage): index must not be trusted")
                 #expect(store.recovery.indexProblem != nil)
                 for s in ids { #expect(try await allEvents(store, s) == expected[s], "\(damage): \(s)") }
-                #expect(try await store.getSession(ids[0]).checkpoint?.seq == 81)
+                #expect(try await store.getSession(ids[0]).checkpoint?.seq == 201)
                 try await store.close()
             }
             store = try await SessionStore.open(directory: dir, options: options)
             #expect(store.recovery.usedIndex)
+            try await store.close()
+
+            // A whole segment file gone is damage, located by name; the sessions it held are refused.
+            try FileManager.default.removeItem(atPath: dir + "/" + SegmentFile.name(2))
+            store = try await SessionStore.open(directory: dir, options: options)
+            #expect(store.recovery.damage.contains { $0.segment == SegmentFile.name(2) && $0.reason.contains("missing") }, "\(store.recovery)")
+            #expect(!store.recovery.damagedSessions.isEmpty)
+            for s in store.recovery.damagedSessions {
+                await #expect(throws: SessionLogError.self) { try await allEvents(store, s) }
+            }
             try await store.close()
         }
     }
@@ -294,6 +307,31 @@ struct JournalBasicsTests {
             #expect(refused?.message.contains("hash chain is broken") == true, "\(String(describing: refused))")
             await #expect(throws: SessionLogError.self) { try await store.append(session: s, type: "e", payload: []) }
             #expect(try await allEvents(store, other).count == 20)
+            try await store.close()
+        }
+    }
+
+    @Test func manyLongReplaysAtOnceAllComplete() async throws {
+        try await withTempDirectory { dir in
+            let store = try await SessionStore.open(directory: dir)
+            let s = sid("long")
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for w in 0..<16 {
+                    group.addTask { for n in 0..<320 { try await store.append(session: s, type: "e", payload: json("{\"w\":\(w),\"n\":\(n)}")) } }
+                }
+                try await group.waitForAll()
+            }
+            // More concurrent replays than the blocking pool has threads, each reading chunks
+            // big enough to be decoded by two threads at once.
+            let counts = try await withThrowingTaskGroup(of: Bool.self) { group in
+                for _ in 0..<40 {
+                    group.addTask { try await allEvents(store, s).map(\.seq) == Array(1...5120) }
+                }
+                var ok: [Bool] = []
+                for try await r in group { ok.append(r) }
+                return ok
+            }
+            #expect(counts.count == 40 && counts.allSatisfy { $0 })
             try await store.close()
         }
     }

@@ -213,6 +213,8 @@ struct JournalCrashTests {
             var totalAcks = 0
             var maxLease: UInt64 = 0
             var leases = 0
+            var lastCheckpoint: UInt64 = 0
+            var checkpoints = 0
             var dir = root
             for cycle in 0..<cycles {
                 // A fresh journal every 25 cycles keeps a long soak's per-cycle checks bounded.
@@ -220,6 +222,7 @@ struct JournalCrashTests {
                     dir = root + "/journal-\(cycle / 25)"
                     acked = [:]
                     maxLease = 0
+                    lastCheckpoint = 0
                 }
                 let child = Process()
                 child.executableURL = URL(fileURLWithPath: torture)
@@ -253,6 +256,11 @@ struct JournalCrashTests {
                 for line in output.split(separator: "\n") {
                     let f = line.split(separator: " ")
                     if f.first == "error" { Issue.record("cycle \(cycle): child failed: \(line)") }
+                    if f.count == 4, f[0] == "checkpoint", let seq = UInt64(f[2]) {
+                        lastCheckpoint = max(lastCheckpoint, seq)
+                        checkpoints += 1
+                        continue
+                    }
                     if f.count == 4, f[0] == "lease", let epoch = UInt64(f[3]) {
                         maxLease = max(maxLease, epoch)
                         leases += 1
@@ -280,12 +288,18 @@ struct JournalCrashTests {
                 }
                 // No acknowledged lease is lost: the fence never moves backwards.
                 #expect(store.leaseEpoch(session: sid("torture-fenced")) >= maxLease, "cycle \(cycle): lease epoch went backwards")
+                // A resuming Brain starts from the last acknowledged checkpoint (or a later one).
+                if lastCheckpoint > 0 {
+                    let snap = try await store.getSession(sid("torture-fenced"))
+                    #expect((snap.checkpoint?.seq ?? 0) >= lastCheckpoint, "cycle \(cycle): checkpoint \(lastCheckpoint) lost")
+                    #expect(snap.events.first.map { $0.seq == snap.checkpoint!.seq + 1 } ?? true)
+                }
                 try await store.close()
                 // Alternate recovery paths: from the index, and from a full scan.
                 if cycle % 2 == 1 { try? FileManager.default.removeItem(atPath: dir + "/index.bin") }
             }
             #expect(totalAcks > cycles)
-            #expect(leases > 0, "the fenced task acknowledged leases")
+            #expect(leases > 0 && checkpoints > 0, "the fenced task acknowledged leases and checkpoints")
         }
     }
 }
