@@ -57,7 +57,7 @@ let package = Package(
 
         .target(
             name: "Hands",
-            dependencies: ["EngineAPI", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["EngineAPI", "SystemdBus", "Blocking", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
 
         // Executables: wiring only.
