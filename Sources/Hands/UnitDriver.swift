@@ -196,14 +196,15 @@ public struct UnitDriver: HandsDriver {
             // Killed (2) or dumped (3): the shell convention, 128 + signal.
             output.exitCode = 128 + Int(outcome.execMainStatus)
         }
-        if output.exitCode == 137 {
-            // SIGKILL: the OOM killer (the slice's memory cgroup counts it), or the sandbox
-            // stopped from outside.
-            if Self.memoryEvents(controlGroup: slice.controlGroup) > oomBefore {
-                throw HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(sandbox.spec.memoryBytes))) and the command was killed")
-            }
-            if let state = try? await manager.unitProperties(sandbox.id), state.activeState != "active" {
-                throw HandsError(.sandboxGone, "the sandbox is no longer running (its slice is \(state.activeState))")
+        if output.exitCode == 137 && Self.memoryEvents(controlGroup: slice.controlGroup) > oomBefore {
+            // SIGKILL while the slice's memory cgroup counted an OOM event.
+            throw HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(sandbox.spec.memoryBytes))) and the command was killed")
+        }
+        if outcome.execMainCode != 1 || outcome.activeState == "inactive" {
+            // Killed, or stopped (a unit that exited by itself stays active, RemainAfterExit):
+            // the sandbox may have been stopped from outside.
+            if let state = try? await manager.unitProperties(sandbox.id), !Self.isUsable(state) {
+                throw HandsError(.sandboxGone, "the sandbox is no longer running (its slice is \(state.jobType == "stop" ? "stopping" : state.activeState))")
             }
         }
         if outcome.execMainCode == 1, output.stdout.isEmpty, output.stderr.isEmpty {
@@ -227,10 +228,16 @@ public struct UnitDriver: HandsDriver {
         } catch let error as SystemdError {
             throw Self.translate(error, doing: "checking the sandbox")
         }
-        guard state.activeState == "active" else {
+        guard Self.isUsable(state) else {
             throw HandsError(.sandboxGone, "the sandbox is no longer running (its slice is \(state.activeState.isEmpty ? "gone" : state.activeState))")
         }
         return state
+    }
+
+    /// A sandbox slice is usable while active with no stop job pending. (A command started
+    /// while the slice's stop job waits would cancel that job: its start requires the slice.)
+    static func isUsable(_ slice: UnitStatus) -> Bool {
+        slice.activeState == "active" && slice.jobType != "stop"
     }
 
     private func commandProperties(_ argv: [String], sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> [UnitProperty] {

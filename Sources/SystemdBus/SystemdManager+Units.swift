@@ -28,6 +28,8 @@ public struct UnitStatus: Sendable, Equatable {
     public var cpuUsageNSec: UInt64?
     /// `ControlGroup`, the unit's cgroup path below the hierarchy root (empty when it has none).
     public var controlGroup: String
+    /// The type of the job pending for the unit (`start`, `stop`, `restart`, …), nil when none.
+    public var jobType: String?
 }
 
 /// One row of `ListUnitsByPatterns`.
@@ -115,6 +117,13 @@ extension SystemdManager {
             typeProps = [:]
         }
         let unit = try await unitProps
+        var jobType: String?
+        if case .structure(let job)? = unit["Job"].map({ if case .variant(let v) = $0 { v } else { $0 } }), job.count == 2,
+            let id = job[0].uint64Value, id != 0, let jobPath = job[1].stringValue
+        {
+            // The job may finish between the two reads; then there is none.
+            jobType = try? await property(path: jobPath, interface: "org.freedesktop.systemd1.Job", name: "JobType").stringValue
+        }
         func accounted(_ key: String) -> UInt64? {
             guard let v = typeProps[key]?.uint64Value, v != .max else { return nil }
             return v
@@ -131,7 +140,8 @@ extension SystemdManager {
             restarts: UInt32(truncatingIfNeeded: typeProps["NRestarts"]?.uint64Value ?? 0),
             memoryCurrent: accounted("MemoryCurrent"),
             cpuUsageNSec: accounted("CPUUsageNSec"),
-            controlGroup: typeProps["ControlGroup"]?.stringValue ?? "")
+            controlGroup: typeProps["ControlGroup"]?.stringValue ?? "",
+            jobType: jobType)
     }
 
     /// Loaded units whose names match one of `patterns` (shell globs, e.g. `agentd-x-*.slice`)

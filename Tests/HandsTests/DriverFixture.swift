@@ -56,6 +56,8 @@ struct DriverFixture {
         await manager.shutdown()
         for (id, _) in (try? await driver.list(instance: instance)) ?? [] { try? await driver.destroy(id: id) }
         if let stateDirectory { try? FileManager.default.removeItem(atPath: stateDirectory) }
+        // The per-session slices systemd made implicitly go with the instance's slice.
+        _ = try? await systemd?.stopUnitAndWait("agentd-\(instance).slice")
         systemd?.close()
     }
 
