@@ -80,6 +80,8 @@ let package = Package(
             name: "agentd-bench",
             dependencies: ["EngineAPI", "SystemdBus", "SessionLog", "CSQLite"],
             swiftSettings: strict),
+        // A tiny Type=notify / socket-activated service for the SystemdBus service tests.
+        .executableTarget(name: "notify-probe", dependencies: ["SystemdBus"], swiftSettings: strict),
         .executableTarget(
             name: "journal-torture",
             dependencies: ["SessionLog"],
@@ -94,6 +96,7 @@ let package = Package(
         .testTarget(name: "SystemdBusTests", dependencies: ["SystemdBus", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SessionLogTests", dependencies: ["SessionLog", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "HandsTests", dependencies: ["Hands", "EngineAPI", "SystemdBus", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "ServiceTests", dependencies: ["SystemdBus", "TestSupport", "notify-probe"], swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
     ]
 )

@@ -70,7 +70,9 @@ extension UnitProperty {
         return .uint64(name, UInt64(max(0, c.seconds)) * 1_000_000 + UInt64(max(0, c.attoseconds)) / 1_000_000_000_000)
     }
 
-    /// `Listen` of a socket unit (`a(ss)`), e.g. `[("ListenStream", "/run/x.sock")]`.
+    /// `Listen` of a socket unit (`a(ss)`): the D-Bus names of the socket types, `Stream`,
+    /// `Datagram`, `SequentialPacket`, `FIFO`…, e.g. `[("Stream", "/run/x.sock")]` for
+    /// `ListenStream=/run/x.sock`.
     public static func listen(_ sockets: [(type: String, address: String)]) -> UnitProperty {
         UnitProperty("Listen", .array(elementSignature: "(ss)", sockets.map { .structure([.string($0.type), .string($0.address)]) }))
     }
