@@ -48,7 +48,11 @@ public struct UnitDriver: HandsDriver {
         self.instance = instance
         self.stateDirectory = stateDirectory
         self.rootDirectory = rootDirectory
-        for dir in [stateDirectory, workspaces, staging] {
+        // Without an image, the host's root is the sandbox's (read-only) and needs the mount
+        // point /workspace; systemd would create it at the first command anyway — an empty,
+        // root-owned directory. With an image the image provides it.
+        let mountPoint = rootDirectory == nil ? [Self.workspace] : []
+        for dir in [stateDirectory, workspaces, staging] + mountPoint {
             do {
                 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             } catch {
@@ -151,6 +155,9 @@ public struct UnitDriver: HandsDriver {
         let slice = try await checkedSlice(sandbox)
         let oomBefore = Self.memoryEvents(controlGroup: slice.controlGroup)
         let name = String(sandbox.id.dropLast(".slice".count)) + "_" + UnitNames.random() + ".service"
+        // Everything that may throw comes before the pipes: once the reads run, only the
+        // closing of the write ends below lets them finish.
+        var properties = try await commandProperties(argv, sandbox: sandbox, workingDirectory: workingDirectory, timeout: timeout)
         let out = try UnitIO.pipe()
         let err: (read: Int32, write: Int32)
         do { err = try UnitIO.pipe() } catch {
@@ -160,7 +167,6 @@ public struct UnitDriver: HandsDriver {
         }
         async let stdoutBytes = UnitIO.drain(out.read, limit: outputLimit)
         async let stderrBytes = UnitIO.drain(err.read, limit: outputLimit)
-        var properties = try await commandProperties(argv, sandbox: sandbox, workingDirectory: workingDirectory, timeout: timeout)
         properties += [.fileDescriptor("StandardOutputFileDescriptor", out.write), .fileDescriptor("StandardErrorFileDescriptor", err.write)]
         if let stdin { properties.append(.fileDescriptor("StandardInputFileDescriptor", stdin)) }
         let outcome: UnitOutcome

@@ -15,7 +15,7 @@ struct NotifyTests {
         let dir = try Probe.directory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let unit = "agentd-test-notify-\(Components.testID()).service"
-        defer { Task { await cleanUp(manager, [unit]) } }
+        try await withUnits(manager, [unit]) {
         let started = ContinuousClock.now
         async let job = manager.startTransientUnit(
             unit, properties: [.execStart([try Probe.path, dir, "--ready-after-ms", "1500"]), .string("Type", "notify")], timeout: .seconds(20))
@@ -35,6 +35,7 @@ struct NotifyTests {
         // The probe logs "ready" right before READY=1: active never precedes it.
         #expect(logAtActive.contains { $0.hasPrefix("ready ") }, "log when active: \(logAtActive)")
         #expect(elapsed >= .milliseconds(1500))
+        }
     }
 
     @Test("pinging at half of WatchdogSec keeps a unit up; a stalled watchdog gets it restarted")
@@ -45,7 +46,7 @@ struct NotifyTests {
         defer { for d in [healthyDir, stalledDir] { try? FileManager.default.removeItem(atPath: d) } }
         let healthy = "agentd-test-wd-ok-\(Components.testID()).service"
         let stalled = "agentd-test-wd-stall-\(Components.testID()).service"
-        defer { Task { await cleanUp(manager, [healthy, stalled]) } }
+        try await withUnits(manager, [healthy, stalled]) {
         func properties(_ dir: String, stall: Bool) throws -> [UnitProperty] {
             [
                 .execStart([try Probe.path, dir] + (stall ? ["--stall-watchdog"] : [])), .string("Type", "notify"),
@@ -67,6 +68,7 @@ struct NotifyTests {
         let ok = try await manager.unitProperties(healthy)
         #expect(ok.activeState == "active" && ok.restarts == 0, "\(ok)")
         #expect(Probe.log(healthyDir).filter { $0.hasPrefix("start ") }.count == 1)
+        }
     }
 
     @Test("socket activation hands the listening socket to the service")
@@ -77,7 +79,7 @@ struct NotifyTests {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let stem = "agentd-test-sock-\(Components.testID())"
         let path = dir + "/api.sock"
-        defer { Task { await cleanUp(manager, [stem + ".socket", stem + ".service"]) } }
+        try await withUnits(manager, [stem + ".socket", stem + ".service"]) {
         let result = try await manager.startTransientUnit(
             stem + ".socket", properties: [.listen([("Stream", path)]), UnitProperty("SocketMode", .uint32(0o660))],
             auxiliary: [(stem + ".service", [.execStart([try Probe.path, dir]), .string("Type", "notify")])])
@@ -90,6 +92,7 @@ struct NotifyTests {
         let pid = try #require(log.first { $0.hasPrefix("start ") }).dropFirst("start ".count)
         #expect(reply == "probe \(pid) fds=1\n")
         #expect(try await eventually { try await manager.unitProperties(stem + ".service").activeState == "active" })
+        }
     }
 
     /// Connects to the unix socket at `path` and reads until EOF (5 s receive timeout).

@@ -28,7 +28,7 @@ struct SidecarTests {
             await cleanUp(manager, [owner])
             return
         }
-        defer { Task { await cleanUp(manager, [owner, unit]) } }
+        try await withUnits(manager, [owner, unit]) {
         let firstPID = try #require(try await sidecar.pid())
         kill(firstPID, SIGKILL)
         let restarted = try await eventually {
@@ -39,6 +39,7 @@ struct SidecarTests {
         #expect(restarted)
         try await manager.stopUnitAndWait(owner)
         #expect(try await eventually { try await manager.unitProperties(unit).activeState != "active" }, "the sidecar outlived its owner")
+        }
     }
 
     @Test("a process in no unit of the manager gets a supervised child")

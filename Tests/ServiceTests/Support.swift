@@ -62,3 +62,16 @@ func cleanUp(_ manager: SystemdManager, _ units: [String]) async {
         try? await manager.resetFailedUnit(unit)
     }
 }
+
+/// Runs `body`, then stops and forgets `units` whatever happens (awaited, so that nothing
+/// outlives the test process).
+func withUnits<T>(_ manager: SystemdManager, _ units: [String], _ body: () async throws -> T) async throws -> T {
+    do {
+        let result = try await body()
+        await cleanUp(manager, units)
+        return result
+    } catch {
+        await cleanUp(manager, units)
+        throw error
+    }
+}
