@@ -240,10 +240,10 @@ public struct UnitDriver: HandsDriver {
         return state
     }
 
-    /// A sandbox slice is usable while active with no stop job pending. (A command started
+    /// A sandbox slice is usable while active with no stop (or other, or vanished) job pending. (A command started
     /// while the slice's stop job waits would cancel that job: its start requires the slice.)
     static func isUsable(_ slice: UnitStatus) -> Bool {
-        slice.activeState == "active" && slice.jobType != "stop"
+        slice.activeState == "active" && (slice.jobType == nil || slice.jobType == "start")
     }
 
     private func commandProperties(_ argv: [String], sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> [UnitProperty] {

@@ -29,7 +29,8 @@ public struct UnitStatus: Sendable, Equatable {
     public var cpuUsageNSec: UInt64?
     /// `ControlGroup`, the unit's cgroup path below the hierarchy root (empty when it has none).
     public var controlGroup: String
-    /// The type of the job pending for the unit (`start`, `stop`, `restart`, …), nil when none.
+    /// The type of the job pending for the unit (`start`, `stop`, `restart`, …), nil when none,
+    /// `unknown` when a job was pending but finished before its type could be read.
     public var jobType: String?
 }
 
@@ -124,8 +125,9 @@ extension SystemdManager {
         if case .structure(let job)? = unit["Job"].map({ if case .variant(let v) = $0 { v } else { $0 } }), job.count == 2,
             let id = job[0].uint64Value, id != 0, let jobPath = job[1].stringValue
         {
-            // The job may finish between the two reads; then there is none.
-            jobType = try? await property(path: jobPath, interface: "org.freedesktop.systemd1.Job", name: "JobType").stringValue
+            // The job may finish between the two reads: then the state read above is already
+            // stale, which `unknown` says.
+            jobType = (try? await property(path: jobPath, interface: "org.freedesktop.systemd1.Job", name: "JobType").stringValue) ?? "unknown"
         }
         func accounted(_ key: String) -> UInt64? {
             guard let v = typeProps[key]?.uint64Value, v != .max else { return nil }
