@@ -24,7 +24,7 @@ build: ## debug build of everything
 test: ## run every test against the real engine and systemd manager
 	@scripts/env-up >/dev/null
 	$(WITH_ENV) $(SWIFT) build --build-tests
-	$(WITH_ENV) $(SWIFT) test --skip-build
+	$(WITH_ENV) scripts/test
 
 bench: ## print benchmark figures (`name value unit`), baselines first
 	@scripts/env-up >/dev/null
@@ -33,7 +33,7 @@ bench: ## print benchmark figures (`name value unit`), baselines first
 
 soak: ## the journal crash test with 1000 kill -9 cycles
 	$(SWIFT) build --build-tests
-	AGENTD_CRASH_CYCLES=1000 $(SWIFT) test --skip-build --filter SessionLogTests
+	AGENTD_CRASH_CYCLES=1000 $(SWIFT) test --skip-build --filter sigkillAtRandomMoments
 
 demo: ## the main job end to end: agentd, a coding task, kill -9 half-way, wake, timeline, verify
 	@scripts/demo

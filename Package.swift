@@ -61,7 +61,7 @@ let package = Package(
 
         .target(
             name: "Hands",
-            dependencies: ["EngineAPI", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["EngineAPI", "SystemdBus", "Blocking", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
 
         .target(
@@ -72,7 +72,7 @@ let package = Package(
         .target(
             name: "Service",
             dependencies: [
-                "Runtime",
+                "Runtime", "SystemdBus",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -106,8 +106,10 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "agentd-bench",
-            dependencies: ["EngineAPI", "SystemdBus", "SessionLog", "CSQLite"],
+            dependencies: ["EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands"],
             swiftSettings: strict),
+        // A tiny Type=notify / socket-activated service for the SystemdBus service tests.
+        .executableTarget(name: "notify-probe", dependencies: ["SystemdBus"], swiftSettings: strict),
         .executableTarget(
             name: "journal-torture",
             dependencies: ["SessionLog"],
@@ -121,7 +123,8 @@ let package = Package(
             swiftSettings: strict),
         .testTarget(name: "SystemdBusTests", dependencies: ["SystemdBus", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SessionLogTests", dependencies: ["SessionLog", "TestSupport"], swiftSettings: strict),
-        .testTarget(name: "HandsTests", dependencies: ["Hands", "EngineAPI", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "HandsTests", dependencies: ["Hands", "EngineAPI", "SystemdBus", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "SystemdIntegrationTests", dependencies: ["SystemdBus", "TestSupport", "notify-probe"], swiftSettings: strict),
         .testTarget(
             name: "AgentdTests",
             dependencies: ["AgentdClient", "EngineAPI", "TestSupport", .product(name: "Yams", package: "Yams")],

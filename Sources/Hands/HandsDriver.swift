@@ -3,6 +3,8 @@
 public struct SandboxSpec: Sendable, Hashable, Codable {
     public enum WorkspacePersistence: String, Sendable, Codable { case task, session }
 
+    /// Which driver provisions it: `container` or `unit`.
+    public var driver: String = "container"
     public var image: String = "agentd-base:latest"
     /// `uid:gid` the task's commands run as; never root.
     public var user: String = "65534:65534"
@@ -105,3 +107,72 @@ public enum SandboxLabel {
     public static let policy = "agentd.policy"
     public static let pool = "agentd.pool"
 }
+
+/// Routes each sandbox to the driver its spec names (`container` or `unit`), so that one
+/// `HandsManager` serves policies of both kinds.
+public struct DriverRouter: HandsDriver {
+    private let drivers: [String: any HandsDriver]
+    /// Which driver made each sandbox id (filled by provision and list, read by destroy(id:)).
+    private let owners = OwnerTable()
+    public var kind: String { "router" }
+
+    public init(_ drivers: [any HandsDriver]) {
+        self.drivers = Dictionary(drivers.map { ($0.kind, $0) }, uniquingKeysWith: { a, _ in a })
+    }
+
+    private func driver(_ kind: String) throws -> any HandsDriver {
+        guard let d = drivers[kind] else {
+            let hint = kind == "unit"
+                ? "no systemd manager is connected (run agentd under systemd, or set AGENTD_SYSTEMD)"
+                : "no container engine is configured (set AGENTD_ENGINE or pass --engine)"
+            throw HandsError(.provisioning, "the policy asks for the '\(kind)' driver, but \(hint)")
+        }
+        return d
+    }
+
+    public func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
+        let handle = try await driver(spec.driver).provision(spec, labels: labels)
+        owners.set(handle.id, spec.driver)
+        return handle
+    }
+    public func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws {
+        try await driver(sandbox.spec.driver).assign(sandbox, to: key)
+    }
+    public func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
+        try await driver(sandbox.spec.driver).run(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout)
+    }
+    public func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {
+        try await driver(sandbox.spec.driver).writeFile(path, contents: contents, in: sandbox)
+    }
+    public func readFile(_ path: String, in sandbox: SandboxHandle) async throws -> [UInt8] {
+        try await driver(sandbox.spec.driver).readFile(path, in: sandbox)
+    }
+    public func destroy(_ sandbox: SandboxHandle) async throws {
+        try await driver(sandbox.spec.driver).destroy(sandbox)
+        owners.remove(sandbox.id)
+    }
+    public func list(instance: String) async throws -> [(id: String, labels: [String: String])] {
+        var all: [(id: String, labels: [String: String])] = []
+        for (kind, d) in drivers {
+            for entry in try await d.list(instance: instance) {
+                owners.set(entry.id, kind)
+                all.append(entry)
+            }
+        }
+        return all
+    }
+    public func destroy(id: String) async throws {
+        guard let kind = owners.get(id), let d = drivers[kind] else { return }
+        try await d.destroy(id: id)
+        owners.remove(id)
+    }
+}
+
+private final class OwnerTable: Sendable {
+    private let table = Mutex<[String: String]>([:])
+    func set(_ id: String, _ kind: String) { table.withLock { $0[id] = kind } }
+    func get(_ id: String) -> String? { table.withLock { $0[id] } }
+    func remove(_ id: String) { _ = table.withLock { $0.removeValue(forKey: id) } }
+}
+
+import Synchronization

@@ -316,6 +316,7 @@ public actor Runtime {
     public static func sandboxSpec(_ policy: Policy) -> SandboxSpec {
         var spec = SandboxSpec()
         let h = policy.hands
+        spec.driver = h.driver.rawValue
         spec.image = h.image
         spec.user = h.user
         spec.memoryBytes = h.memoryBytes

@@ -60,3 +60,32 @@ public struct PolicyReloader: Service {
         }
     }
 }
+
+/// Tells systemd (when agentd runs under it) that the API is up (`READY=1` with a status
+/// line), keeps the watchdog fed at half of `WatchdogSec`, and says `STOPPING=1` on shutdown.
+/// Without systemd it does nothing.
+public struct SystemdReadiness: Service {
+    let notifier: ServiceNotifier
+    let server: HTTPServer
+    let status: String
+    let logger: Logger
+
+    public init(notifier: ServiceNotifier = ServiceNotifier(), server: HTTPServer, status: String, logger: Logger) {
+        self.notifier = notifier
+        self.server = server
+        self.status = status
+        self.logger = logger
+    }
+
+    public func run() async throws {
+        // A service may only end with the group: without systemd, just wait for shutdown.
+        guard notifier.isEnabled else { return try await gracefulShutdown() }
+        await server.waitUntilListening()
+        _ = try? notifier.ready(status: status)
+        logger.info("told systemd we are ready")
+        try? await cancelWhenGracefulShutdown { await notifier.runWatchdog() }
+        _ = try? notifier.stopping()
+    }
+}
+
+import SystemdBus

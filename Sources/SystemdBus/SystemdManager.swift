@@ -50,8 +50,8 @@ public struct UnitOutcome: Sendable, Equatable {
 /// jobs and properties. See systemd's `org.freedesktop.systemd1(5)`.
 public final class SystemdManager: Sendable {
     public let connection: BusConnection
-    private static let managerPath = "/org/freedesktop/systemd1"
-    private static let managerInterface = "org.freedesktop.systemd1.Manager"
+    static let managerPath = "/org/freedesktop/systemd1"
+    static let managerInterface = "org.freedesktop.systemd1.Manager"
 
     private init(connection: BusConnection) { self.connection = connection }
 
@@ -78,8 +78,13 @@ public final class SystemdManager: Sendable {
     /// - Returns: the job's result (`done`, `failed`, `timeout`, `dependency`, …).
     /// - Throws: `SystemdError.callFailed` with systemd's message (e.g. an unknown property).
     @discardableResult
+    ///
+    /// - Parameter auxiliary: further transient units started in the same call (what
+    ///   `systemd-run --socket-property` does: a `.socket` as the main unit, its `.service`
+    ///   as an auxiliary one).
     public func startTransientUnit(
-        _ name: String, properties: [UnitProperty], mode: String = "fail", timeout: Duration = .seconds(30)
+        _ name: String, properties: [UnitProperty], auxiliary: [(name: String, properties: [UnitProperty])] = [],
+        mode: String = "fail", timeout: Duration = .seconds(30)
     ) async throws -> String {
         let waiter = JobWaiter()
         // Subscribe before starting: the job may finish before the call returns.
@@ -97,7 +102,9 @@ public final class SystemdManager: Sendable {
             [
                 .string(name), .string(mode),
                 .array(elementSignature: "(sv)", properties.map(\.busValue)),
-                .array(elementSignature: "(sa(sv))", []),
+                .array(
+                    elementSignature: "(sa(sv))",
+                    auxiliary.map { .structure([.string($0.name), .array(elementSignature: "(sv)", $0.properties.map(\.busValue))]) }),
             ])
         guard let job = reply.first?.stringValue else {
             throw SystemdError(.badReply, "StartTransientUnit returned no job path")
@@ -195,11 +202,11 @@ public final class SystemdManager: Sendable {
         return "/org/freedesktop/systemd1/unit/" + escaped
     }
 
-    private func callManager(_ member: String, _ arguments: [BusValue] = []) async throws -> [BusValue] {
+    func callManager(_ member: String, _ arguments: [BusValue] = []) async throws -> [BusValue] {
         try await connection.call(Self.managerCall(member, arguments))
     }
 
-    private static func managerCall(_ member: String, _ arguments: [BusValue]) -> BusCall {
+    static func managerCall(_ member: String, _ arguments: [BusValue]) -> BusCall {
         BusCall(path: managerPath, interface: managerInterface, member: member, arguments: arguments)
     }
 }
@@ -246,7 +253,7 @@ private final class Pulse: Sendable {
 }
 
 /// Collects `JobRemoved` signals and hands each job's result to whoever waits for it.
-private final class JobWaiter: Sendable {
+final class JobWaiter: Sendable {
     private struct State {
         var results: [String: String] = [:]
         var waiters: [String: CheckedContinuation<String, Never>] = [:]

@@ -8,6 +8,7 @@ import Runtime
 import Service
 import ServiceLifecycle
 import SessionLog
+import SystemdBus
 import Vault
 
 /// agentd: the host service. Wires the Session journal, the Hands, the policies and the API
@@ -37,6 +38,9 @@ struct AgentD: AsyncParsableCommand {
 
     @Option(help: "Container engine address (unix:///path or tcp://host:port); default $AGENTD_ENGINE or unix:///run/podman/podman.sock.")
     var engine: String?
+
+    @Option(help: "systemd manager for unit Hands: `system`, or unix:path=…/systemd/private; default $AGENTD_SYSTEMD, or the system bus when booted with systemd. Without one, policies with `driver: unit` are refused.")
+    var systemd: String?
 
     @Option(help: "Also listen on TCP at HOST:PORT; requests must carry `Authorization: Bearer $AGENTD_TOKEN`.")
     var listenTCP: String?
@@ -83,9 +87,22 @@ struct AgentD: AsyncParsableCommand {
         } catch {
             logger.warning("the container engine does not answer yet; tool calls will return errors until it does", metadata: ["error": "\(error)"])
         }
+        // Hands as systemd transient units, when a manager is there.
+        var drivers: [any HandsDriver] = [ContainerDriver(engine: client, instance: instance)]
+        let systemdAddress = try systemd.map { try SystemdAddress(parsing: $0) } ?? (try? SystemdAddress.fromEnvironment(environment))
+        var manager: SystemdManager?
+        if let systemdAddress {
+            do {
+                let m = try await SystemdManager.connect(systemdAddress)
+                drivers.append(try UnitDriver(manager: m, instance: instance, stateDirectory: stateDir + "/hands"))
+                manager = m
+            } catch {
+                logger.warning("no systemd manager: policies with `driver: unit` will be refused", metadata: ["error": "\(error)"])
+            }
+        }
         let recorder = HandsEventForwarder()
         let hands = HandsManager(
-            driver: ContainerDriver(engine: client, instance: instance), instance: instance, logger: Logger(label: "agentd.hands"),
+            driver: DriverRouter(drivers), instance: instance, logger: Logger(label: "agentd.hands"),
             onEvent: { await recorder.forward($0) })
         for name in set.names {
             if let p = set.policy(named: name), p.pool.size > 0, p.hands.driver == .container {
@@ -103,7 +120,9 @@ struct AgentD: AsyncParsableCommand {
         }
         let api = API(runtime: runtime, metrics: Metrics(), logger: Logger(label: "agentd.api"))
 
-        var listeners: [Listener] = [.unixSocket(path: socket)]
+        // Socket activation: systemd passes the listening socket (units/agentd.socket).
+        let inherited = try SocketActivation.listenFDs()
+        var listeners: [Listener] = inherited.isEmpty ? [.unixSocket(path: socket)] : inherited.map { .inherited(fd: $0) }
         if let tcp = listenTCP {
             guard let token = environment["AGENTD_TOKEN"], token.count >= 16 else {
                 throw ValidationError("--listen-tcp needs a bearer token of at least 16 characters in AGENTD_TOKEN")
@@ -112,7 +131,9 @@ struct AgentD: AsyncParsableCommand {
             guard parts.count == 2, let port = Int(parts[1]) else { throw ValidationError("--listen-tcp takes HOST:PORT, not '\(tcp)'") }
             listeners.append(.tcp(host: String(parts[0]), port: port, token: token))
         }
-        try FileManager.default.createDirectory(atPath: (socket as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        if inherited.isEmpty {
+            try FileManager.default.createDirectory(atPath: (socket as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        }
         let server = HTTPServer(listeners: listeners, logger: Logger(label: "agentd.http")) { await api.handle($0) }
 
         let group = ServiceGroup(
@@ -121,6 +142,7 @@ struct AgentD: AsyncParsableCommand {
                     .init(service: server),
                     .init(service: HandsMaintenance(hands: hands, logger: logger)),
                     .init(service: PolicyReloader(store: policyStore, logger: logger)),
+                    .init(service: SystemdReadiness(server: server, status: "serving \(set.names.count) policies", logger: logger)),
                 ],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
@@ -128,6 +150,7 @@ struct AgentD: AsyncParsableCommand {
         try await group.run()
         logger.info("stopping: releasing sandboxes and closing the journal")
         await hands.shutdown()
+        manager?.close()
         try await store.close()
     }
 

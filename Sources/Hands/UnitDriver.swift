@@ -1,0 +1,380 @@
+import Foundation
+import Glibc
+import Synchronization
+import SystemdBus
+
+/// Hands as transient systemd units (`driver: unit` in a policy).
+///
+/// A task's sandbox is a transient slice holding the task's limits (`MemoryMax`, `TasksMax`,
+/// `CPUQuota`, shared by all its processes, like a container's cgroup) plus a workspace
+/// directory on the host, `<stateDirectory>/workspaces/<slice stem>`. Every command is one
+/// transient service in that slice (see `UnitNames` for the naming), isolated with
+/// `PrivateNetwork`, `PrivateTmp`, `PrivateDevices`, `ProtectSystem=strict`,
+/// `ProtectHome=tmpfs`, `NoNewPrivileges`, `SystemCallFilter=@system-service`, the workspace
+/// bind-mounted at `/workspace` as its only writable path, `RuntimeMaxSec=` the command's
+/// timeout, and optionally `RootDirectory=` an unpacked image (otherwise the host's root,
+/// read-only). Its stdout and stderr reach agentd through pipes passed as
+/// `StandardOutputFileDescriptor`/`StandardErrorFileDescriptor`, the way
+/// `systemd-run --pipe` does.
+///
+/// **User.** The spec's numeric `uid:gid` becomes `User=`/`Group=` (65534:65534 is `nobody`).
+/// `DynamicUser=yes` is not used: it would give every command's unit a uid of its own, and
+/// the workspace must keep one owner across the commands of a task. A uid of 0 is refused.
+///
+/// **Files.** `write_file` and `read_file` run as short units of the same kind, as the
+/// sandbox's user and with the sandbox's own mount view, so that a symlink planted in the
+/// workspace resolves inside the sandbox and with its permissions — never on the host.
+///
+/// **Environment.** The manager's own environment (on a `systemd --user` manager started from
+/// a shell, everything that shell had) is removed with `UnsetEnvironment=`; commands see
+/// only `HOME`, `PATH` and what systemd itself sets.
+public struct UnitDriver: HandsDriver {
+    public let manager: SystemdManager
+    public let instance: String
+    /// Where workspaces (`workspaces/`) and staging files (`tmp/`) live; root-owned.
+    public let stateDirectory: String
+    /// An unpacked image used as `RootDirectory=`, or nil for the host's root (read-only).
+    /// It must be traversable by the sandbox user and hold `/workspace`, `/tmp` and `/bin/sh`.
+    public let rootDirectory: String?
+    private let cache = EnvironmentCache()
+    public var kind: String { "unit" }
+
+    /// The workspace mount point inside every sandbox (the same as the container driver's).
+    public static let workspace = ContainerDriver.workspace
+
+    /// - Throws: `HandsError.provisioning` when the state directory cannot be made.
+    public init(manager: SystemdManager, instance: String, stateDirectory: String, rootDirectory: String? = nil) throws {
+        self.manager = manager
+        self.instance = instance
+        self.stateDirectory = stateDirectory
+        self.rootDirectory = rootDirectory
+        // Without an image, the host's root is the sandbox's (read-only) and needs the mount
+        // point /workspace; systemd would create it at the first command anyway — an empty,
+        // root-owned directory. With an image the image provides it.
+        let mountPoint = rootDirectory == nil ? [Self.workspace] : []
+        for dir in [stateDirectory, workspaces, staging] + mountPoint {
+            do {
+                try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            } catch {
+                throw HandsError(.provisioning, "cannot create the unit driver's directory \(dir): \(error.localizedDescription)")
+            }
+        }
+    }
+
+    private var workspaces: String { stateDirectory + "/workspaces" }
+    private var staging: String { stateDirectory + "/tmp" }
+
+    private func workspacePath(_ sandbox: SandboxHandle) -> String {
+        switch sandbox.spec.workspace {
+        case .task:
+            return workspaces + "/" + String(sandbox.id.dropLast(".slice".count))
+        case .session:
+            let session = sandbox.labels[SandboxLabel.session].map(UnitNames.escape) ?? "pool"
+            return workspaces + "/agentd-\(UnitNames.escape(instance))-\(session)"
+        }
+    }
+
+    // MARK: - provisioning
+
+    public func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
+        guard spec.uid != 0 else { throw HandsError(.provisioning, "sandboxes never run as root; the policy's user is \(spec.user)") }
+        let stem = UnitNames.sandboxStem(instance: instance, session: labels[SandboxLabel.session], task: labels[SandboxLabel.task])
+        var allLabels = labels
+        allLabels[SandboxLabel.instance] = instance
+        allLabels[SandboxLabel.policy] = spec.policyName
+        let sandbox = SandboxHandle(id: stem + ".slice", spec: spec, labels: allLabels)
+        let workspace = workspacePath(sandbox)
+        do {
+            try FileManager.default.createDirectory(atPath: workspace, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        } catch {
+            throw HandsError(.provisioning, "cannot create the workspace \(workspace): \(error.localizedDescription)")
+        }
+        guard chown(workspace, uid_t(spec.uid), gid_t(spec.gid)) == 0 else {
+            let e = errno
+            try? FileManager.default.removeItem(atPath: workspace)
+            throw HandsError(.provisioning, "chown(\(workspace), \(spec.user)) failed: \(String(cString: strerror(e))) (errno \(e))")
+        }
+        do {
+            try await manager.startSlice(
+                sandbox.id,
+                properties: [
+                    .string("Description", "agentd sandbox \(labels[SandboxLabel.session] ?? "pool")/\(labels[SandboxLabel.task] ?? "-") (policy \(spec.policyName))"),
+                    .uint64("MemoryMax", UInt64(spec.memoryBytes)),
+                    .uint64("TasksMax", UInt64(spec.pids)),
+                    .cpuQuota(spec.cpus),
+                ])
+        } catch let error as SystemdError {
+            if spec.workspace == .task { try? FileManager.default.removeItem(atPath: workspace) }
+            throw Self.translate(error, doing: "creating the sandbox slice \(sandbox.id)", provisioning: true)
+        }
+        return sandbox
+    }
+
+    /// A pooled sandbox keeps its pool name (a slice cannot be renamed); the manager tracks
+    /// it by id and labels.
+    public func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws {}
+
+    // MARK: - commands
+
+    public func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
+        try await runUnit(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout, outputLimit: sandbox.spec.outputLimitBytes + 4096).output
+    }
+
+    public func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {
+        let absolute = ContainerDriver.absolute(path)
+        let input = try UnitIO.contentsFile(contents, in: staging)
+        defer { close(input) }
+        let script = #"mkdir -p "$(dirname "$1")" && cat > "$1""#
+        let (out, _) = try await runUnit(["/bin/sh", "-c", script, "sh", absolute], in: sandbox, workingDirectory: nil, timeout: .seconds(120), stdin: input, outputLimit: 64 << 10)
+        guard out.exitCode == 0 else {
+            throw HandsError(.invalidRequest, "cannot write \(absolute): \(Self.text(out.stderr))")
+        }
+    }
+
+    public func readFile(_ path: String, in sandbox: SandboxHandle) async throws -> [UInt8] {
+        let absolute = ContainerDriver.absolute(path)
+        let limit = sandbox.spec.fileLimitBytes
+        let script = """
+            if [ -d "$1" ]; then echo "$1 is a directory" >&2; exit 2; fi
+            size=$(wc -c < "$1") || exit 2
+            if [ "$size" -gt \(limit) ]; then echo "$1 is $size bytes, more than the limit of \(formatBytes(limit))" >&2; exit 3; fi
+            exec cat "$1"
+            """
+        let (out, _) = try await runUnit(["/bin/sh", "-c", script, "sh", absolute], in: sandbox, workingDirectory: nil, timeout: .seconds(120), outputLimit: limit + 1)
+        guard out.exitCode == 0 else {
+            throw HandsError(.invalidRequest, "cannot read \(absolute): \(Self.text(out.stderr))")
+        }
+        guard !out.truncated else { throw HandsError(.invalidRequest, "\(absolute) is larger than the limit of \(formatBytes(limit))") }
+        return out.stdout
+    }
+
+    /// Runs `argv` as one transient service in the sandbox's slice and collects its output.
+    private func runUnit(
+        _ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration, stdin: Int32? = nil, outputLimit: Int
+    ) async throws -> (output: CommandOutput, outcome: UnitOutcome) {
+        let slice = try await checkedSlice(sandbox)
+        let oomBefore = Self.memoryEvents(controlGroup: slice.controlGroup)
+        let name = String(sandbox.id.dropLast(".slice".count)) + "_" + UnitNames.random() + ".service"
+        // Everything that may throw comes before the pipes: once the reads run, only the
+        // closing of the write ends below lets them finish.
+        var properties = try await commandProperties(argv, sandbox: sandbox, workingDirectory: workingDirectory, timeout: timeout)
+        let out = try UnitIO.pipe()
+        let err: (read: Int32, write: Int32)
+        do { err = try UnitIO.pipe() } catch {
+            close(out.read)
+            close(out.write)
+            throw error
+        }
+        async let stdoutBytes = UnitIO.drain(out.read, limit: outputLimit)
+        async let stderrBytes = UnitIO.drain(err.read, limit: outputLimit)
+        properties += [.fileDescriptor("StandardOutputFileDescriptor", out.write), .fileDescriptor("StandardErrorFileDescriptor", err.write)]
+        if let stdin { properties.append(.fileDescriptor("StandardInputFileDescriptor", stdin)) }
+        let outcome: UnitOutcome
+        do {
+            outcome = try await manager.runTransientService(name, properties: properties, timeout: timeout + .seconds(30))
+            // sd-bus duplicated the write ends into the message; ours go now, so that the
+            // reads end when the unit's processes are gone.
+            close(out.write)
+            close(err.write)
+        } catch let error as SystemdError {
+            close(out.write)
+            close(err.write)
+            _ = try? await manager.stopUnitAndWait(name, timeout: .seconds(10))
+            _ = await (stdoutBytes, stderrBytes)
+            if error.code == .timeout {
+                throw HandsError(.timeout, "the command did not finish within \(timeout) and the manager stopped answering about it")
+            }
+            throw Self.translate(error, doing: "running a command")
+        }
+        let (stdoutResult, stderrResult) = await (stdoutBytes, stderrBytes)
+        let truncated = stdoutResult.truncated || stderrResult.truncated
+        var output = CommandOutput(stdout: stdoutResult.bytes, stderr: stderrResult.bytes, exitCode: 0, truncated: truncated)
+        switch (outcome.result, outcome.execMainCode) {
+        case ("timeout", _):
+            output.exitCode = 137
+            output.timedOut = true
+            return (output, outcome)
+        case ("oom-kill", _):
+            throw HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(sandbox.spec.memoryBytes))) and the command was killed")
+        case (_, 1):
+            output.exitCode = Int(outcome.execMainStatus)
+        default:
+            // Killed (2) or dumped (3): the shell convention, 128 + signal.
+            output.exitCode = 128 + Int(outcome.execMainStatus)
+        }
+        if output.exitCode == 137 && Self.memoryEvents(controlGroup: slice.controlGroup) > oomBefore {
+            // SIGKILL while the slice's memory cgroup counted an OOM event.
+            throw HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(sandbox.spec.memoryBytes))) and the command was killed")
+        }
+        if outcome.execMainCode != 1 || outcome.activeState == "inactive" {
+            // Killed, or stopped (a unit that exited by itself stays active, RemainAfterExit):
+            // the sandbox may have been stopped from outside.
+            if let state = try? await manager.unitProperties(sandbox.id), !Self.isUsable(state) {
+                throw HandsError(.sandboxGone, "the sandbox is no longer running (its slice is \(state.jobType == "stop" ? "stopping" : state.activeState))")
+            }
+        }
+        if outcome.execMainCode == 1, output.stdout.isEmpty, output.stderr.isEmpty {
+            // systemd's own exit codes for a unit it could not set up (systemd.exec(5)).
+            switch outcome.execMainStatus {
+            case 200: throw HandsError(.invalidRequest, "the working directory \(workingDirectory ?? Self.workspace) does not exist in the sandbox")
+            case 203, 216, 217, 226, 228:
+                throw HandsError(.provisioning, "systemd could not set up the command's unit (exit status \(outcome.execMainStatus), see systemd.exec(5))")
+            default: break
+            }
+        }
+        return (output, outcome)
+    }
+
+    /// The sandbox's slice, checked to be active: a command started in a slice stopped from
+    /// outside would run in a new, implicitly created slice without the sandbox's limits.
+    private func checkedSlice(_ sandbox: SandboxHandle) async throws -> UnitStatus {
+        let state: UnitStatus
+        do {
+            state = try await manager.unitProperties(sandbox.id)
+        } catch let error as SystemdError {
+            throw Self.translate(error, doing: "checking the sandbox")
+        }
+        guard Self.isUsable(state) else {
+            throw HandsError(.sandboxGone, "the sandbox is no longer running (its slice is \(state.activeState.isEmpty ? "gone" : state.activeState))")
+        }
+        return state
+    }
+
+    /// A sandbox slice is usable while active with no stop (or other, or vanished) job pending. (A command started
+    /// while the slice's stop job waits would cancel that job: its start requires the slice.)
+    static func isUsable(_ slice: UnitStatus) -> Bool {
+        slice.activeState == "active" && (slice.jobType == nil || slice.jobType == "start")
+    }
+
+    private func commandProperties(_ argv: [String], sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> [UnitProperty] {
+        let spec = sandbox.spec
+        let command = argv.first?.hasPrefix("/") == true ? argv : ["/bin/sh", "-c", #"exec "$@""#, "sh"] + argv
+        let directory = workingDirectory.map { $0.hasPrefix("/") ? $0 : Self.workspace + "/" + $0 } ?? Self.workspace
+        var properties: [UnitProperty] = [
+            .string("Description", "agentd command in \(sandbox.id)"),
+            .execStart(command),
+            .string("Slice", sandbox.id),
+            .string("User", String(spec.uid)),
+            .string("Group", String(spec.gid)),
+            .string("WorkingDirectory", directory),
+            .bindPaths([(workspacePath(sandbox), Self.workspace)]),
+            .strings("ReadWritePaths", [Self.workspace]),
+            .string("ProtectSystem", "strict"),
+            .string("ProtectHome", "tmpfs"),
+            .bool("PrivateNetwork", true),
+            .bool("PrivateTmp", true),
+            .bool("PrivateDevices", true),
+            .bool("NoNewPrivileges", true),
+            .systemCallFilter(["@system-service"]),
+            UnitProperty("SystemCallErrorNumber", .int32(EPERM)),
+            .duration("RuntimeMaxUSec", timeout),
+            .duration("TimeoutStopUSec", .seconds(2)),
+            .uint64("LimitNOFILE", UInt64(spec.nofile)),
+            .strings("Environment", ["HOME=\(Self.workspace)", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]),
+        ]
+        if let rootDirectory {
+            properties += [.string("RootDirectory", rootDirectory), .bool("MountAPIVFS", true)]
+        }
+        let unset = try await cache.managerEnvironmentNames(manager)
+        if !unset.isEmpty { properties.append(.strings("UnsetEnvironment", unset)) }
+        return properties
+    }
+
+    /// OOM kills counted for the cgroup `controlGroup`: cgroup v2's `memory.events` `oom_kill`
+    /// (hierarchical) or, on cgroup v1, `memory.failcnt`, the number of times the slice hit
+    /// its limit (v1 counts OOM kills only in the victim's own, by then removed, cgroup).
+    static func memoryEvents(controlGroup: String) -> Int {
+        guard !controlGroup.isEmpty else { return 0 }
+        for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+            if let text = try? String(contentsOfFile: base + controlGroup + "/memory.events", encoding: .utf8) {
+                for line in text.split(separator: "\n") where line.hasPrefix("oom_kill ") {
+                    return Int(line.dropFirst("oom_kill ".count)) ?? 0
+                }
+            }
+        }
+        if let text = try? String(contentsOfFile: "/sys/fs/cgroup/memory" + controlGroup + "/memory.failcnt", encoding: .utf8) {
+            return Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+        }
+        return 0
+    }
+
+    // MARK: - removal and listing
+
+    public func destroy(_ sandbox: SandboxHandle) async throws {
+        try await stop(sandbox.id)
+        if sandbox.spec.workspace == .task { removeWorkspace(of: sandbox.id) }
+    }
+
+    public func destroy(id: String) async throws {
+        try await stop(id)
+        removeWorkspace(of: id)
+    }
+
+    private func stop(_ slice: String) async throws {
+        do {
+            try await manager.stopUnitAndWait(slice, timeout: .seconds(30))
+            try? await manager.resetFailedUnit(slice)
+        } catch let error as SystemdError {
+            throw Self.translate(error, doing: "stopping sandbox \(slice)")
+        }
+    }
+
+    /// Removes the task workspace of sandbox `id` (only a name of this instance's form, so
+    /// that no id can reach outside `workspaces/`).
+    private func removeWorkspace(of id: String) {
+        guard UnitNames.labels(ofSlice: id, instance: instance) != nil, !id.contains("/") else { return }
+        try? FileManager.default.removeItem(atPath: workspaces + "/" + String(id.dropLast(".slice".count)))
+    }
+
+    public func list(instance: String) async throws -> [(id: String, labels: [String: String])] {
+        do {
+            return try await manager.listUnits(matching: [UnitNames.pattern(instance: instance)]).compactMap { unit in
+                guard unit.activeState != "inactive", let labels = UnitNames.labels(ofSlice: unit.name, instance: instance) else { return nil }
+                return (unit.name, labels)
+            }
+        } catch let error as SystemdError {
+            throw Self.translate(error, doing: "listing sandboxes")
+        }
+    }
+
+    // MARK: - errors
+
+    static func translate(_ error: SystemdError, doing what: String, provisioning: Bool = false) -> HandsError {
+        switch error.code {
+        case .unreachable, .closed:
+            return HandsError(.unreachable, "the systemd manager is unreachable while \(what): \(error.message)")
+        case .timeout:
+            return HandsError(.unreachable, "the systemd manager did not answer in time while \(what)")
+        default:
+            return HandsError(provisioning ? .provisioning : .invalidRequest, "\(what): \(error.message)")
+        }
+    }
+
+    static func text(_ bytes: [UInt8]) -> String {
+        String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+/// The names in the manager's environment block, read once per driver.
+private final class EnvironmentCache: Sendable {
+    private let names = Mutex<[String]?>(nil)
+
+    func managerEnvironmentNames(_ manager: SystemdManager) async throws -> [String] {
+        if let cached = names.withLock({ $0 }) { return cached }
+        let value: BusValue
+        do {
+            value = try await manager.property(path: "/org/freedesktop/systemd1", interface: "org.freedesktop.systemd1.Manager", name: "Environment")
+        } catch let error as SystemdError {
+            throw UnitDriver.translate(error, doing: "reading the manager's environment")
+        }
+        var list: [String] = []
+        if case .variant(.array(_, let items)) = value {
+            list = items.compactMap { $0.stringValue?.split(separator: "=", maxSplits: 1).first.map(String.init) }
+        } else if case .array(_, let items) = value {
+            list = items.compactMap { $0.stringValue?.split(separator: "=", maxSplits: 1).first.map(String.init) }
+        }
+        list.removeAll { $0 == "PATH" || $0 == "HOME" }
+        names.withLock { $0 = list }
+        return list
+    }
+}
