@@ -214,7 +214,7 @@ public struct API: Sendable {
     }
 
     private func health() async -> [String: Any] {
-        let policies = await runtime.policies
+        let policies = runtime.policies
         return [
             "status": "ok",
             "sessions": runtime.store.sessions().count,

@@ -19,7 +19,7 @@ public struct HandsMaintenance: Service {
     }
 
     public func run() async throws {
-        try await cancelWhenGracefulShutdown {
+        await cancelWhenGracefulShutdown {
             var sinceReconcile = Duration.zero
             while !Task.isCancelled {
                 try? await Task.sleep(for: idleCheck)
@@ -47,7 +47,7 @@ public struct PolicyReloader: Service {
     }
 
     public func run() async throws {
-        try await cancelWhenGracefulShutdown {
+        await cancelWhenGracefulShutdown {
             await withDiscardingTaskGroup { group in
                 group.addTask { await store.watch(interval: .seconds(1)) }
                 group.addTask {
@@ -83,7 +83,7 @@ public struct SystemdReadiness: Service {
         await server.waitUntilListening()
         _ = try? notifier.ready(status: status)
         logger.info("told systemd we are ready")
-        try? await cancelWhenGracefulShutdown { await notifier.runWatchdog() }
+        await cancelWhenGracefulShutdown { await notifier.runWatchdog() }
         _ = try? notifier.stopping()
     }
 }
