@@ -169,17 +169,37 @@ enum Record {
             prevHash: Hash32(UnsafeRawBufferPointer(start: p + 56, count: 32)))
     }
 
-    /// For a record that failed validation: the session it belongs to, when its identity
-    /// checksum still holds (so the attribution can be trusted), and its seq.
+    /// For a record that failed validation: the session it belongs to and its seq, when one
+    /// of its checksums still covers its identity — the identity CRC (bytes [16, 88 + sidLen)),
+    /// or the body CRC (bytes [16, length), which covers the identity too) when the damage
+    /// hit only the identity CRC itself. Nil when neither holds.
     static func attribute(_ p: UnsafeRawPointer, available: Int) -> (SessionID, UInt64)? {
         guard available >= fixedSize else { return nil }
         let sidLen = Int(UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 18, as: UInt16.self)))
         guard sidLen >= 1, sidLen <= SessionID.maxLength, fixedSize + sidLen <= available else { return nil }
-        let stored = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
-        guard stored == CRC32C.checksum(UnsafeRawBufferPointer(start: p + 16, count: fixedSize - 16 + sidLen)),
-            let sid = SessionID.fromBytes(UnsafeRawBufferPointer(start: p + fixedSize, count: sidLen))
-        else { return nil }
+        let storedIdentity = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
+        var trusted = storedIdentity == CRC32C.checksum(UnsafeRawBufferPointer(start: p + 16, count: fixedSize - 16 + sidLen))
+        if !trusted {
+            let length = Int(UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
+            let storedBody = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+            trusted = length >= fixedSize + sidLen && length <= available
+                && storedBody == CRC32C.checksum(UnsafeRawBufferPointer(start: p + 16, count: length - 16))
+        }
+        guard trusted, let sid = SessionID.fromBytes(UnsafeRawBufferPointer(start: p + fixedSize, count: sidLen)) else { return nil }
         return (sid, UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 32, as: UInt64.self)))
+    }
+
+    /// What a damaged record whose checksums both fail still claims, unverified: its session
+    /// id (when the bytes form one), its seq and its link to the previous record. Recovery
+    /// weighs these against the chains of the sessions around it (see `SessionStore.scan`).
+    static func claims(_ p: UnsafeRawPointer, available: Int) -> (session: SessionID?, seq: UInt64, prevHash: Hash32)? {
+        guard available >= fixedSize else { return nil }
+        let sidLen = Int(UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 18, as: UInt16.self)))
+        var sid: SessionID?
+        if sidLen >= 1, sidLen <= SessionID.maxLength, fixedSize + sidLen <= available {
+            sid = SessionID.fromBytes(UnsafeRawBufferPointer(start: p + fixedSize, count: sidLen))
+        }
+        return (sid, UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 32, as: UInt64.self)), Hash32(UnsafeRawBufferPointer(start: p + 56, count: 32)))
     }
 
     static func sessionBytes(_ p: UnsafeRawPointer, _ h: Header) -> UnsafeRawBufferPointer {

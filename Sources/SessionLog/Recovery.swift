@@ -55,6 +55,7 @@ extension SessionStore {
         var states: [SessionID: SessionState] = [:]
         var activeEnd: UInt64 = 0
         var start = (ids[0], UInt64(0))
+        var unresolved: [UnresolvedDamage] = []
         do {
             // Segment ids are consecutive; a gap means a whole segment file is gone. Then the
             // index cannot be trusted either: scan, so that every session it broke is found.
@@ -63,6 +64,7 @@ extension SessionStore {
             for id in missing {
                 report.damage.append(.init(segment: SegmentFile.name(id), offset: 0, length: 0, session: nil, reason: "segment file is missing from \(directory)"))
             }
+            var hints = IndexHints()
             let index = missing.isEmpty
                 ? SessionStore.loadIndex(directory: directory, files: files, segmentBytes: options.segmentBytes)
                 : .failure(IndexProblem(message: "segment files are missing"))
@@ -73,6 +75,7 @@ extension SessionStore {
                 report.usedIndex = true
             case .failure(let problem):
                 report.indexProblem = problem.message
+                hints = problem.hints
                 if FileManager.default.fileExists(atPath: directory + "/" + SessionStore.indexName) {
                     logger.info("journal index rebuilt from the log", metadata: ["journal.reason": "\(problem.message)"])
                 }
@@ -80,13 +83,14 @@ extension SessionStore {
 
             for id in ids where id >= start.0 {
                 let from = id == start.0 ? start.1 : 0
-                activeEnd = try SessionStore.scan(files[id]!, from: from, isLast: id == ids.last!, segmentBytes: options.segmentBytes, states: &states, report: &report)
+                activeEnd = try SessionStore.scan(files[id]!, from: from, isLast: id == ids.last!, segmentBytes: options.segmentBytes, hints: hints, states: &states, report: &report, unresolved: &unresolved)
             }
         } catch {
             files.values.forEach { $0.closeFile() }
             throw error
         }
 
+        SessionStore.resolve(unresolved, states: &states, report: &report)
         for key in Array(states.keys) { states[key]!.resetTentative() }
         report.damagedSessions = states.filter { $0.value.damage != nil }.keys.sorted()
         for d in report.damage { logger.info("journal damage found", metadata: ["journal.segment": "\(d.segment)", "journal.offset": "\(d.offset)", "journal.reason": "\(d.reason)"]) }
@@ -103,10 +107,31 @@ extension SessionStore {
 
     // MARK: Scanning
 
+    /// Where the records of each session were according to an index that is intact (its
+    /// checksum holds) but was not used: per segment, sorted by offset.
+    typealias IndexHints = [UInt32: [(offset: UInt64, session: SessionID, seq: UInt64)]]
+
+    /// A damaged record that no evidence attributed during the scan, with the session and
+    /// seq its (unverified) bytes claim; `resolve` weighs the claim once every chain is known.
+    struct UnresolvedDamage {
+        var damageIndex: Int
+        var segment: String
+        var offset: UInt64
+        var session: SessionID
+        var seq: UInt64
+        var reason: String
+    }
+
     /// Scans one segment from `from`, applying valid records to `states` (checking each
     /// session's seq order and hash chain), locating damage, and truncating a torn tail when
     /// `isLast`. Returns the segment's logical end.
-    static func scan(_ seg: SegmentFile, from: UInt64, isLast: Bool, segmentBytes: Int, states: inout [SessionID: SessionState], report: inout RecoveryReport) throws -> UInt64 {
+    ///
+    /// A damaged record makes its session refused. Its owner is taken from the first evidence
+    /// that holds (`owners`); a record none of it names goes to `unresolved`.
+    static func scan(
+        _ seg: SegmentFile, from: UInt64, isLast: Bool, segmentBytes: Int, hints: IndexHints = [:], states: inout [SessionID: SessionState],
+        report: inout RecoveryReport, unresolved: inout [UnresolvedDamage]
+    ) throws -> UInt64 {
         let size = Int(try Sys.fileSize(seg.fd, path: seg.path))
         guard Int(from) < size else { return from }
         let map = try seg.mapping(covering: size, segmentBytes: segmentBytes)
@@ -133,15 +158,77 @@ extension SessionStore {
             let end = next ?? size
             let problem: String
             if case .failure(let p) = parsed { problem = p.text } else { problem = "unreadable record" }
-            let owner = Record.attribute(base + off, available: size - off)
-            report.damage.append(.init(segment: seg.name, offset: UInt64(off), length: UInt64(end - off), session: owner?.0, reason: problem + (next == nil ? " (nothing valid follows in this sealed segment)" : "")))
-            if let (sid, seq) = owner, states[sid]?.damage == nil {
+            let found = owners(base + off, segment: seg.id, range: off..<end, available: size - off, hints: hints, states: states)
+            report.damage.append(.init(segment: seg.name, offset: UInt64(off), length: UInt64(end - off), session: found.first?.0, reason: problem + (next == nil ? " (nothing valid follows in this sealed segment)" : "")))
+            for (sid, seq) in found where states[sid]?.damage == nil {
                 states[sid, default: SessionState()].damage = damageError(sid, segment: seg.name, offset: UInt64(off), seq: seq, reason: problem)
+            }
+            if found.isEmpty, let claim = Record.claims(base + off, available: size - off), let sid = claim.session {
+                unresolved.append(UnresolvedDamage(damageIndex: report.damage.count - 1, segment: seg.name, offset: UInt64(off), session: sid, seq: claim.seq, reason: problem))
             }
             if next == nil { return UInt64(off) }
             off = end
         }
         return UInt64(off)
+    }
+
+    /// The sessions (and seqs) whose records the damaged range `range` of a segment held, from
+    /// the evidence that can be trusted, strongest first:
+    /// 1. a checksum that still covers the record's identity (`Record.attribute`);
+    /// 2. an intact index that was not used but lists records starting in `range`, when
+    ///    that session's chain has reached exactly the seq before (so a stale index cannot
+    ///    point at a session whose chain goes on elsewhere);
+    /// 3. the record's link to its predecessor: a `prevHash` equal to the SHA-256 of some
+    ///    session's last record so far names that session (256 bits cannot match by chance).
+    /// A single flipped bit leaves 1 or 3 intact everywhere in a record of seq 2 or later.
+    static func owners(
+        _ p: UnsafeRawPointer, segment: UInt32, range: Range<Int>, available: Int, hints: IndexHints, states: [SessionID: SessionState]
+    ) -> [(SessionID, UInt64)] {
+        var out: [(SessionID, UInt64)] = []
+        if let trusted = Record.attribute(p, available: available) { out.append(trusted) }
+        if let listed = hints[segment] {
+            var lo = 0, hi = listed.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if listed[mid].offset < UInt64(range.lowerBound) { lo = mid + 1 } else { hi = mid }
+            }
+            while lo < listed.count, listed[lo].offset < UInt64(range.upperBound) {
+                let h = listed[lo]
+                lo += 1
+                guard !out.contains(where: { $0.0 == h.session }) else { continue }
+                let state = states[h.session]
+                if state?.damage != nil || (state?.lastSeq ?? 0) + 1 == h.seq { out.append((h.session, h.seq)) }
+            }
+        }
+        if out.isEmpty, let claim = Record.claims(p, available: available), claim.prevHash != .zero,
+            let (sid, state) = states.first(where: { $0.value.lastSeq > 0 && $0.value.durableHash == claim.prevHash })
+        {
+            out.append((sid, state.lastSeq + 1))
+        }
+        return out
+    }
+
+    /// Attributes the damaged records no trusted evidence named, once every chain is known: a
+    /// record that claims seq `n` of session S is S's when S's chain stops at `n - 1` and S has
+    /// no earlier damage (its record `n` is missing: either nothing follows, or a later record
+    /// showed the gap, which this record now locates more precisely). A claimed session that
+    /// has no valid record at all is refused under that name when the claim is seq 1. A claim
+    /// that does not fit (S's chain goes on past `n - 1`) is not believed: the bytes of the
+    /// id are what was damaged, and the true owner is found by its broken chain.
+    static func resolve(_ unresolved: [UnresolvedDamage], states: inout [SessionID: SessionState], report: inout RecoveryReport) {
+        for u in unresolved {
+            let fits: Bool
+            if let state = states[u.session] {
+                let earlier = state.damage.map { ($0.segment ?? "", $0.offset ?? 0) < (u.segment, u.offset) } ?? false
+                fits = state.lastSeq + 1 == u.seq && !earlier
+            } else {
+                fits = u.seq == 1
+            }
+            guard fits else { continue }
+            states[u.session, default: SessionState()].damage = damageError(u.session, segment: u.segment, offset: u.offset, seq: u.seq, reason: u.reason)
+            let d = report.damage[u.damageIndex]
+            report.damage[u.damageIndex] = .init(segment: d.segment, offset: d.offset, length: d.length, session: u.session, reason: d.reason)
+        }
     }
 
     static func apply(_ p: UnsafeRawPointer, _ h: Record.Header, loc: RecordLoc, segName: String, states: inout [SessionID: SessionState]) {
@@ -211,6 +298,9 @@ extension SessionStore {
 
     struct IndexProblem: Error {
         var message: String
+        /// Set when the index itself is intact but disagrees with the log: where it says the
+        /// records are, to attribute damage that the scan finds there.
+        var hints: IndexHints = [:]
     }
 
     func nextIndexGeneration() -> UInt64 {
@@ -338,15 +428,26 @@ extension SessionStore {
                 guard n <= UInt64(limit / 16) else { throw Short() }
                 s.locs.reserveCapacity(Int(n))
                 for _ in 0..<n { s.locs.append(RecordLoc(segment: try get(UInt32.self), length: try get(UInt32.self), offset: try get(UInt64.self))) }
+                states[sid] = s
+            }
+            for (sid, s) in states {
                 if let last = s.locs.last, s.damage == nil {
                     guard let f = files[last.segment], let m = try? f.mapping(covering: Int(last.offset) + Int(last.length), segmentBytes: segmentBytes),
                         Int(last.offset) + Int(last.length) <= Int((try? Sys.fileSize(f.fd, path: f.path)) ?? 0),
                         case .success(let h) = Record.parse(m.base + Int(last.offset), available: Int(last.length)),
-                        h.seq == n, SessionID.fromBytes(Record.sessionBytes(m.base + Int(last.offset), h)) == sid,
+                        h.seq == s.lastSeq, SessionID.fromBytes(Record.sessionBytes(m.base + Int(last.offset), h)) == sid,
                         Record.bodyHash(m.base + Int(last.offset), h) == s.durableHash
-                    else { return .failure(IndexProblem(message: "index is stale: the last record of session \(sid) does not match the log")) }
+                    else {
+                        // The last record is damaged, or the index is out of step with the log:
+                        // scan, but keep what the index says to name the owners of damage.
+                        var hints = IndexHints()
+                        for (sid, s) in states {
+                            for (i, l) in s.locs.enumerated() { hints[l.segment, default: []].append((l.offset, sid, UInt64(i + 1))) }
+                        }
+                        for key in Array(hints.keys) { hints[key]!.sort { $0.offset < $1.offset } }
+                        return .failure(IndexProblem(message: "index is stale: the last record of session \(sid) does not match the log", hints: hints))
+                    }
                 }
-                states[sid] = s
             }
             return .success(LoadedIndex(states: states, covered: covered))
         } catch {
