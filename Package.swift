@@ -106,7 +106,7 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "agentd-bench",
-            dependencies: ["EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands"],
+            dependencies: ["Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands"],
             swiftSettings: strict),
         // A tiny Type=notify / socket-activated service for the SystemdBus service tests.
         .executableTarget(name: "notify-probe", dependencies: ["SystemdBus"], swiftSettings: strict),
@@ -127,7 +127,7 @@ let package = Package(
         .testTarget(name: "SystemdIntegrationTests", dependencies: ["SystemdBus", "TestSupport", "notify-probe"], swiftSettings: strict),
         .testTarget(
             name: "AgentdTests",
-            dependencies: ["AgentdClient", "EngineAPI", "TestSupport", .product(name: "Yams", package: "Yams")],
+            dependencies: ["AgentdClient", "EngineAPI", "SystemdBus", "TestSupport", .product(name: "Yams", package: "Yams")],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
     ]

@@ -84,6 +84,8 @@ public struct SystemdReadiness: Service {
         _ = try? notifier.ready(status: status)
         logger.info("told systemd we are ready")
         await cancelWhenGracefulShutdown { await notifier.runWatchdog() }
+        // Without WatchdogSec the loop returns at once; a service may only end with the group.
+        try? await gracefulShutdown()
         _ = try? notifier.stopping()
     }
 }

@@ -5,6 +5,7 @@ import EngineAPI
 CurlTransport.globalInit()
 let report = Reporter()
 try await EngineBench.run(report)
+try await HandsBench.run(report)
 try await SystemdBench.run(report)
 try await UnitBench.run(report)
 try await JournalBench.run(report)

@@ -1,0 +1,108 @@
+import EngineAPI
+import Foundation
+import Hands
+import Policy
+import Runtime
+import SessionLog
+
+/// Hands figures: agentd's sandbox life cycle and warm-pool execute against the same work done
+/// straight over the engine socket, and a session's time to first event with on-demand Hands
+/// against provisioning eagerly at session start.
+enum HandsBench {
+    static let iterations = 15
+
+    static func run(_ report: Reporter) async throws {
+        let engine = try EngineClient.fromEnvironment()
+        guard case .unixSocket(let path) = engine.endpoint else { return }
+        let raw = RawUnixHTTP(socketPath: path)
+        let instance = "bench" + String(UInt32.random(in: 0...UInt32.max), radix: 36)
+        let hands = HandsManager(driver: ContainerDriver(engine: engine, instance: instance), instance: instance)
+        let spec = SandboxSpec()
+        let input = Array(#"{"command": "true"}"#.utf8)
+
+        // 1. Life cycle: provision on demand + execute + end task, vs raw create/start/exec/remove.
+        let limits = HostConfig.Ulimit.withinHostLimits()
+        let ulimits = limits.map { #"{"Name":"\#($0.Name)","Soft":\#($0.Soft),"Hard":\#($0.Hard)}"# }.joined(separator: ",")
+        let create = #"{"Image":"agentd-base:latest","Cmd":["sleep","600"],"Labels":{"agentd.bench":"raw"},"HostConfig":{"NetworkMode":"none","Ulimits":[\#(ulimits)]}}"#
+        var rawCycles: [Double] = []
+        var handsCycles: [Double] = []
+        for i in 0...iterations {
+            let r = try EngineBench.rawCycle(raw, create: create)
+            let t0 = now()
+            let key = TaskKey(session: "bench", task: "c\(i)")
+            let result = await hands.execute(key, spec: spec, tool: "bash", input: input)
+            await hands.endTask(key)
+            let h = now() - t0
+            guard !result.isError else { throw RawUnixHTTP.Failure(description: "hands execute failed: \(result.output)") }
+            if i > 0 {  // the first round warms both paths
+                rawCycles.append(r)
+                handsCycles.append(h)
+            }
+        }
+        rawCycles.sort()
+        handsCycles.sort()
+        report.figure("raw.engine.lifecycle2.p50", percentile(rawCycles, 50) * 1000, "ms")
+        report.figure("hands.lifecycle.p50", percentile(handsCycles, 50) * 1000, "ms")
+        report.ratio("hands.lifecycle.vs_raw", "hands.lifecycle.p50", over: "raw.engine.lifecycle2.p50", goal: "<= 1.10")
+
+        // 2. Execute on warm-pool Hands vs a bare exec on an already running container.
+        await hands.setPoolSize(1, for: spec)
+        await hands.fillPools()
+        let (_, created) = try raw.send("POST", "/v1.41/containers/create", json: create)
+        guard let running = RawUnixHTTP.field("Id", in: created) else { throw RawUnixHTTP.Failure(description: "raw create failed") }
+        _ = try raw.send("POST", "/v1.41/containers/\(running)/start")
+        var bare: [Double] = []
+        var warm: [Double] = []
+        for i in 0...iterations * 2 {
+            let t0 = now()
+            let (_, b) = try raw.send("POST", "/v1.41/containers/\(running)/exec", json: #"{"AttachStdout":true,"AttachStderr":true,"Cmd":["sh","-c","true"]}"#)
+            guard let exec = RawUnixHTTP.field("Id", in: b) else { throw RawUnixHTTP.Failure(description: "raw exec failed") }
+            _ = try raw.send("POST", "/v1.41/exec/\(exec)/start", json: #"{"Detach":false,"Tty":false}"#)
+            _ = try raw.send("GET", "/v1.41/exec/\(exec)/json")
+            let b0 = now() - t0
+            let t1 = now()
+            _ = await hands.execute(TaskKey(session: "bench", task: "warm"), spec: spec, tool: "bash", input: input)
+            let w = now() - t1
+            if i > 0 {
+                bare.append(b0)
+                warm.append(w)
+            }
+        }
+        _ = try raw.send("DELETE", "/v1.41/containers/\(running)?force=true&v=true")
+        bare.sort()
+        warm.sort()
+        report.figure("raw.engine.exec_running.p50", percentile(bare, 50) * 1000, "ms")
+        report.figure("hands.execute_warm.p50", percentile(warm, 50) * 1000, "ms")
+        report.ratio("hands.execute_warm.vs_bare_exec", "hands.execute_warm.p50", over: "raw.engine.exec_running.p50", goal: "p50 <= 1.2")
+        await hands.shutdown()
+
+        // 3. A session's first event: on demand (agentd) vs provisioning eagerly at session start.
+        let directory = NSTemporaryDirectory() + "agentd-bench-journal-\(instance)"
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let store = try await SessionStore.open(directory: directory)
+        let policies = PolicyStore(directory: "policies")
+        let runtimeHands = HandsManager(driver: ContainerDriver(engine: engine, instance: instance), instance: instance)
+        let runtime = Runtime(store: store, hands: runtimeHands, policies: policies)
+        var onDemand: [Double] = []
+        var eager: [Double] = []
+        for i in 0..<iterations {
+            let t0 = now()
+            _ = try await runtime.createSession(policy: nil)
+            onDemand.append(now() - t0)
+            let t1 = now()
+            let session = try await runtime.createSession(policy: nil)
+            // Eager: the session is not usable until its sandbox is there.
+            let key = TaskKey(session: session.id, task: "main")
+            let sandbox = try await runtimeHands.driver.provision(spec, labels: [SandboxLabel.session: session.id, SandboxLabel.task: key.task])
+            eager.append(now() - t1)
+            try? await runtimeHands.driver.destroy(sandbox)
+            _ = i
+        }
+        try await store.close()
+        onDemand.sort()
+        eager.sort()
+        report.figure("session.first_event.eager.p50", percentile(eager, 50) * 1000, "ms")
+        report.figure("session.first_event.on_demand.p50", percentile(onDemand, 50) * 1000, "ms")
+        report.ratio("session.first_event.on_demand.vs_eager", "session.first_event.on_demand.p50", over: "session.first_event.eager.p50", goal: "<= 0.05")
+    }
+}
