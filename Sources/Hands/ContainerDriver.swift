@@ -20,7 +20,9 @@ public struct ContainerDriver: HandsDriver {
         self.instance = instance
     }
 
-    public func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
+    /// The engine's create request for a sandbox of `spec` with `labels` (instance and policy
+    /// labels added): exactly what `provision` sends.
+    public func containerSpec(_ spec: SandboxSpec, labels: [String: String]) -> ContainerSpec {
         var allLabels = labels
         allLabels[SandboxLabel.instance] = instance
         allLabels[SandboxLabel.policy] = spec.policyName
@@ -38,8 +40,7 @@ public struct ContainerDriver: HandsDriver {
         host.MemorySwap = spec.memoryBytes
         host.NanoCpus = Int(spec.cpus * 1_000_000_000)
         host.PidsLimit = spec.pids
-        let hostLimits = HostConfig.Ulimit.withinHostLimits(nofile: spec.nofile, nproc: spec.nproc)
-        host.Ulimits = hostLimits
+        host.Ulimits = HostConfig.Ulimit.withinHostLimits(nofile: spec.nofile, nproc: spec.nproc)
         host.Tmpfs = ["/tmp": "rw,nosuid,nodev,size=\(spec.tmpBytes)"]
         switch spec.workspace {
         case .task:
@@ -49,6 +50,18 @@ public struct ContainerDriver: HandsDriver {
             host.Binds = ["agentd-ws-\(instance)-\(session):\(Self.workspace)"]
         }
         container.HostConfig = host
+        return container
+    }
+
+    /// The argv an exec of `argv` runs: killed inside the sandbox at `timeout`.
+    public static func wrapped(_ argv: [String], timeout: Duration) -> [String] {
+        let seconds = max(1, Int((Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18).rounded(.up)))
+        return ["timeout", "-s", "KILL", String(seconds)] + argv
+    }
+
+    public func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
+        let container = containerSpec(spec, labels: labels)
+        let allLabels = container.Labels ?? [:]
         let id: String
         do {
             let name = labels[SandboxLabel.session].flatMap { session in
@@ -83,10 +96,10 @@ public struct ContainerDriver: HandsDriver {
     }
 
     public func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
-        let seconds = max(1, Int((Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18).rounded(.up)))
         // The command is killed inside the sandbox at its timeout; the request's own timeout is
         // a backstop a few seconds later, after which the whole sandbox is discarded.
-        let wrapped = ["timeout", "-s", "KILL", String(seconds)] + argv
+        let wrapped = Self.wrapped(argv, timeout: timeout)
+        let seconds = Int(wrapped[3]) ?? 1
         let started = ContinuousClock.now
         let result: ExecResult
         do {

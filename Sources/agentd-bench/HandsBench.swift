@@ -16,18 +16,21 @@ enum HandsBench {
         guard case .unixSocket(let path) = engine.endpoint else { return }
         let raw = RawUnixHTTP(socketPath: path)
         let instance = "bench" + String(UInt32.random(in: 0...UInt32.max), radix: 36)
-        let hands = HandsManager(driver: ContainerDriver(engine: engine, instance: instance), instance: instance)
+        let driver = ContainerDriver(engine: engine, instance: instance)
+        let hands = HandsManager(driver: driver, instance: instance)
         let spec = SandboxSpec()
         let input = Array(#"{"command": "true"}"#.utf8)
 
-        // 1. Life cycle: provision on demand + execute + end task, vs raw create/start/exec/remove.
-        let limits = HostConfig.Ulimit.withinHostLimits()
-        let ulimits = limits.map { #"{"Name":"\#($0.Name)","Soft":\#($0.Soft),"Hard":\#($0.Hard)}"# }.joined(separator: ",")
-        let create = #"{"Image":"agentd-base:latest","Cmd":["sleep","600"],"Labels":{"agentd.bench":"raw"},"HostConfig":{"NetworkMode":"none","Ulimits":[\#(ulimits)]}}"#
+        // 1. Life cycle: provision on demand + execute + end task, vs the same requests (the
+        // same hardened create body, the same exec argv) written straight to the socket.
+        let same = driver.containerSpec(spec, labels: [SandboxLabel.session: "bench-raw", SandboxLabel.task: "raw"])
+        let create = String(decoding: try JSONEncoder().encode(same), as: UTF8.self)
+        let execArgv = ContainerDriver.wrapped(["sh", "-c", "true"], timeout: spec.commandTimeout)
+        let execBody = String(decoding: try JSONSerialization.data(withJSONObject: ["AttachStdout": true, "AttachStderr": true, "Cmd": execArgv, "WorkingDir": "/workspace"]), as: UTF8.self)
         var rawCycles: [Double] = []
         var handsCycles: [Double] = []
         for i in 0...iterations {
-            let r = try EngineBench.rawCycle(raw, create: create)
+            let r = try EngineBench.rawCycle(raw, create: create, exec: execBody)
             let t0 = now()
             let key = TaskKey(session: "bench", task: "c\(i)")
             let result = await hands.execute(key, spec: spec, tool: "bash", input: input)
@@ -55,7 +58,7 @@ enum HandsBench {
         var warm: [Double] = []
         for i in 0...iterations * 2 {
             let t0 = now()
-            let (_, b) = try raw.send("POST", "/v1.41/containers/\(running)/exec", json: #"{"AttachStdout":true,"AttachStderr":true,"Cmd":["sh","-c","true"]}"#)
+            let (_, b) = try raw.send("POST", "/v1.41/containers/\(running)/exec", json: execBody)
             guard let exec = RawUnixHTTP.field("Id", in: b) else { throw RawUnixHTTP.Failure(description: "raw exec failed") }
             _ = try raw.send("POST", "/v1.41/exec/\(exec)/start", json: #"{"Detach":false,"Tty":false}"#)
             _ = try raw.send("GET", "/v1.41/exec/\(exec)/json")
