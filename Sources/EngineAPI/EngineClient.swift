@@ -316,3 +316,53 @@ extension EngineClient {
         return EngineClient(endpoint: endpoint, apiVersion: version.ApiVersion, transport: transport, requestTimeout: requestTimeout)
     }
 }
+
+// MARK: - Images and events
+
+/// `GET /images/{name}/json`: the fields agentd reads.
+public struct ImageInspect: Decodable, Sendable {
+    public var Id: String
+    public var RepoTags: [String]?
+    public var Size: Int?
+    public var Created: String?
+}
+
+/// One record of `GET /events`.
+public struct EngineEvent: Decodable, Sendable {
+    public struct Actor: Decodable, Sendable {
+        public var ID: String?
+        public var Attributes: [String: String]?
+    }
+    public var `Type`: String?
+    public var Action: String?
+    public var Actor: Actor?
+    public var time: Int?
+}
+
+extension EngineClient {
+    /// `GET /images/{name}/json`.
+    /// - Throws: `EngineError` with status 404 (`isNotFound`) for an unknown image.
+    public func inspectImage(_ reference: String) async throws -> ImageInspect {
+        try decode(ImageInspect.self, from: try await call("GET", "/images/\(escape(reference))/json"), what: "image inspect")
+    }
+
+    /// `GET /events?since=…&until=…&filters=…`: the engine's events in a closed time window
+    /// (Unix seconds), e.g. every `die` or `oom` of the containers carrying `labels`.
+    public func events(since: Int, until: Int, labels: [String: String] = [:], types: [String] = []) async throws -> [EngineEvent] {
+        var filters: [String: [String]] = [:]
+        if !labels.isEmpty { filters["label"] = labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" } }
+        if !types.isEmpty { filters["type"] = types }
+        var target = "/events?since=\(since)&until=\(until)"
+        if !filters.isEmpty { target += "&filters=\(escape(String(decoding: try JSONEncoder().encode(filters), as: UTF8.self)))" }
+        let response = try await call("GET", target, timeout: .seconds(Int64(max(5, until - since + 5))))
+        var out: [EngineEvent] = []
+        for line in String(decoding: response.body, as: UTF8.self).split(whereSeparator: \.isNewline) where !line.isEmpty {
+            do {
+                out.append(try JSONDecoder().decode(EngineEvent.self, from: Data(line.utf8)))
+            } catch {
+                throw EngineError(.decoding, "the engine's event stream has a line that is not an event: \(line.prefix(200))", cause: error)
+            }
+        }
+        return out
+    }
+}

@@ -121,6 +121,26 @@ struct EngineAPITests {
         }
     }
 
+    @Test("image inspect, and the engine's events of a labelled container's life")
+    func inspectAndEvents() async throws {
+        let engine = try await Components.engine()
+        let image = try await engine.inspectImage(Components.baseImage)
+        #expect(!image.Id.isEmpty)
+        let missing = await #expect(throws: EngineError.self) { _ = try await engine.inspectImage("agentd-none-\(Components.testID())") }
+        #expect(missing?.isNotFound == true)
+        let id = Components.testID()
+        let since = Int(Date().timeIntervalSince1970) - 1
+        try await ContainerFixture.with(engine, id: id) { container in
+            _ = try await engine.exec(container, command: ["true"])
+        }
+        let until = Int(Date().timeIntervalSince1970) + 1
+        let events = try await engine.events(since: since, until: until, labels: [ContainerFixture.labelKey: id], types: ["container"])
+        let actions = events.compactMap(\.Action)
+        #expect(actions.contains("create"), "\(actions)")
+        #expect(actions.contains("start"), "\(actions)")
+        #expect(actions.contains("remove") || actions.contains("die"), "\(actions)")
+    }
+
     @Test("the multiplexed stream splits at frame boundaries, and a cut frame is reported")
     func demultiplexer() {
         let frames: [UInt8] = [1, 0, 0, 0, 0, 0, 0, 2, 65, 66, 2, 0, 0, 0, 0, 0, 0, 1, 67, 1, 0, 0, 0, 0, 0, 0, 5, 68]
