@@ -10,9 +10,14 @@ final class AgentdProcess: @unchecked Sendable {
     let stateDir: String
     let socket: String
     let logPath: String
+    let policies: String
     private var child: ChildProcess?
 
-    init() throws {
+    /// The running agentd's pid.
+    var pid: pid_t? { child?.pid }
+
+    init(policies: String = AgentdProcess.policiesDirectory) throws {
+        self.policies = policies
         let base = "/tmp/agentd-e2e-\(Components.testID())"
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
         stateDir = base + "/state"
@@ -43,7 +48,7 @@ final class AgentdProcess: @unchecked Sendable {
         }
         _ = try await Components.engine()
         child = try ChildProcess.spawn(
-            [binary, "--state-dir", stateDir, "--socket", socket, "--policies", Self.policiesDirectory] + extraArguments,
+            [binary, "--state-dir", stateDir, "--socket", socket, "--policies", policies] + extraArguments,
             environment: ProcessInfo.processInfo.environment, output: logPath)
         for _ in 0..<200 {
             if (try? await client.get("/v1/health", timeout: .seconds(1))) != nil { return }
@@ -77,8 +82,8 @@ final class AgentdProcess: @unchecked Sendable {
 
 /// Runs `body` with a started agentd, stopping it and removing whatever sandboxes its instance
 /// left afterwards, whatever happens.
-func withAgentd<T>(_ body: (AgentdProcess) async throws -> T) async throws -> T {
-    let agentd = try AgentdProcess()
+func withAgentd<T>(policies: String = AgentdProcess.policiesDirectory, _ body: (AgentdProcess) async throws -> T) async throws -> T {
+    let agentd = try AgentdProcess(policies: policies)
     do {
         try await agentd.start()
         let result = try await body(agentd)
