@@ -28,6 +28,7 @@ test: ## run every test against the real engine and systemd manager
 
 bench: ## print benchmark figures (`name value unit`), baselines first
 	@scripts/env-up >/dev/null
+	$(SWIFT) build -c release --product agentd
 	$(SWIFT) build -c release --product agentd-bench
 	$(WITH_ENV) .build/release/agentd-bench
 

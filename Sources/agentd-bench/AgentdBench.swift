@@ -1,0 +1,118 @@
+import AgentdClient
+import Foundation
+import Policy
+import Runtime
+import SessionLog
+import Hands
+import EngineAPI
+
+/// agentd as a process: idle memory, the cost of idle sessions, execute throughput under load,
+/// and what the API adds over calling the modules in-process.
+enum AgentdBench {
+    static func run(_ report: Reporter) async throws {
+        let binary = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
+            .deletingLastPathComponent().appendingPathComponent("agentd").path
+        guard FileManager.default.isExecutableFile(atPath: binary) else {
+            throw RawUnixHTTP.Failure(description: "agentd is not built next to agentd-bench (\(binary)); `make bench` builds both")
+        }
+        let base = NSTemporaryDirectory() + "agentd-bench-\(getpid())"
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let socket = base + "/agentd.sock"
+        let pid = try spawn([binary, "--state-dir", base + "/state", "--socket", socket, "--policies", "policies", "--log-level", "warning"], log: base + "/agentd.log")
+        defer {
+            kill(pid, SIGTERM)
+            var status: Int32 = 0
+            waitpid(pid, &status, 0)
+        }
+        let client = AgentdClient(socket: socket)
+        for _ in 0..<200 {
+            if (try? await client.get("/v1/health", timeout: .seconds(1))) != nil { break }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        try await Task.sleep(for: .seconds(1))
+        let idle = rssKiB(pid)
+        report.figure("agentd.idle_rss", Double(idle) / 1024, "MiB")
+
+        // 1000 idle sessions.
+        var ids: [String] = []
+        for _ in 0..<20 {
+            ids += try await withThrowingTaskGroup(of: String.self) { group in
+                for _ in 0..<50 { group.addTask { (try await client.post("/v1/sessions", [:])["id"] as? String) ?? "" } }
+                return try await group.reduce(into: [String]()) { $0.append($1) }
+            }
+        }
+        try await Task.sleep(for: .seconds(1))
+        let withSessions = rssKiB(pid)
+        report.figure("agentd.rss_1000_sessions", Double(withSessions) / 1024, "MiB")
+        report.figure("agentd.cost_1000_idle_sessions", Double(withSessions - idle) / 1024, "MiB")
+
+        // Execute throughput: 10 tasks, 10 concurrent callers, 200 calls.
+        let sessions = Array(ids.prefix(10))
+        let t0 = now()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for s in 0..<10 {
+                group.addTask {
+                    for i in 0..<20 {
+                        _ = try await client.post("/v1/sessions/\(sessions[s])/execute", ["tool": "bash", "input": ["command": "echo \(i)"]])
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        report.figure("agentd.execute_throughput", 200 / (now() - t0), "calls/s")
+        for s in sessions { _ = try? await client.post("/v1/sessions/\(s)/tasks/main/end", [:]) }
+
+        // API overhead: a durable checkpoint over the socket vs the same call on an in-process
+        // Runtime over its own journal (same disk).
+        var overApi: [Double] = []
+        for _ in 0..<300 {
+            let t = now()
+            _ = try await client.post("/v1/sessions/\(ids[500])/checkpoint", ["state": ["n": 1]])
+            overApi.append(now() - t)
+        }
+        let store = try await SessionStore.open(directory: base + "/inprocess")
+        let engine = try EngineClient.fromEnvironment()
+        let runtime = Runtime(
+            store: store, hands: HandsManager(driver: ContainerDriver(engine: engine, instance: "benchip"), instance: "benchip"),
+            policies: PolicyStore(directory: "policies"))
+        let session = try await runtime.createSession(policy: nil).id
+        var inProcess: [Double] = []
+        for _ in 0..<300 {
+            let t = now()
+            _ = try await runtime.checkpoint(session, state: Array(#"{"n":1}"#.utf8), epoch: nil)
+            inProcess.append(now() - t)
+        }
+        try await store.close()
+        overApi.sort()
+        inProcess.sort()
+        report.figure("inprocess.checkpoint.p50", percentile(inProcess, 50) * 1e6, "us")
+        report.figure("inprocess.checkpoint.p99", percentile(inProcess, 99) * 1e6, "us")
+        report.figure("api.checkpoint.p50", percentile(overApi, 50) * 1e6, "us")
+        report.figure("api.checkpoint.p99", percentile(overApi, 99) * 1e6, "us")
+        report.figure("api.overhead.p50", (percentile(overApi, 50) - percentile(inProcess, 50)) * 1e6, "us")
+        report.figure("api.overhead.p99", (percentile(overApi, 99) - percentile(inProcess, 99)) * 1e6, "us")
+    }
+
+    static func rssKiB(_ pid: pid_t) -> Int {
+        let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
+        let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+        return Int(line.split(separator: " ").dropFirst().first ?? "") ?? -1
+    }
+
+    static func spawn(_ argv: [String], log: String) throws -> pid_t {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        let args = argv.map { strdup($0) } + [nil]
+        let env = ProcessInfo.processInfo.environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { (args + env).forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, argv[0], &actions, nil, args, env)
+        guard rc == 0 else { throw RawUnixHTTP.Failure(description: "cannot start \(argv[0]): \(String(cString: strerror(rc)))") }
+        return pid
+    }
+}
