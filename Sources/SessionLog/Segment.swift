@@ -19,6 +19,13 @@ final class Mapping: @unchecked Sendable {
     }
 
     deinit { munmap(UnsafeMutableRawPointer(mutating: base), length) }
+
+    /// Drops the pages this process has touched (`madvise(MADV_DONTNEED)`): recovery reads a
+    /// whole preallocated segment, and without this those pages would stay in agentd's RSS.
+    /// The data stays in the page cache; a later read faults it back in.
+    func dropResidentPages() {
+        _ = madvise(UnsafeMutableRawPointer(mutating: base), length, MADV_DONTNEED)
+    }
 }
 
 /// One segment file of the host-wide log, `seg-NNNNNNNNNN.log`.

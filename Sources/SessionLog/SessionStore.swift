@@ -109,6 +109,8 @@ public final class SessionStore: @unchecked Sendable {
         self.activeEnd = activeEnd
         self.activePreallocated = preallocated
         self.lockFD = lockFD
+        // Recovery is done with the mappings it scanned; keep their pages out of our RSS.
+        for segment in segments.values { segment.mapping?.dropResidentPages() }
     }
 
     /// The store's options (`SessionStore.Options(maxEventBytes:segmentBytes:)`).
