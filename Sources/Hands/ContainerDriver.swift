@@ -145,7 +145,7 @@ public struct ContainerDriver: HandsDriver {
 
     public func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {
         let absolute = Self.absolute(path)
-        let directory = EngineClientPath.directory(of: absolute)
+        let directory = EngineClient.split(absolute).directory
         if directory != Self.workspace && directory != "/" {
             let made = try await run(["mkdir", "-p", "--", directory], in: sandbox, workingDirectory: nil, timeout: .seconds(30))
             guard made.exitCode == 0 else {
@@ -229,15 +229,6 @@ public struct ContainerDriver: HandsDriver {
             }
             return HandsError(provisioning ? .provisioning : .invalidRequest, "\(what): \(error.engineMessage ?? error.message)")
         }
-    }
-}
-
-/// Path helpers shared by the drivers.
-enum EngineClientPath {
-    static func directory(of path: String) -> String {
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        let d = String(path[..<slash])
-        return d.isEmpty ? "/" : d
     }
 }
 

@@ -26,25 +26,33 @@ enum SystemdBench {
         report.ratio("systemdbus.transient_run.vs_systemd_run", "systemdbus.transient_run.p50", over: "raw.systemd_run.p50", goal: "informational")
     }
 
-    /// One `systemd-run --wait --pipe true` against the same manager.
-    static func systemdRun(_ address: SystemdAddress) throws -> Double {
+    /// One `systemd-run --wait --pipe [-p …] COMMAND…` against the same manager (`--user` with
+    /// its runtime directory when it is a user manager's private socket); its stdout must be
+    /// `expectedOutput`.
+    static func systemdRun(
+        _ address: SystemdAddress, properties: [String] = [], command: [String] = ["true"], expectedOutput: String = ""
+    ) throws -> Double {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/systemd-run")
         var environment = ProcessInfo.processInfo.environment
+        let arguments = ["--quiet", "--wait", "--pipe"] + properties.flatMap { ["-p", $0] } + command
         if case .address(let text) = address, let range = text.range(of: "/systemd/private") {
             // The user manager's runtime directory is the part before /systemd/private.
             environment["XDG_RUNTIME_DIR"] = String(text[text.index(text.startIndex, offsetBy: "unix:path=".count)..<range.lowerBound])
-            process.arguments = ["--user", "--quiet", "--wait", "--pipe", "true"]
+            process.arguments = ["--user"] + arguments
         } else {
-            process.arguments = ["--quiet", "--wait", "--pipe", "true"]
+            process.arguments = arguments
         }
         process.environment = environment
         process.standardInput = FileHandle.nullDevice
+        let output = Pipe()
+        process.standardOutput = output
         let t0 = now()
         try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw RawUnixHTTP.Failure(description: "systemd-run exited with \(process.terminationStatus)")
+        guard process.terminationStatus == 0, data == Data(expectedOutput.utf8) else {
+            throw RawUnixHTTP.Failure(description: "systemd-run exited with \(process.terminationStatus), output \(String(decoding: data, as: UTF8.self))")
         }
         return now() - t0
     }

@@ -60,28 +60,6 @@ enum UnitBench {
 
     /// One `systemd-run --wait --pipe [-p …] sh -c 'echo hi'` against the same manager.
     static func systemdRunPipe(_ address: SystemdAddress, properties: [String] = []) throws -> Double {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/systemd-run")
-        var environment = ProcessInfo.processInfo.environment
-        let command = ["--quiet", "--wait", "--pipe"] + properties.flatMap { ["-p", $0] } + ["sh", "-c", "echo hi"]
-        if case .address(let text) = address, let range = text.range(of: "/systemd/private") {
-            // The user manager's runtime directory is the part before /systemd/private.
-            environment["XDG_RUNTIME_DIR"] = String(text[text.index(text.startIndex, offsetBy: "unix:path=".count)..<range.lowerBound])
-            process.arguments = ["--user"] + command
-        } else {
-            process.arguments = command
-        }
-        process.environment = environment
-        process.standardInput = FileHandle.nullDevice
-        let output = Pipe()
-        process.standardOutput = output
-        let t0 = now()
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0, data == Data("hi\n".utf8) else {
-            throw RawUnixHTTP.Failure(description: "systemd-run exited with \(process.terminationStatus), output \(String(decoding: data, as: UTF8.self))")
-        }
-        return now() - t0
+        try SystemdBench.systemdRun(address, properties: properties, command: ["sh", "-c", "echo hi"], expectedOutput: "hi\n")
     }
 }
