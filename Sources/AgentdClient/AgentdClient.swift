@@ -43,8 +43,13 @@ public struct AgentdClient: Sendable {
 
     /// Sends a request; a non-2xx answer throws with agentd's own error message.
     public func call(_ method: String, _ path: String, body: Data?, timeout: Duration = .seconds(30)) async throws -> Reply {
-        var request = HTTPRequest(
+        let request = HTTPRequest(
             method: method, target: path, body: body.map { .bytes(Array($0), contentType: "application/json") } ?? .none, timeout: timeout)
+        return try await send(request, path: path)
+    }
+
+    private func send(_ request: HTTPRequest, path: String) async throws -> Reply {
+        var request = request
         if let token { request.headers.append(("Authorization", "Bearer \(token)")) }
         let response: HTTPResponse
         do {
@@ -60,6 +65,17 @@ public struct AgentdClient: Sendable {
                 message: error?["message"] as? String ?? String(decoding: response.body.prefix(500), as: UTF8.self))
         }
         return Reply(status: response.status, json: object)
+    }
+
+    /// Uploads the file at `file` as the body of `POST path` (streamed from the disk, never
+    /// held in memory), calling `progress(sent, total)` as it goes.
+    public func upload(
+        _ path: String, file: String, contentType: String, timeout: Duration = .seconds(3 * 3600),
+        progress: (@Sendable (Int64, Int64) -> Void)? = nil
+    ) async throws -> Reply {
+        var request = HTTPRequest(method: "POST", target: path, body: .file(path: file, contentType: contentType), timeout: timeout)
+        request.onUploadProgress = progress
+        return try await send(request, path: path)
     }
 
     /// Follows server-sent events at `path`, calling `onEvent(type, data)` for each, until the

@@ -166,6 +166,8 @@ private final class RequestContext: @unchecked Sendable {
     let bodyBytes: UnsafeMutableBufferPointer<UInt8>
     var response: [UInt8] = []
     var truncated = false
+    /// The upload byte count last handed to `onUploadProgress` (libcurl calls often).
+    var lastUploadReported: curl_off_t = -1
     let cancelled = Atomic<Bool>(false)
     /// libcurl writes its detailed error message here (`CURLOPT_ERRORBUFFER`).
     let errorBuffer: UnsafeMutablePointer<CChar>
@@ -212,8 +214,14 @@ private func curlReadFile(_ ptr: UnsafeMutablePointer<CChar>?, _ size: Int, _ co
     return fread(ptr, 1, size * count, file)
 }
 
-private func curlProgress(_ userdata: UnsafeMutableRawPointer?, _: curl_off_t, _: curl_off_t, _: curl_off_t, _: curl_off_t) -> Int32 {
+private func curlProgress(
+    _ userdata: UnsafeMutableRawPointer?, _: curl_off_t, _: curl_off_t, _ uploadTotal: curl_off_t, _ uploadNow: curl_off_t
+) -> Int32 {
     guard let userdata else { return 0 }
     let context = Unmanaged<RequestContext>.fromOpaque(userdata).takeUnretainedValue()
+    if let report = context.request.onUploadProgress, uploadTotal > 0, uploadNow != context.lastUploadReported {
+        context.lastUploadReported = uploadNow
+        report(Int64(uploadNow), Int64(uploadTotal))
+    }
     return context.cancelled.load(ordering: .relaxed) ? 1 : 0
 }

@@ -29,6 +29,9 @@ public struct HTTPRequest: Sendable {
     /// When set, the response body is handed over in pieces as it arrives (server-sent events)
     /// instead of being collected; the call returns when the server ends the response.
     public var onData: (@Sendable ([UInt8]) -> Void)?
+    /// When set, called as the request body goes out with (bytes sent, bytes in all), from
+    /// libcurl's thread, several times a second at most: progress of a large upload.
+    public var onUploadProgress: (@Sendable (_ sent: Int64, _ total: Int64) -> Void)?
     public var body: Body
     /// The whole request, connection included, must finish within this.
     public var timeout: Duration

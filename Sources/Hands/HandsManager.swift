@@ -31,6 +31,7 @@ public actor HandsManager {
     private var pool: [SandboxSpec: [SandboxHandle]] = [:]
     private var poolTargets: [SandboxSpec: Int] = [:]
     private var refills: [SandboxSpec: Task<Void, Never>] = [:]
+    private var poolErrors: [SandboxSpec: String] = [:]
 
     public init(
         driver: any HandsDriver, instance: String, logger: Logger = Logger(label: "agentd.hands"),
@@ -153,8 +154,9 @@ public actor HandsManager {
         let inFlight = !provisioning.isEmpty || !refills.isEmpty
         var removed: [String] = []
         for (id, labels) in try await driver.list(instance: instance) where !known.contains(id) {
-            // A sandbox being provisioned right now is not known yet; leave its kind alone.
-            if inFlight && labels[SandboxLabel.session] != nil { continue }
+            // A sandbox being provisioned, pooled or handed from the pool right now is not known
+            // yet; leave those kinds alone while anything is in flight (the next round sees them).
+            if inFlight && (labels[SandboxLabel.session] != nil || labels[SandboxLabel.pool] != nil) { continue }
             try? await driver.destroy(id: id)
             removed.append(id)
             if let session = labels[SandboxLabel.session], let task = labels[SandboxLabel.task] {
@@ -181,10 +183,47 @@ public actor HandsManager {
         scheduleRefill(spec)
     }
 
+    /// Sets every pool's target at once (after a policy change): pools of specs not named, or
+    /// above their new target, give their surplus sandboxes back to the engine.
+    public func setPoolTargets(_ targets: [SandboxSpec: Int]) async {
+        poolTargets = targets.filter { $0.value > 0 }
+        for spec in Array(pool.keys) {
+            let keep = poolTargets[spec] ?? 0
+            guard let list = pool[spec], list.count > keep else { continue }
+            pool[spec] = Array(list.prefix(keep))
+            for s in list.dropFirst(keep) { try? await driver.destroy(s) }
+        }
+        for spec in poolTargets.keys {
+            poolErrors[spec] = nil
+            scheduleRefill(spec)
+        }
+    }
+
+    /// Starts again every refill that stopped short of its target (after an engine error):
+    /// called by the housekeeping loop.
+    public func resumeRefills() {
+        for spec in poolTargets.keys { scheduleRefill(spec) }
+    }
+
     /// Fills every pool to its target now and waits until done.
     public func fillPools() async {
         for spec in poolTargets.keys { scheduleRefill(spec) }
         for task in refills.values { await task.value }
+    }
+
+    /// How one warm pool stands.
+    public struct PoolStatus: Sendable, Equatable {
+        public var target: Int
+        public var ready: Int
+        /// A refill is running now.
+        public var warming: Bool
+        /// Why the last refill stopped short, if it did; the housekeeping loop retries.
+        public var lastError: String?
+    }
+
+    /// The status of the pool of `spec` (target 0 when it has none).
+    public func poolStatus(_ spec: SandboxSpec) -> PoolStatus {
+        PoolStatus(target: poolTargets[spec] ?? 0, ready: pool[spec]?.count ?? 0, warming: refills[spec] != nil, lastError: poolErrors[spec])
     }
 
     public var pooledCount: Int { pool.values.reduce(0) { $0 + $1.count } }
@@ -210,9 +249,17 @@ public actor HandsManager {
         while (pool[spec]?.count ?? 0) < (poolTargets[spec] ?? 0) {
             do {
                 let s = try await driver.provision(spec, labels: [SandboxLabel.pool: "warm"])
+                // The target may have dropped while this one started (a policy edit).
+                guard (pool[spec]?.count ?? 0) < (poolTargets[spec] ?? 0) else {
+                    try? await driver.destroy(s)
+                    return
+                }
                 pool[spec, default: []].append(s)
+                poolErrors[spec] = nil
             } catch {
-                logger.warning("warm pool refill failed", metadata: ["error": "\(error)"])
+                let message = (error as? HandsError)?.message ?? "\(error)"
+                poolErrors[spec] = message
+                logger.warning("warm pool refill failed; retrying from the housekeeping loop", metadata: ["error": "\(message)"])
                 return
             }
         }

@@ -90,6 +90,16 @@ struct PolicyChecker {
             }
         }
 
+        if let hands, let pool, pool.size > 0, let sizeNode = top["pool"]?["size"] {
+            // Pooled sandboxes are made before any session exists: they can hold neither a
+            // session's workspace nor run as units (those start per call).
+            if hands.workspace == .session {
+                error(sizeNode.mark, "pool.size is \(pool.size) but hands.workspace is 'session': a warm sandbox cannot hold a session's workspace, so this pool would never be used; set pool.size: 0 or hands.workspace: task")
+            } else if hands.driver == .unit {
+                error(sizeNode.mark, "pool.size is \(pool.size) but hands.driver is 'unit': unit Hands start per call and are not pooled; set pool.size: 0 or hands.driver: container")
+            }
+        }
+
         var gitOK = true
         let gitValue = git.optional(&gitOK)
         guard gitOK, credentials.valid, routes.valid, let name, let hands, let pool, let network, let brain, let session

@@ -32,6 +32,8 @@ public actor PolicyStore {
     public private(set) var current: PolicySet
     /// Incremented each time a new set is applied; 0 before any.
     public private(set) var generation = 0
+    private var subscribers: [Int: AsyncStream<Int>.Continuation] = [:]
+    private var nextSubscriber = 0
     /// The most recent refusal, cleared by the next successful or unchanged reload.
     public private(set) var lastFailure: Failure?
     private let logger: Logger
@@ -82,11 +84,26 @@ public actor PolicyStore {
         if generation > 0, set.fingerprint == current.fingerprint { return .unchanged }
         current = set
         generation += 1
+        for subscriber in subscribers.values { subscriber.yield(generation) }
         logger.info(
             "policies loaded",
             metadata: ["policy.directory": "\(directory)", "policy.names": "\(set.names.joined(separator: ","))", "policy.generation": "\(generation)"])
         return .applied(generation: generation)
     }
+
+    /// The generations of the policy sets applied from now on, by whichever path (file watch,
+    /// SIGHUP, the API): for parts of agentd that follow the policies (warm pools). A slow
+    /// reader sees the newest generation only.
+    public func changes() -> AsyncStream<Int> {
+        let (stream, continuation) = AsyncStream<Int>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        let id = nextSubscriber
+        nextSubscriber += 1
+        subscribers[id] = continuation
+        continuation.onTermination = { _ in Task { await self.unsubscribe(id) } }
+        return stream
+    }
+
+    private func unsubscribe(_ id: Int) { subscribers[id] = nil }
 
     /// Polls the directory every `interval` and reloads when a policy file was added, removed
     /// or changed (names, sizes and content hashes) since the last reload. Returns when the

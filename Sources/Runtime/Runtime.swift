@@ -51,11 +51,32 @@ public actor Runtime {
     private var sessions: [SessionID: SessionState] = [:]
     private var loading: [SessionID: Task<SessionState, any Error>] = [:]
 
-    public init(store: SessionStore, hands: HandsManager, policies: PolicyStore, logger: Logger = Logger(label: "agentd.runtime")) {
+    /// Where images are imported (the container engine), when there is one.
+    public nonisolated let images: (any ImageImporting)?
+
+    public init(
+        store: SessionStore, hands: HandsManager, policies: PolicyStore, images: (any ImageImporting)? = nil,
+        logger: Logger = Logger(label: "agentd.runtime")
+    ) {
         self.store = store
         self.hands = hands
         self.policies = policies
+        self.images = images
         self.logger = logger
+    }
+
+    // MARK: - images
+
+    /// Imports the root filesystem tarball at `tarball` as image `name` (`repository[:tag]`).
+    public nonisolated func importImage(tarball: String, name: String) async throws -> ImageInfo {
+        guard let images else { throw RuntimeError(.unavailable, "no container engine is configured: set AGENTD_ENGINE or pass --engine") }
+        do {
+            let info = try await images.importImage(tarball: tarball, name: name)
+            logger.info("image imported", metadata: ["image": "\(info.name)", "id": "\(info.id.prefix(19))", "bytes": "\(info.sizeBytes)"])
+            return info
+        } catch let error as HandsError {
+            throw RuntimeError(error.kind == .invalidRequest ? .invalidArgument : .unavailable, error.message)
+        }
     }
 
     // MARK: - sessions
@@ -310,6 +331,32 @@ public actor Runtime {
     static func newSessionID() -> String {
         let alphabet = Array("0123456789abcdefghijklmnopqrstuvwxyz")
         return "s-" + String((0..<16).map { _ in alphabet[Int.random(in: 0..<alphabet.count)] })
+    }
+
+    // MARK: - warm pools
+
+    /// Sets the warm pools to what the policies in force ask (`pool.size` of container
+    /// policies); pools no longer asked for are emptied. Called at start and after every
+    /// policy change.
+    public func applyPoolTargets() async {
+        let set = await policies.current
+        var targets: [SandboxSpec: Int] = [:]
+        for name in set.names {
+            guard let p = set.policy(named: name), p.pool.size > 0, p.hands.driver == .container else { continue }
+            targets[Self.sandboxSpec(p)] = p.pool.size
+        }
+        await hands.setPoolTargets(targets)
+    }
+
+    /// Every policy's warm pool, by policy name (target 0: no pool).
+    public func pools() async -> [(policy: String, status: HandsManager.PoolStatus)] {
+        let set = await policies.current
+        var out: [(policy: String, status: HandsManager.PoolStatus)] = []
+        for name in set.names {
+            guard let p = set.policy(named: name) else { continue }
+            out.append((name, await hands.poolStatus(Self.sandboxSpec(p))))
+        }
+        return out
     }
 
     /// A policy's hands section as the drivers take it.

@@ -61,7 +61,7 @@ enum Route {
     static let patterns = [
         "v1/health", "metrics", "v1/sessions", "v1/sessions/:id", "v1/sessions/:id/events", "v1/sessions/:id/execute",
         "v1/sessions/:id/wake", "v1/sessions/:id/checkpoint", "v1/sessions/:id/snapshot", "v1/sessions/:id/verify",
-        "v1/sessions/:id/tasks/:task/end", "v1/policies", "v1/policies/reload",
+        "v1/sessions/:id/tasks/:task/end", "v1/policies", "v1/policies/reload", "v1/pools", "v1/images",
     ]
 
     /// The captured `:name` segments when `parts` match `pattern`, else nil.
@@ -198,6 +198,22 @@ public struct API: Sendable {
             let had = try await runtime.endTask(id, task: task, epoch: try uint(body["epoch"], "epoch"))
             return JSON.ok(["task": task, "released_sandbox": had])
         }
+        if match("GET", "v1/pools") != nil {
+            let pools = await runtime.pools().map { entry -> [String: Any] in
+                [
+                    "policy": entry.policy, "target": entry.status.target, "ready": entry.status.ready, "warming": entry.status.warming,
+                    "last_error": entry.status.lastError ?? NSNull(),
+                ]
+            }
+            return JSON.ok(["pools": pools])
+        }
+        if match("POST", "v1/images") != nil {
+            guard let file = r.bodyFile, let name = r.query["name"] else {
+                throw BadRequest(message: "POST /v1/images takes the tarball as the body and ?name=REPOSITORY[:TAG]")
+            }
+            let image = try await runtime.importImage(tarball: file, name: name)
+            return JSON.ok(["name": image.name, "id": image.id, "size": image.sizeBytes], status: 201)
+        }
         if match("GET", "v1/policies") != nil {
             return JSON.ok(await policiesJSON())
         }
@@ -211,6 +227,42 @@ public struct API: Sendable {
             return APIError.response(405, "method-not-allowed", "\(r.method) is not allowed on \(r.path)")
         }
         return APIError.response(404, "no-route", "no route \(r.method) \(r.path); see GET /v1/health and the OpenAPI document")
+    }
+
+    // MARK: - uploads
+
+    /// The largest image upload agentd stores.
+    public static let maxUploadBytes: Int64 = 16 << 30
+
+    /// How the server spools image uploads: into `directory`, checked before the body comes
+    /// (a name the engine would refuse, no size given, not enough room on the disk).
+    public static func uploadSpool(directory: String) -> HTTPServer.Spool {
+        HTTPServer.Spool(
+            directory: directory, maxBytes: maxUploadBytes, matches: { method, path in method == "POST" && path == "/v1/images" },
+            preflight: { request in
+                guard let name = request.query["name"] else {
+                    return APIError.response(400, "invalid-argument", "POST /v1/images needs ?name=REPOSITORY[:TAG], e.g. ?name=tools:1.0")
+                }
+                do { _ = try ImageName.parse(name) } catch let e as HandsError { return APIError.response(400, "invalid-argument", e.message) } catch {}
+                guard let length = request.header("content-length").flatMap({ Int64($0) }) else {
+                    return APIError.response(411, "length-required", "an image upload needs Content-Length (send the tarball as a file)")
+                }
+                guard length <= maxUploadBytes else {
+                    return APIError.response(413, "too-large", "the upload is \(length) bytes; agentd takes images up to \(maxUploadBytes) bytes")
+                }
+                var fs = statvfs()
+                if statvfs(directory, &fs) == 0 {
+                    let free = Int64(fs.f_bavail) * Int64(fs.f_frsize)
+                    // Keep room for the journal: never fill the disk with an upload.
+                    let reserve: Int64 = 256 << 20
+                    if length + reserve > free {
+                        return APIError.response(
+                            507, "storage",
+                            "not enough room to store a \(length)-byte upload in \(directory) (\(free) bytes free, \(reserve) kept for the journal)")
+                    }
+                }
+                return nil
+            })
     }
 
     private func health() async -> [String: Any] {

@@ -15,6 +15,9 @@ public struct APIRequest: Sendable {
     public var body: [UInt8]
     /// Who connected over the unix socket (`SO_PEERCRED`), when known.
     public var peer: PeerCredentials?
+    /// For a spooled route: the file holding the body (`body` is then empty). The server
+    /// removes it once the handler has answered.
+    public var bodyFile: String?
 
     public func header(_ name: String) -> String? {
         headers.first { $0.0.caseInsensitiveCompare(name) == .orderedSame }?.1
@@ -72,11 +75,37 @@ public final class HTTPServer: Service, Sendable {
     /// flight finish.
     private let connections = ConnectionRegistry()
 
-    public init(listeners: [Listener], maxBodyBytes: Int = 8 << 20, logger: Logger, handler: @escaping Handler) {
+    private let spool: Spool?
+
+    public init(listeners: [Listener], maxBodyBytes: Int = 8 << 20, spool: Spool? = nil, logger: Logger, handler: @escaping Handler) {
         self.listeners = listeners
         self.maxBodyBytes = maxBodyBytes
+        self.spool = spool
         self.logger = logger
         self.handler = handler
+    }
+
+    /// Requests whose bodies go to a file instead of memory (image uploads): up to `maxBytes`,
+    /// each in a 0600 file under `directory`, removed after the answer (and at start, for
+    /// what a crash left).
+    public struct Spool: Sendable {
+        public var directory: String
+        public var maxBytes: Int64
+        /// Which requests are spooled, by method and path.
+        public var matches: @Sendable (_ method: String, _ path: String) -> Bool
+        /// Checked when the request head arrives, before any of the body is read: an answer
+        /// refuses the upload (bad parameters, no room) without receiving it.
+        public var preflight: @Sendable (APIRequest) -> APIResponse?
+
+        public init(
+            directory: String, maxBytes: Int64, matches: @escaping @Sendable (String, String) -> Bool,
+            preflight: @escaping @Sendable (APIRequest) -> APIResponse?
+        ) {
+            self.directory = directory
+            self.maxBytes = maxBytes
+            self.matches = matches
+            self.preflight = preflight
+        }
     }
 
     /// Returns once every listener is bound (immediately if they already are).
@@ -92,6 +121,11 @@ public final class HTTPServer: Service, Sendable {
     }
 
     public func run() async throws {
+        if let spool {
+            // Uploads a crash cut short are of no use to anyone.
+            try? FileManager.default.removeItem(atPath: spool.directory)
+            try FileManager.default.createDirectory(atPath: spool.directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        }
         typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPPart<HTTPResponseHead, IOData>>
         let group = MultiThreadedEventLoopGroup.singleton
         var bound: [(NIOAsyncChannel<Connection, Never>, String?)] = []
@@ -156,6 +190,8 @@ public final class HTTPServer: Service, Sendable {
                 var head: HTTPRequestHead?
                 var body: [UInt8] = []
                 var tooLarge = false
+                var upload: SpoolFile?
+                defer { upload?.remove() }
                 for try await part in inbound {
                     switch part {
                     case .head(let h):
@@ -163,8 +199,33 @@ public final class HTTPServer: Service, Sendable {
                         head = h
                         body.removeAll(keepingCapacity: true)
                         tooLarge = false
+                        guard let spool, spool.matches(h.method.rawValue, String(h.uri.split(separator: "?").first ?? "")) else { continue }
+                        // A spooled upload: refuse it before its body comes, or open its file.
+                        var refusal: APIResponse?
+                        if let token, !Self.authorized(h.headers["authorization"].first, token: token) {
+                            refusal = APIError.response(401, "unauthorized", "this listener needs `Authorization: Bearer <token>`")
+                        } else if let answer = spool.preflight(Self.request(h, body: [], peer: peer)) {
+                            refusal = answer
+                        } else {
+                            do {
+                                upload = try SpoolFile(directory: spool.directory, maxBytes: spool.maxBytes)
+                            } catch {
+                                refusal = APIError.response(507, "storage", "cannot store the upload: \(error)")
+                            }
+                        }
+                        if let refusal {
+                            // Answer now and close: the client stops sending (it waited for
+                            // `100 Continue`) or its remaining bytes are not read.
+                            try await write(refusal, keepAlive: false, version: h.version, connection: id, to: outbound)
+                            return
+                        }
+                        if h.headers["expect"].first?.lowercased() == "100-continue" {
+                            try await outbound.write(.head(HTTPResponseHead(version: h.version, status: .continue)))
+                        }
                     case .body(let buffer):
-                        if body.count + buffer.readableBytes > maxBodyBytes {
+                        if let file = upload {
+                            file.append(buffer.readableBytesView)
+                        } else if body.count + buffer.readableBytes > maxBodyBytes {
                             tooLarge = true
                         } else {
                             body.append(contentsOf: buffer.readableBytesView)
@@ -174,11 +235,17 @@ public final class HTTPServer: Service, Sendable {
                         let response: APIResponse
                         if let token, !Self.authorized(h.headers["authorization"].first, token: token) {
                             response = APIError.response(401, "unauthorized", "this listener needs `Authorization: Bearer <token>`")
+                        } else if let file = upload, let failure = file.failure {
+                            response = failure
                         } else if tooLarge {
                             response = APIError.response(413, "too-large", "the request body is larger than \(maxBodyBytes) bytes")
                         } else {
-                            response = await handler(Self.request(h, body: body, peer: peer))
+                            var request = Self.request(h, body: body, peer: peer)
+                            request.bodyFile = upload?.close()
+                            response = await handler(request)
                         }
+                        upload?.remove()
+                        upload = nil
                         let keepAlive = h.isKeepAlive && !connections.isShuttingDown
                         try await write(response, keepAlive: keepAlive, version: h.version, connection: id, to: outbound)
                         if !keepAlive { return }
@@ -288,5 +355,62 @@ final class ConnectionRegistry: Sendable {
             return s.open.values.filter { !$0.busy }.map(\.channel)
         }
         for channel in idle { channel.close(promise: nil) }
+    }
+}
+
+/// The file an upload is spooled into. Writes go straight to the file (page cache), never to
+/// memory; the first failure (too large, disk full) is kept and answered at the end.
+final class SpoolFile {
+    let path: String
+    private var fd: Int32
+    private let maxBytes: Int64
+    private var written: Int64 = 0
+    private(set) var failure: APIResponse?
+
+    init(directory: String, maxBytes: Int64) throws {
+        path = directory + "/upload-\(UInt64.random(in: 0...UInt64.max))"
+        fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SpoolError(message: "\(path): \(String(cString: strerror(errno)))") }
+        self.maxBytes = maxBytes
+    }
+
+    struct SpoolError: Error, CustomStringConvertible { let message: String; var description: String { message } }
+
+    func append(_ bytes: ByteBufferView) {
+        guard failure == nil, fd >= 0 else { return }
+        written += Int64(bytes.count)
+        if written > maxBytes {
+            failure = APIError.response(413, "too-large", "the upload is larger than \(maxBytes) bytes")
+            return
+        }
+        let ok = bytes.withContiguousStorageIfAvailable { buffer -> Bool in
+            var offset = 0
+            while offset < buffer.count {
+                let n = write(fd, buffer.baseAddress! + offset, buffer.count - offset)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    return false
+                }
+                offset += n
+            }
+            return true
+        } ?? false
+        if !ok {
+            let reason = String(cString: strerror(errno))
+            failure = APIError.response(507, "storage", "cannot store the upload: \(reason) (after \(written) bytes)")
+        }
+    }
+
+    /// Closes the file and returns its path.
+    func close() -> String {
+        if fd >= 0 { _ = Glibc.close(fd) }
+        fd = -1
+        return path
+    }
+
+    /// Closes and deletes the file.
+    func remove() {
+        _ = close()
+        unlink(path)
     }
 }

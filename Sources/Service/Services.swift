@@ -28,6 +28,7 @@ public struct HandsMaintenance: Service {
                 sinceReconcile += idleCheck
                 if sinceReconcile >= reconcileEvery {
                     sinceReconcile = .zero
+                    await hands.resumeRefills()
                     do { try await hands.reconcile() } catch { logger.info("reconcile skipped", metadata: ["error": "\(error)"]) }
                 }
             }
@@ -37,19 +38,24 @@ public struct HandsMaintenance: Service {
 
 /// Reloads policies when their files change and on SIGHUP; a bad edit is refused (logged,
 /// shown by `GET /v1/policies`) and the last good policy stays in force.
+/// `onChange` runs after every applied change, whatever path reloaded it.
 public struct PolicyReloader: Service {
     let store: PolicyStore
     let logger: Logger
+    let onChange: @Sendable () async -> Void
 
-    public init(store: PolicyStore, logger: Logger) {
+    public init(store: PolicyStore, logger: Logger, onChange: @escaping @Sendable () async -> Void = {}) {
         self.store = store
         self.logger = logger
+        self.onChange = onChange
     }
 
     public func run() async throws {
+        let changes = await store.changes()
         await cancelWhenGracefulShutdown {
             await withDiscardingTaskGroup { group in
                 group.addTask { await store.watch(interval: .seconds(1)) }
+                group.addTask { for await _ in changes { await onChange() } }
                 group.addTask {
                     for await _ in await UnixSignalsSequence(trapping: .sighup) {
                         logger.info("SIGHUP: reloading policies")

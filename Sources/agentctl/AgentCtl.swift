@@ -15,7 +15,38 @@ struct AgentCtl: AsyncParsableCommand {
             """,
         subcommands: [
             SessionCommand.self, Exec.self, Wake.self, Checkpoint.self, Verify.self, TaskCommand.self, Health.self, PolicyCommand.self,
+            ImageCommand.self, PoolCommand.self,
         ])
+
+    /// `agentctl [--socket PATH] [--json] COMMAND …`: the options every command takes may
+    /// also come before the command; they are moved behind it for the parser.
+    static func main() async {
+        await main(hoistingGlobalOptions(Array(CommandLine.arguments.dropFirst())))
+    }
+
+    /// Moves `--socket PATH`, `--socket=PATH` and `--json` given before the first command word
+    /// to the end of the arguments (before a `--`, which ends the options).
+    static func hoistingGlobalOptions(_ arguments: [String]) -> [String] {
+        var global: [String] = []
+        var i = 0
+        while i < arguments.count {
+            let a = arguments[i]
+            if a == "--json" || a.hasPrefix("--socket=") {
+                global.append(a)
+                i += 1
+            } else if a == "--socket", i + 1 < arguments.count {
+                global += [a, arguments[i + 1]]
+                i += 2
+            } else {
+                break
+            }
+        }
+        guard !global.isEmpty, i < arguments.count else { return arguments }
+        var rest = Array(arguments[i...])
+        let end = rest.firstIndex(of: "--") ?? rest.count
+        rest.insert(contentsOf: global, at: end)
+        return rest
+    }
 }
 
 /// Options every command that talks to agentd takes.
@@ -37,9 +68,14 @@ func guarded(_ body: () async throws -> Void) async throws {
     do {
         try await body()
     } catch let error as AgentdClientError {
-        FileHandle.standardError.write(Data("agentctl: \(error.message)\n".utf8))
-        throw ExitCode.failure
+        throw agentctlFailure(error.message)
     }
+}
+
+/// Prints `message` on stderr as agentctl's error and returns exit status 1 to throw.
+func agentctlFailure(_ message: String) -> ExitCode {
+    FileHandle.standardError.write(Data("agentctl: \(message)\n".utf8))
+    return .failure
 }
 
 func printJSONObject(_ object: Any) {

@@ -33,6 +33,8 @@ enum AgentdBench {
         try await Task.sleep(for: .seconds(1))
         let idle = rssKiB(pid)
         report.figure("agentd.idle_rss", Double(idle) / 1024, "MiB")
+        let idleAnon = rssKiB(pid, field: "RssAnon:")
+        report.figure("agentd.idle_rss_anon", Double(idleAnon) / 1024, "MiB")
 
         // 1000 idle sessions.
         var ids: [String] = []
@@ -46,6 +48,7 @@ enum AgentdBench {
         let withSessions = rssKiB(pid)
         report.figure("agentd.rss_1000_sessions", Double(withSessions) / 1024, "MiB")
         report.figure("agentd.cost_1000_idle_sessions", Double(withSessions - idle) / 1024, "MiB")
+        report.figure("agentd.cost_1000_idle_sessions_anon", Double(rssKiB(pid, field: "RssAnon:") - idleAnon) / 1024, "MiB")
 
         // Execute throughput: 10 tasks, 10 concurrent callers, 200 calls.
         let sessions = Array(ids.prefix(10))
@@ -94,9 +97,11 @@ enum AgentdBench {
         report.figure("api.overhead.p99", (percentile(overApi, 99) - percentile(inProcess, 99)) * 1e6, "us")
     }
 
-    static func rssKiB(_ pid: pid_t) -> Int {
+    /// A figure of `/proc/PID/status` in KiB: `VmRSS:` (all resident pages) by default,
+    /// `RssAnon:` for the process's private memory alone.
+    static func rssKiB(_ pid: pid_t, field: String = "VmRSS:") -> Int {
         let status = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)) ?? ""
-        let line = status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") } ?? ""
+        let line = status.split(separator: "\n").first { $0.hasPrefix(field) } ?? ""
         return Int(line.split(separator: " ").dropFirst().first ?? "") ?? -1
     }
 

@@ -104,13 +104,9 @@ struct AgentD: AsyncParsableCommand {
         let hands = HandsManager(
             driver: DriverRouter(drivers), instance: instance, logger: Logger(label: "agentd.hands"),
             onEvent: { await recorder.forward($0) })
-        for name in set.names {
-            if let p = set.policy(named: name), p.pool.size > 0, p.hands.driver == .container {
-                await hands.setPoolSize(p.pool.size, for: Runtime.sandboxSpec(p))
-            }
-        }
-
-        let runtime = Runtime(store: store, hands: hands, policies: policyStore, logger: Logger(label: "agentd.runtime"))
+        let runtime = Runtime(
+            store: store, hands: hands, policies: policyStore, images: ContainerDriver(engine: client, instance: instance),
+            logger: Logger(label: "agentd.runtime"))
         await recorder.attach(runtime)
         do {
             let removed = try await hands.reconcile()
@@ -118,6 +114,8 @@ struct AgentD: AsyncParsableCommand {
         } catch {
             logger.warning("reconcile at start failed", metadata: ["error": "\(error)"])
         }
+        // Pools start after reconcile: their first sandboxes are not orphans to remove.
+        await runtime.applyPoolTargets()
         let api = API(runtime: runtime, metrics: Metrics(), logger: Logger(label: "agentd.api"))
 
         // Socket activation: systemd passes the listening socket (units/agentd.socket).
@@ -134,15 +132,18 @@ struct AgentD: AsyncParsableCommand {
         if inherited.isEmpty {
             try FileManager.default.createDirectory(atPath: (socket as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         }
-        let server = HTTPServer(listeners: listeners, logger: Logger(label: "agentd.http")) { await api.handle($0) }
+        let server = HTTPServer(
+            listeners: listeners, spool: API.uploadSpool(directory: stateDir + "/uploads"), logger: Logger(label: "agentd.http")
+        ) { await api.handle($0) }
 
         let group = ServiceGroup(
             configuration: .init(
                 services: [
                     .init(service: server),
                     .init(service: HandsMaintenance(hands: hands, logger: logger)),
-                    .init(service: PolicyReloader(store: policyStore, logger: logger)),
+                    .init(service: PolicyReloader(store: policyStore, logger: logger) { await runtime.applyPoolTargets() }),
                     .init(service: SystemdReadiness(server: server, status: "serving \(set.names.count) policies", logger: logger)),
+                    .init(service: StartupTrimService(server: server, logger: logger)),
                 ],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))

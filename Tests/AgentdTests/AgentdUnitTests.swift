@@ -36,16 +36,6 @@ struct AgentdUnitTests {
         }
     }
 
-    /// Polls `condition` until it holds or `limit` passes.
-    func eventually(_ limit: Duration = .seconds(20), _ condition: () async throws -> Bool) async rethrows -> Bool {
-        let deadline = ContinuousClock.now + limit
-        while ContinuousClock.now < deadline {
-            if try await condition() { return true }
-            try? await Task.sleep(for: .milliseconds(100))
-        }
-        return try await condition()
-    }
-
     /// Runs `body`, then stops the units and resets their failure state, whatever happens.
     func withUnits(_ manager: SystemdManager, _ units: [String], _ body: () async throws -> Void) async throws {
         do {

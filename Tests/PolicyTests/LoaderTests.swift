@@ -44,7 +44,7 @@ import Testing
                   outputLimit: 64KiB
                   workspace: session
                   ulimits: {nofile: 2048, nproc: 100}
-                pool: {size: 2}
+                pool: {size: 0}
                 network:
                   mode: proxy
                   allowHosts: [Example.COM, "*.pypi.org", "registry.npmjs.org:443"]
@@ -119,6 +119,20 @@ import Testing
         #expect(
             errors(minimal("hands:\n  commandTimeout: 25h\n"))
                 == ["t.yaml:6:19: hands.commandTimeout: 25h is above the maximum of 24h"])
+    }
+
+    @Test func poolsThatCouldNeverBeUsedAreRefused() {
+        #expect(
+            errors(minimal("hands:\n  workspace: session\npool:\n  size: 2\n"))
+                == [
+                    "t.yaml:8:9: pool.size is 2 but hands.workspace is 'session': a warm sandbox cannot hold a session's workspace, so this pool would never be used; set pool.size: 0 or hands.workspace: task"
+                ])
+        #expect(
+            errors(minimal("hands:\n  driver: unit\npool:\n  size: 1\n"))
+                == [
+                    "t.yaml:8:9: pool.size is 1 but hands.driver is 'unit': unit Hands start per call and are not pooled; set pool.size: 0 or hands.driver: container"
+                ])
+        #expect(throws: Never.self) { try policy(minimal("hands:\n  workspace: session\npool:\n  size: 0\n")) }
     }
 
     @Test func badUnits() {

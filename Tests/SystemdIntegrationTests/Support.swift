@@ -40,15 +40,6 @@ func runTool(_ argv: [String]) async throws -> (status: Int32, output: String) {
     return (code, text)
 }
 
-/// Polls `condition` every 100 ms until it holds or `timeout` passes.
-func eventually(_ timeout: Duration = .seconds(10), _ condition: () async throws -> Bool) async rethrows -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return true }
-        try? await Task.sleep(for: .milliseconds(100))
-    }
-    return try await condition()
-}
 
 struct Failure: Error, CustomStringConvertible {
     let description: String

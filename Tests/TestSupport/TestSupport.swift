@@ -164,3 +164,14 @@ public final class PrivateEngine: @unchecked Sendable {
 
     deinit { stop() }
 }
+
+/// Polls `condition` every 100 ms until it holds or `timeout` passes (then checks it once
+/// more): for state that another process changes on its own time.
+public func eventually(_ timeout: Duration = .seconds(20), _ condition: () async throws -> Bool) async rethrows -> Bool {
+    let deadline = ContinuousClock.now + timeout
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try? await Task.sleep(for: .milliseconds(100))
+    }
+    return try await condition()
+}
