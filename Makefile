@@ -26,11 +26,11 @@ test: ## run every test against the real engine and systemd manager
 	$(WITH_ENV) $(SWIFT) build --build-tests
 	$(WITH_ENV) scripts/test
 
-bench: ## print benchmark figures (`name value unit`), baselines first
+bench: ## print benchmark figures (`name value unit`), baselines first; AREAS="agentd journal" for some
 	@scripts/env-up >/dev/null
 	$(SWIFT) build -c release --product agentd
 	$(SWIFT) build -c release --product agentd-bench
-	$(WITH_ENV) .build/release/agentd-bench
+	$(WITH_ENV) .build/release/agentd-bench $(AREAS)
 
 soak: ## the journal crash test with 1000 kill -9 cycles
 	$(SWIFT) build --build-tests

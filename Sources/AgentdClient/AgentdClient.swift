@@ -30,6 +30,8 @@ public struct AgentdClient: Sendable {
         // Invariant: `json` is built from JSONSerialization output and never mutated.
         public let status: Int
         public let json: [String: Any]
+        /// The body as text (for answers that are not JSON).
+        public let text: String
         public subscript(key: String) -> Any? { json[key] }
     }
 
@@ -64,7 +66,13 @@ public struct AgentdClient: Sendable {
                 status: response.status, code: error?["code"] as? String ?? "http",
                 message: error?["message"] as? String ?? String(decoding: response.body.prefix(500), as: UTF8.self))
         }
-        return Reply(status: response.status, json: object)
+        return Reply(status: response.status, json: object, text: String(decoding: response.body, as: UTF8.self))
+    }
+
+    /// The body of `GET path` as text (`/metrics`).
+    public func text(_ path: String, timeout: Duration = .seconds(30)) async throws -> String {
+        let reply = try await send(HTTPRequest(method: "GET", target: path, timeout: timeout), path: path)
+        return reply.text
     }
 
     /// Uploads the file at `file` as the body of `POST path` (streamed from the disk, never

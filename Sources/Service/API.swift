@@ -103,8 +103,13 @@ public struct API: Sendable {
             response = APIError.response(for: error)
         }
         metrics.observeRequest(seconds: (ContinuousClock.now - started).seconds, status: response.status)
+        var metadata: Logger.Metadata = ["method": "\(request.method)", "path": "\(request.path)", "status": "\(response.status)"]
+        if let peer = request.peer { metadata["peer"] = "\(peer)" }
         if response.status >= 500 {
-            logger.warning("request failed", metadata: ["method": "\(request.method)", "path": "\(request.path)", "status": "\(response.status)"])
+            logger.warning("request failed", metadata: metadata)
+        } else if request.method != "GET" {
+            // Who changed what: every request that changes state, with the caller's pid/uid/gid.
+            logger.info("request", metadata: metadata)
         }
         return response
     }

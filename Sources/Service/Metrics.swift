@@ -1,24 +1,15 @@
 import Foundation
 import Runtime
+import SessionLog
 import Synchronization
 
 /// Prometheus metrics, rendered in the text exposition format at `GET /metrics`.
 public final class Metrics: Sendable {
-    private struct Histogram {
-        static let bounds: [Double] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
-        var counts = [UInt64](repeating: 0, count: bounds.count)
-        var sum = 0.0
-        var count: UInt64 = 0
-        mutating func observe(_ v: Double) {
-            for (i, b) in Self.bounds.enumerated() where v <= b { counts[i] += 1 }
-            sum += v
-            count += 1
-        }
-    }
+    private static let latencyBounds: [Double] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
     private struct State {
-        var execute = Histogram()
+        var execute = Distribution(bounds: latencyBounds)
         var executeErrors: UInt64 = 0
-        var requests = Histogram()
+        var requests = Distribution(bounds: latencyBounds)
         var requestsByStatus: [Int: UInt64] = [:]
     }
     private let state = Mutex(State())
@@ -49,9 +40,9 @@ public final class Metrics: Sendable {
         func counter(_ name: String, _ help: String, _ value: UInt64) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) counter\n\(name) \(value)\n"
         }
-        func histogram(_ name: String, _ help: String, _ h: Histogram) {
+        func histogram(_ name: String, _ help: String, _ h: Distribution) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) histogram\n"
-            for (i, b) in Histogram.bounds.enumerated() { out += "\(name)_bucket{le=\"\(b)\"} \(h.counts[i])\n" }
+            for (i, b) in h.bounds.enumerated() { out += "\(name)_bucket{le=\"\(b)\"} \(h.cumulativeCounts[i])\n" }
             out += "\(name)_bucket{le=\"+Inf\"} \(h.count)\n\(name)_sum \(h.sum)\n\(name)_count \(h.count)\n"
         }
         gauge("agentd_sessions", "Sessions in the journal.", Double(runtime.store.sessions().count))
@@ -63,6 +54,8 @@ public final class Metrics: Sendable {
         counter("agentd_journal_records_total", "Records made durable in the journal.", stats.records)
         counter("agentd_journal_syncs_total", "Group commits (one fdatasync each); records/syncs is the mean batch size.", stats.syncs)
         counter("agentd_journal_bytes_total", "Bytes written to the journal.", stats.bytesWritten)
+        histogram("agentd_journal_sync_seconds", "Time of each group commit: its write and its fdatasync.", stats.syncSeconds)
+        histogram("agentd_journal_batch_records", "Records per group commit (one fdatasync).", stats.batchSizes)
         gauge(
             "agentd_journal_batch_size_mean", "Mean records per fdatasync since start.",
             stats.syncs == 0 ? 0 : Double(stats.records) / Double(stats.syncs))

@@ -311,12 +311,16 @@ public final class SessionStore: @unchecked Sendable {
             buffer.removeAll(keepingCapacity: true)
             for p in batch { buffer.append(contentsOf: p.bytes) }
             do {
+                let started = ContinuousClock.now
                 let (segment, start) = try writeDurably(buffer)
+                let took = ContinuousClock.now - started
                 var woken: [UnsafeContinuation<Void, Never>] = []
                 lock.lock()
                 stats.records += UInt64(batch.count)
                 stats.syncs += 1
                 stats.bytesWritten += UInt64(buffer.count)
+                stats.syncSeconds.observe(Double(took.components.seconds) + Double(took.components.attoseconds) / 1e18)
+                stats.batchSizes.observe(Double(batch.count))
                 var offset = start
                 for p in batch {
                     let loc = RecordLoc(segment: segment, length: UInt32(p.bytes.count), offset: offset)

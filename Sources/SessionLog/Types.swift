@@ -166,4 +166,29 @@ public struct SessionStoreStatistics: Sendable {
     public var syncs: UInt64 = 0
     /// Bytes written to the log.
     public var bytesWritten: UInt64 = 0
+    /// Seconds each group commit took (its write and its fdatasync).
+    public var syncSeconds = Distribution(bounds: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1])
+    /// Records per group commit.
+    public var batchSizes = Distribution(bounds: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+}
+
+/// Observations counted into cumulative buckets (`value <= bound`), with their sum: what a
+/// Prometheus histogram shows.
+public struct Distribution: Sendable, Equatable {
+    public let bounds: [Double]
+    /// Per bound, how many observations were at most that bound.
+    public private(set) var cumulativeCounts: [UInt64]
+    public private(set) var sum = 0.0
+    public private(set) var count: UInt64 = 0
+
+    public init(bounds: [Double]) {
+        self.bounds = bounds
+        cumulativeCounts = [UInt64](repeating: 0, count: bounds.count)
+    }
+
+    public mutating func observe(_ value: Double) {
+        for (i, bound) in bounds.enumerated() where value <= bound { cumulativeCounts[i] += 1 }
+        sum += value
+        count += 1
+    }
 }

@@ -1,12 +1,20 @@
 import EngineAPI
+import Foundation
 
-// agentd-bench: prints one figure per line, `name value unit`. Each area prints its raw
-// baselines first, then agentd's figures and their ratios to those baselines (same run).
+// agentd-bench [AREA…]: prints one figure per line, `name value unit`. Each area prints its
+// raw baselines first, then agentd's figures and their ratios to those baselines (same run).
+// Areas: engine hands systemd unit agentd journal (default: all, in that order).
 CurlTransport.globalInit()
 let report = Reporter()
-try await EngineBench.run(report)
-try await HandsBench.run(report)
-try await SystemdBench.run(report)
-try await UnitBench.run(report)
-try await AgentdBench.run(report)
-try await JournalBench.run(report)
+let areas: [(String, (Reporter) async throws -> Void)] = [
+    ("engine", EngineBench.run), ("hands", HandsBench.run), ("systemd", SystemdBench.run), ("unit", UnitBench.run),
+    ("agentd", AgentdBench.run), ("journal", JournalBench.run),
+]
+let asked = Array(CommandLine.arguments.dropFirst())
+if let unknown = asked.first(where: { name in !areas.contains { $0.0 == name } }) {
+    FileHandle.standardError.write(Data("agentd-bench: unknown area '\(unknown)'; the areas are \(areas.map(\.0).joined(separator: " "))\n".utf8))
+    exit(2)
+}
+for (name, run) in areas where asked.isEmpty || asked.contains(name) {
+    try await run(report)
+}

@@ -196,6 +196,33 @@ struct EndToEndTests {
             #expect(types.contains("tool.result"))
         }
     }
+
+    @Test("/metrics shows sessions, sandboxes, execute latency and the journal's fsync latency and batch sizes")
+    func metrics() async throws {
+        try await withAgentd { agentd in
+            let c = agentd.client
+            let id = try #require(try await c.post("/v1/sessions", [:])["id"] as? String)
+            _ = try await exec(c, id, "bash", ["command": "echo measured"])
+            _ = try await exec(c, id, "bash", ["command": "exit 3"])
+            let text = try await c.text("/metrics")
+            func value(_ series: String) -> Double? {
+                text.split(separator: "\n").first { $0.hasPrefix(series + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") }
+            }
+            #expect(value("agentd_sessions") == 1)
+            #expect(value("agentd_sandboxes_live") == 1)
+            #expect(value("agentd_execute_seconds_count") == 2)
+            #expect(value("agentd_execute_errors_total") == 1)
+            // The session's events so far: created, two intents, a provisioning, two results.
+            let records = try #require(value("agentd_journal_records_total"))
+            let syncs = try #require(value("agentd_journal_syncs_total"))
+            #expect(records >= 6 && syncs >= 1 && syncs <= records)
+            #expect(value("agentd_journal_sync_seconds_count") == syncs)
+            #expect((value("agentd_journal_sync_seconds_sum") ?? 0) > 0)
+            #expect(value("agentd_journal_batch_records_sum") == records)
+            #expect(value("agentd_journal_batch_records_bucket{le=\"+Inf\"}") == syncs)
+            #expect(text.contains("# TYPE agentd_journal_sync_seconds histogram"))
+        }
+    }
 }
 
 actor Acknowledged {
