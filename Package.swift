@@ -22,6 +22,7 @@ let package = Package(
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/modelcontextprotocol/swift-sdk", exact: "0.12.1"),
     ],
     targets: [
         // C libraries, each behind one system library target with typed shims for variadic calls.
@@ -86,6 +87,14 @@ let package = Package(
 
         .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["CurlHTTP"], swiftSettings: strict),
+        .target(
+            name: "AgentdMCP",
+            dependencies: [
+                "AgentdClient",
+                .product(name: "MCP", package: "swift-sdk"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
 
         // Executables: wiring only.
         .executableTarget(
@@ -100,7 +109,8 @@ let package = Package(
         .executableTarget(
             name: "agentctl",
             dependencies: [
-                "AgentdClient", "CurlHTTP", "Policy",
+                "AgentdClient", "AgentdMCP", "CurlHTTP", "Policy",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strict),

@@ -148,3 +148,65 @@ final class SSEParser: @unchecked Sendable {
         }
     }
 }
+
+/// A tool that every session's Hands serve, as `GET /v1/tools` lists it.
+public struct ToolDescription: Sendable {
+    public let name: String
+    public let description: String
+    /// The input's JSON Schema, as JSON text.
+    public let inputSchema: Data
+}
+
+/// A tool call's result. A tool's own failure (a failing command, a missing file, a dead
+/// sandbox) is a result with `isError`, not a thrown error.
+public struct ExecuteResult: Sendable {
+    public let output: String
+    public let isError: Bool
+    /// The command's exit code, for `bash`.
+    public let exitCode: Int?
+    /// agentd's whole answer (with the journal sequence numbers and `replayed`).
+    public let reply: AgentdClient.Reply
+}
+
+extension AgentdClient {
+    /// `/v1/sessions/ID`, with the id percent-encoded.
+    public static func sessionPath(_ session: String) -> String {
+        "/v1/sessions/\(session.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? session)"
+    }
+
+    /// The tools sessions serve, with their input schemas (`GET /v1/tools`; makes no sandbox).
+    public func tools() async throws -> [ToolDescription] {
+        let reply = try await get("/v1/tools")
+        return try ((reply["tools"] as? [[String: Any]]) ?? []).map { tool in
+            ToolDescription(
+                name: tool["name"] as? String ?? "", description: tool["description"] as? String ?? "",
+                inputSchema: try JSONSerialization.data(withJSONObject: tool["input_schema"] ?? [:], options: [.sortedKeys]))
+        }
+    }
+
+    /// execute(name, input): agentd journals the intent, runs `tool` on the task's sandbox
+    /// (provisioned on demand) and journals the result.
+    /// - Parameters:
+    ///   - input: the tool's input, a JSON object.
+    ///   - task: the task within the session; each task has its own sandbox.
+    ///   - epoch: the lease epoch from `wake`; agentd refuses a stale one.
+    ///   - idempotencyKey: a retried call with the same key gets the first call's result.
+    /// - Throws: `AgentdClientError` when agentd refuses the call (unknown session 404, bad
+    ///   input 400, stale epoch 409, too large 413) or cannot be reached.
+    public func execute(
+        session: String, tool: String, input: Data, task: String = "main", epoch: UInt64? = nil, idempotencyKey: String? = nil
+    ) async throws -> ExecuteResult {
+        guard let object = (try? JSONSerialization.jsonObject(with: input)) as? [String: Any] else {
+            throw AgentdClientError(
+                status: 0, code: "invalid-argument", message: #"the input of \#(tool) must be a JSON object, e.g. {"command": "ls"}"#)
+        }
+        var body: [String: Any] = ["tool": tool, "input": object, "task": task]
+        if let epoch { body["epoch"] = epoch }
+        if let idempotencyKey { body["idempotency_key"] = idempotencyKey }
+        let reply = try await post(Self.sessionPath(session) + "/execute", body)
+        let result = reply["result"] as? [String: Any] ?? [:]
+        return ExecuteResult(
+            output: result["output"] as? String ?? "", isError: (result["is_error"] as? Bool) == true,
+            exitCode: (result["exit_code"] as? NSNumber)?.intValue, reply: reply)
+    }
+}

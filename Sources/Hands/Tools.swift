@@ -16,29 +16,75 @@ public struct ToolResult: Sendable, Codable, Equatable {
     public static func error(_ message: String) -> ToolResult { ToolResult(output: message, isError: true) }
 }
 
-/// A tool call decoded and checked against the tool's input schema.
-public enum ToolCall: Sendable, Equatable {
-    case bash(command: String, timeout: Duration?, cwd: String?)
-    case readFile(path: String, base64: Bool)
-    case writeFile(path: String, contents: [UInt8])
-    case listFiles(path: String)
+/// One field of a tool's input: what its JSON Schema says and what `ToolCall.decode` enforces.
+public struct ToolField: Sendable {
+    public enum Kind: Sendable, Equatable {
+        case string
+        /// A string that is one of these values.
+        case oneOf([String])
+        /// A number of seconds, above 0 and at most `max`.
+        case seconds(max: Int)
+    }
 
-    /// The tools every Hands driver serves, with their inputs.
-    public static let catalog: [(name: String, input: String, summary: String)] = [
-        ("bash", #"{"command": string, "timeout_s"?: number, "cwd"?: string}"#, "run a shell command in the task's sandbox"),
-        ("read_file", #"{"path": string, "encoding"?: "utf8"|"base64"}"#, "read a file (relative paths are under /workspace)"),
-        ("write_file", #"{"path": string, "content": string, "encoding"?: "utf8"|"base64"}"#, "write a file, creating directories"),
-        ("list_files", #"{"path"?: string}"#, "list a directory (default /workspace)"),
-    ]
+    public let name: String
+    public let kind: Kind
+    public let required: Bool
+    public let description: String
 
-    /// Decodes `input` (a JSON object) for tool `name`.
-    /// - Throws: `HandsError.invalidRequest` saying which field is missing or wrong and what
-    ///   the tool takes.
-    public static func decode(name: String, input: [UInt8]) throws -> ToolCall {
-        guard let tool = catalog.first(where: { $0.name == name }) else {
-            throw HandsError(.invalidRequest, "unknown tool '\(name)'; the tools are \(catalog.map(\.name).joined(separator: ", "))")
+    public init(_ name: String, _ kind: Kind, required: Bool = false, _ description: String) {
+        self.name = name
+        self.kind = kind
+        self.required = required
+        self.description = description
+    }
+
+    /// The field's JSON Schema.
+    var schema: [String: Any] {
+        switch kind {
+        case .string: ["type": "string", "description": description]
+        case .oneOf(let values): ["type": "string", "enum": values, "description": description]
+        case .seconds(let max): ["type": "number", "exclusiveMinimum": 0, "maximum": max, "description": description]
         }
-        let usage = "\(name) takes \(tool.input)"
+    }
+
+    /// The field in a one-line usage: `"timeout_s"?: number`.
+    var usage: String {
+        let type =
+            switch kind {
+            case .string: "string"
+            case .oneOf(let values): values.map { "\"\($0)\"" }.joined(separator: "|")
+            case .seconds: "number"
+            }
+        return "\"\(name)\"\(required ? "" : "?"): \(type)"
+    }
+}
+
+/// A tool every Hands driver serves: its name, what it does, and its input fields — the one
+/// source of the catalog (`GET /v1/tools`, MCP's `tools/list`) and of the decoder's checks.
+public struct ToolSpec: Sendable {
+    public let name: String
+    public let description: String
+    public let fields: [ToolField]
+
+    /// The input's JSON Schema, ready for `JSONSerialization`:
+    /// `{"type": "object", "properties": {…}, "required": […], "additionalProperties": false}`.
+    public var inputSchema: [String: Any] {
+        [
+            "type": "object",
+            "properties": Dictionary(uniqueKeysWithValues: fields.map { ($0.name, $0.schema) }),
+            "required": fields.filter(\.required).map(\.name),
+            "additionalProperties": false,
+        ]
+    }
+
+    /// The input in one line, for error messages: `{"command": string, "timeout_s"?: number}`.
+    public var usage: String { "{" + fields.map(\.usage).joined(separator: ", ") + "}" }
+
+    /// Parses `input` and checks it against the fields: required ones present, each of its
+    /// type, no other.
+    /// - Throws: `HandsError.invalidRequest` naming the field and saying what the tool takes.
+    func check(_ input: [UInt8]) throws -> [String: Any] {
+        let usage = "\(name) takes \(usage)"
         let object: [String: Any]
         do {
             guard let o = try JSONSerialization.jsonObject(with: Data(input.isEmpty ? Array("{}".utf8) : input)) as? [String: Any] else {
@@ -50,60 +96,96 @@ public enum ToolCall: Sendable, Equatable {
         } catch {
             throw HandsError(.invalidRequest, "\(name): input is not valid JSON (\(error.localizedDescription)); \(usage)")
         }
-        func string(_ key: String, required: Bool) throws -> String? {
-            guard let value = object[key] else {
-                if required { throw HandsError(.invalidRequest, "\(name): missing field '\(key)'; \(usage)") }
-                return nil
+        for field in fields {
+            guard let value = object[field.name] else {
+                if field.required { throw HandsError(.invalidRequest, "\(name): missing field '\(field.name)'; \(usage)") }
+                continue
             }
-            guard let s = value as? String else { throw HandsError(.invalidRequest, "\(name): field '\(key)' must be a string; \(usage)") }
-            return s
-        }
-        func base64(_ encoding: String?) throws -> Bool {
-            switch encoding {
-            case nil, "utf8", "utf-8": return false
-            case "base64": return true
-            case let other?: throw HandsError(.invalidRequest, "\(name): encoding '\(other)' is not one of utf8, base64")
-            }
-        }
-        let known: Set<String>
-        let call: ToolCall
-        switch name {
-        case "bash":
-            known = ["command", "timeout_s", "cwd"]
-            let command = try string("command", required: true)!
-            var timeout: Duration?
-            if let t = object["timeout_s"] {
-                guard let n = t as? NSNumber, !(String(describing: type(of: t)).contains("Boolean") || type(of: t) == Bool.self), n.doubleValue > 0, n.doubleValue <= 86400 else {
-                    throw HandsError(.invalidRequest, "bash: timeout_s must be a number of seconds between 0 and 86400")
+            switch field.kind {
+            case .string:
+                guard value is String else { throw HandsError(.invalidRequest, "\(name): field '\(field.name)' must be a string; \(usage)") }
+            case .oneOf(let values):
+                guard let s = value as? String, values.contains(s) else {
+                    throw HandsError(.invalidRequest, "\(name): \(field.name) '\(value)' is not one of \(values.joined(separator: ", "))")
                 }
-                timeout = .milliseconds(Int64(n.doubleValue * 1000))
-            }
-            let cwd = try string("cwd", required: false)
-            if let cwd, cwd.isEmpty { throw HandsError(.invalidRequest, "bash: cwd must not be empty") }
-            call = .bash(command: command, timeout: timeout, cwd: cwd)
-        case "read_file":
-            known = ["path", "encoding"]
-            call = .readFile(path: try checkedPath(try string("path", required: true)!, tool: name), base64: try base64(try string("encoding", required: false)))
-        case "write_file":
-            known = ["path", "content", "encoding"]
-            let path = try checkedPath(try string("path", required: true)!, tool: name)
-            let content = try string("content", required: true)!
-            if try base64(try string("encoding", required: false)) {
-                guard let data = Data(base64Encoded: content) else {
-                    throw HandsError(.invalidRequest, "write_file: content is not valid base64")
+            case .seconds(let max):
+                guard let n = value as? NSNumber, !isBoolean(value), n.doubleValue > 0, n.doubleValue <= Double(max) else {
+                    throw HandsError(.invalidRequest, "\(name): \(field.name) must be a number of seconds between 0 and \(max)")
                 }
-                call = .writeFile(path: path, contents: Array(data))
-            } else {
-                call = .writeFile(path: path, contents: Array(content.utf8))
             }
-        default:
-            known = ["path"]
-            call = .listFiles(path: try checkedPath(try string("path", required: false) ?? ContainerDriver.workspace, tool: name))
         }
-        if let extra = object.keys.sorted().first(where: { !known.contains($0) }) {
+        if let extra = object.keys.sorted().first(where: { key in !fields.contains { $0.name == key } }) {
             throw HandsError(.invalidRequest, "\(name): unknown field '\(extra)'; \(usage)")
         }
-        return call
+        return object
+    }
+
+    /// True for a JSON `true`/`false` from JSONSerialization (`is Bool` holds for every
+    /// NSNumber on Linux).
+    private func isBoolean(_ value: Any) -> Bool { String(describing: type(of: value)).contains("Boolean") || type(of: value) == Bool.self }
+}
+
+/// A tool call decoded and checked against the tool's input schema.
+public enum ToolCall: Sendable, Equatable {
+    case bash(command: String, timeout: Duration?, cwd: String?)
+    case readFile(path: String, base64: Bool)
+    case writeFile(path: String, contents: [UInt8])
+    case listFiles(path: String)
+
+    /// The tools every Hands driver serves.
+    public static let catalog: [ToolSpec] = [
+        ToolSpec(
+            name: "bash",
+            description: "Run a shell command (sh -c) in the task's sandbox; returns stdout, then stderr, then the exit code when it is not 0.",
+            fields: [
+                ToolField("command", .string, required: true, "the shell command"),
+                ToolField("timeout_s", .seconds(max: 86400), "seconds before the command is killed (capped by the policy)"),
+                ToolField("cwd", .string, "working directory (default /workspace)"),
+            ]),
+        ToolSpec(
+            name: "read_file", description: "Read a file from the task's sandbox (relative paths are under /workspace).",
+            fields: [
+                ToolField("path", .string, required: true, "the file to read"),
+                ToolField("encoding", .oneOf(["utf8", "base64"]), "utf8 (default) or base64 for binary files"),
+            ]),
+        ToolSpec(
+            name: "write_file", description: "Write a file in the task's sandbox, creating its directories (relative paths are under /workspace).",
+            fields: [
+                ToolField("path", .string, required: true, "the file to write"),
+                ToolField("content", .string, required: true, "the file's content"),
+                ToolField("encoding", .oneOf(["utf8", "base64"]), "how content is encoded: utf8 (default) or base64"),
+            ]),
+        ToolSpec(
+            name: "list_files", description: "List a directory of the task's sandbox (ls -lA).",
+            fields: [ToolField("path", .string, "the directory (default /workspace)")]),
+    ]
+
+    /// Decodes `input` (a JSON object) for tool `name`.
+    /// - Throws: `HandsError.invalidRequest` saying which field is missing or wrong and what
+    ///   the tool takes.
+    public static func decode(name: String, input: [UInt8]) throws -> ToolCall {
+        guard let tool = catalog.first(where: { $0.name == name }) else {
+            throw HandsError(.invalidRequest, "unknown tool '\(name)'; the tools are \(catalog.map(\.name).joined(separator: ", "))")
+        }
+        // `check` has made sure that required fields are there and that each has its type.
+        let object = try tool.check(input)
+        switch name {
+        case "bash":
+            let cwd = object["cwd"] as? String
+            if let cwd, cwd.isEmpty { throw HandsError(.invalidRequest, "bash: cwd must not be empty") }
+            let timeout = (object["timeout_s"] as? NSNumber).map { Duration.milliseconds(Int64($0.doubleValue * 1000)) }
+            return .bash(command: object["command"] as! String, timeout: timeout, cwd: cwd)
+        case "read_file":
+            return .readFile(path: try checkedPath(object["path"] as! String, tool: name), base64: object["encoding"] as? String == "base64")
+        case "write_file":
+            let path = try checkedPath(object["path"] as! String, tool: name)
+            let content = object["content"] as! String
+            guard object["encoding"] as? String == "base64" else { return .writeFile(path: path, contents: Array(content.utf8)) }
+            guard let data = Data(base64Encoded: content) else { throw HandsError(.invalidRequest, "write_file: content is not valid base64") }
+            return .writeFile(path: path, contents: Array(data))
+        default:
+            return .listFiles(path: try checkedPath(object["path"] as? String ?? ContainerDriver.workspace, tool: name))
+        }
     }
 
     private static func checkedPath(_ path: String, tool: String) throws -> String {

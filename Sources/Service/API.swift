@@ -59,7 +59,7 @@ enum JSON {
 enum Route {
     /// Every route of the API, for telling 405 (known path, other method) from 404.
     static let patterns = [
-        "v1/health", "metrics", "v1/sessions", "v1/sessions/:id", "v1/sessions/:id/events", "v1/sessions/:id/execute",
+        "v1/health", "v1/tools", "metrics", "v1/sessions", "v1/sessions/:id", "v1/sessions/:id/events", "v1/sessions/:id/execute",
         "v1/sessions/:id/wake", "v1/sessions/:id/checkpoint", "v1/sessions/:id/snapshot", "v1/sessions/:id/verify",
         "v1/sessions/:id/tasks/:task/end", "v1/policies", "v1/policies/reload", "v1/pools", "v1/images",
     ]
@@ -122,6 +122,9 @@ public struct API: Sendable {
         }
         if match("GET", "v1/health") != nil {
             return JSON.ok(await health())
+        }
+        if match("GET", "v1/tools") != nil {
+            return JSON.ok(["tools": ToolCall.catalog.map { ["name": $0.name, "description": $0.description, "input_schema": $0.inputSchema] }])
         }
         if match("GET", "metrics") != nil {
             return APIResponse(status: 200, headers: [("content-type", "text/plain; version=0.0.4")], body: .bytes(Array(await metrics.exposition(runtime).utf8)))

@@ -15,7 +15,7 @@ struct AgentCtl: AsyncParsableCommand {
             """,
         subcommands: [
             SessionCommand.self, Exec.self, Wake.self, Checkpoint.self, Verify.self, TaskCommand.self, Health.self, PolicyCommand.self,
-            ImageCommand.self, PoolCommand.self,
+            ImageCommand.self, PoolCommand.self, Mcp.self,
         ])
 
     /// `agentctl [--socket PATH] [--json] COMMAND …`: the options every command takes may
@@ -191,20 +191,13 @@ struct Exec: AsyncParsableCommand {
     @Option(help: "Idempotency key: a retried call with the same key returns the first result.") var idempotencyKey: String?
 
     func run() async throws {
-        guard let parsed = try? JSONSerialization.jsonObject(with: Data(input.utf8)), parsed is [String: Any] else {
-            throw ValidationError("INPUT must be a JSON object, e.g. '{\"command\": \"ls\"}'")
-        }
         var failed = false
         try await guarded {
-            var body: [String: Any] = ["tool": tool, "input": parsed, "task": task]
-            if let epoch { body["epoch"] = epoch }
-            if let idempotencyKey { body["idempotency_key"] = idempotencyKey }
-            let reply = try await options.client.post("/v1/sessions/\(escapePath(id))/execute", body)
-            let result = reply["result"] as? [String: Any] ?? [:]
-            failed = (result["is_error"] as? Bool) == true
-            if options.json { return printJSONObject(reply.json) }
-            let output = result["output"] as? String ?? ""
-            print(output, terminator: output.hasSuffix("\n") ? "" : "\n")
+            let result = try await options.client.execute(
+                session: id, tool: tool, input: Data(input.utf8), task: task, epoch: epoch, idempotencyKey: idempotencyKey)
+            failed = result.isError
+            if options.json { return printJSONObject(result.reply.json) }
+            print(result.output, terminator: result.output.hasSuffix("\n") ? "" : "\n")
         }
         if failed { throw ExitCode.failure }
     }

@@ -17,7 +17,7 @@ struct APIContractTests {
         let text = try String(contentsOfFile: Self.documentPath, encoding: .utf8)
         let document = try #require(try Yams.load(yaml: text) as? [String: Any])
         let paths = try #require(document["paths"] as? [String: Any])
-        #expect(paths.count >= 13)
+        #expect(paths.count >= 14)
         try await withAgentd { agentd in
             let c = agentd.client
             let session = try #require(try await c.post("/v1/sessions", [:])["id"] as? String)
@@ -37,9 +37,27 @@ struct APIContractTests {
                     }
                 }
             }
-            #expect(checked >= 14)
+            #expect(checked >= 15)
             // A path the document does not list is no route at all.
             #expect(await Self.status(c, "GET", "/v1/sessions/\(session)/nothing", body: nil) == 404)
+        }
+    }
+
+    @Test("GET /v1/tools lists the tools the document's execute takes, each with an object JSON Schema")
+    func toolsMatchExecute() async throws {
+        let text = try String(contentsOfFile: Self.documentPath, encoding: .utf8)
+        let document = try #require(try Yams.load(yaml: text) as? [String: Any])
+        let execute = try #require(((document["paths"] as? [String: Any])?["/v1/sessions/{id}/execute"] as? [String: Any])?["post"] as? [String: Any])
+        let schema = try #require(
+            ((((execute["requestBody"] as? [String: Any])?["content"] as? [String: Any])?["application/json"] as? [String: Any])?["schema"] as? [String: Any]))
+        let documented = try #require(((schema["properties"] as? [String: Any])?["tool"] as? [String: Any])?["enum"] as? [String])
+        let tools = try await withAgentd { agentd in try await agentd.client.tools() }
+        #expect(tools.map(\.name).sorted() == documented.sorted())
+        for tool in tools {
+            let inputSchema = try #require(try JSONSerialization.jsonObject(with: tool.inputSchema) as? [String: Any])
+            #expect(inputSchema["type"] as? String == "object", "\(tool.name)")
+            #expect(inputSchema["additionalProperties"] as? Bool == false, "\(tool.name)")
+            #expect(!tool.description.isEmpty, "\(tool.name)")
         }
     }
 
