@@ -137,7 +137,7 @@ let package = Package(
         .testTarget(name: "SystemdIntegrationTests", dependencies: ["SystemdBus", "TestSupport", "notify-probe"], swiftSettings: strict),
         .testTarget(
             name: "AgentdTests",
-            dependencies: ["AgentdClient", "EngineAPI", "SystemdBus", "TestSupport", .product(name: "Yams", package: "Yams")],
+            dependencies: ["AgentdClient", "EngineAPI", "SystemdBus", "Service", "TestSupport", .product(name: "Yams", package: "Yams")],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
     ]

@@ -38,17 +38,35 @@ public enum StartupTrim {
     /// - Returns: how many mappings were advised and their total size in bytes.
     @discardableResult
     public static func run() -> (mappings: Int, bytes: UInt) {
-        // Read to the end: a single sized read of /proc/self/maps returns one page only.
-        guard let data = FileManager.default.contents(atPath: "/proc/self/maps") else { return (0, 0) }
+        guard let maps = readToEnd("/proc/self/maps") else { return (0, 0) }
         var count = 0
         var bytes: UInt = 0
-        for m in codeMappings(String(decoding: data, as: UTF8.self)) {
+        for m in codeMappings(maps) {
             if madvise(UnsafeMutableRawPointer(bitPattern: m.start), Int(m.end - m.start), MADV_DONTNEED) == 0 {
                 count += 1
                 bytes += m.end - m.start
             }
         }
         return (count, bytes)
+    }
+}
+
+extension StartupTrim {
+    /// The whole of a `/proc` file: it reports size 0 and hands out a page per read, so read
+    /// until `read` says the end (Foundation's file readers stop after the first page).
+    static func readToEnd(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 64 << 10)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            bytes += chunk[..<n]
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 }
 
