@@ -197,6 +197,32 @@ struct EndToEndTests {
         }
     }
 
+    @Test("SIGTERM: the execute in flight finishes and is answered, agentd exits 0, no sandbox stays, the journal has the result")
+    func gracefulStop() async throws {
+        let agentd = try AgentdProcess()
+        try await agentd.start()
+        let c = agentd.client
+        let id = try #require(try await c.post("/v1/sessions", [:])["id"] as? String)
+        _ = try await exec(c, id, "bash", ["command": "echo warm"])
+        let slow = Task { try await exec(c, id, "bash", ["command": "sleep 2; echo finished after the stop began"], key: "slow") }
+        // Stop once the call is running (its intent is journaled).
+        #expect(await eventually(.seconds(20)) { ((try? await events(c, id)) ?? []).filter { $0["type"] as? String == "tool.intent" }.count == 2 })
+        let stopping = Task.detached { agentd.stop() }
+        let answer = try await slow.value
+        #expect(result(answer).output == "finished after the stop began\n")
+        #expect(await stopping.value == 0, "agentd's exit status; log: \(agentd.log)")
+        #expect(try await sandboxes(agentd.instance) == 0)
+
+        try await agentd.start()
+        defer { agentd.stop() }
+        let all = try await events(c, id)
+        #expect(all.filter { $0["type"] as? String == "tool.result" }.count == 2)
+        #expect(!all.contains { $0["type"] as? String == "tool.interrupted" })
+        // The same key after the restart: answered from the journal, not run again.
+        let again = try await exec(c, id, "bash", ["command": "sleep 2; echo finished after the stop began"], key: "slow")
+        #expect(again["replayed"] as? Bool == true)
+    }
+
     @Test("/metrics shows sessions, sandboxes, execute latency and the journal's fsync latency and batch sizes")
     func metrics() async throws {
         try await withAgentd { agentd in
