@@ -7,11 +7,18 @@ import Foundation
 struct AgentCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "agentctl",
-        abstract: "Control agentd: sessions, tool calls, leases, verification, policies.",
+        abstract: "Control agentd: sessions, tool calls, leases, verification, policies, images, pools, MCP.",
         discussion: """
             Talks to agentd over its unix socket (--socket, or $AGENTD_SOCKET, default /run/agentd/agentd.sock). \
-            Every command takes --json for machine-readable output. Shell completion: \
-            `agentctl --generate-completion-script bash|zsh|fish`.
+            Every command takes --json for machine-readable output; --socket and --json may also come before \
+            the command (agentctl --json session list). Errors go to stderr with what to do, exit status 1. \
+            Shell completion: `agentctl --generate-completion-script bash|zsh|fish`.
+
+            A session from start to end:
+              id=$(agentctl session create)            # no sandbox yet
+              agentctl exec $id bash '{"command": "uname -a"}'
+              agentctl session events $id --follow      # live timeline
+              agentctl task end $id                     # the sandbox goes
             """,
         subcommands: [
             SessionCommand.self, Exec.self, Wake.self, Checkpoint.self, Verify.self, TaskCommand.self, Health.self, PolicyCommand.self,
