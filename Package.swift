@@ -32,6 +32,7 @@ let package = Package(
 
         // Leaf modules.
         .target(name: "Blocking", swiftSettings: strict),
+        .target(name: "JSONValues", swiftSettings: strict),
         .target(name: "CurlHTTP", dependencies: ["CCurl", "Blocking"], swiftSettings: strict),
         .target(
             name: "EngineAPI",
@@ -67,7 +68,7 @@ let package = Package(
 
         .target(
             name: "Runtime",
-            dependencies: ["SessionLog", "Hands", "Policy", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["SessionLog", "Hands", "Policy", "JSONValues", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
 
         .target(
