@@ -89,6 +89,10 @@ let package = Package(
         .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["CurlHTTP"], swiftSettings: strict),
         .target(
+            name: "Brain",
+            dependencies: ["AgentdClient", "CurlHTTP", "JSONValues", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
+        .target(
             name: "AgentdMCP",
             dependencies: [
                 "AgentdClient",
