@@ -114,7 +114,7 @@ let package = Package(
         .executableTarget(
             name: "agentctl",
             dependencies: [
-                "AgentdClient", "AgentdMCP", "CurlHTTP", "Policy",
+                "AgentdClient", "AgentdMCP", "Brain", "CurlHTTP", "Policy",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
