@@ -142,7 +142,13 @@ let package = Package(
         .testTarget(name: "SystemdIntegrationTests", dependencies: ["SystemdBus", "TestSupport", "notify-probe"], swiftSettings: strict),
         .testTarget(
             name: "AgentdTests",
-            dependencies: ["AgentdClient", "EngineAPI", "SystemdBus", "Service", "TestSupport", .product(name: "Yams", package: "Yams")],
+            dependencies: [
+                "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "TestSupport",
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
     ]
