@@ -118,7 +118,8 @@ public struct AnthropicClient: Model {
             var type: String
             var role: String
             var content: [ContentBlock]
-            var stop_reason: String?
+            var stopReason: String?
+            enum CodingKeys: String, CodingKey { case type, role, content, stopReason = "stop_reason" }
         }
         guard let decoded = try? JSONDecoder().decode(Response.self, from: Data(response.body)), decoded.type == "message",
             decoded.role == "assistant"
@@ -128,7 +129,7 @@ public struct AnthropicClient: Model {
                 "the model API at \(baseURL) answered 200 but not with an assistant message: \(key.redact(String(decoding: response.body.prefix(300), as: UTF8.self)))"
             )
         }
-        return ModelTurn(content: decoded.content, stopReason: decoded.stop_reason)
+        return ModelTurn(content: decoded.content, stopReason: decoded.stopReason)
     }
 
     /// The error for a non-200 answer, wrapped in `Retryable` when another attempt may succeed.

@@ -12,23 +12,26 @@ public enum ContentBlock: Sendable, Hashable, Codable {
     case other(JSONValue)
 
     public init(from decoder: any Decoder) throws {
-        let value = try JSONValue(from: decoder)
+        self = Self.block(try JSONValue(from: decoder))
+    }
+
+    /// The block `value` is; a block of another type, or one missing a field, stays `.other`.
+    private static func block(_ value: JSONValue) -> ContentBlock {
         switch value["type"]?.stringValue {
         case "text":
-            guard let text = value["text"]?.stringValue else { self = .other(value); return }
-            self = .text(text)
+            if let text = value["text"]?.stringValue { return .text(text) }
         case "tool_use":
-            guard let id = value["id"]?.stringValue, let name = value["name"]?.stringValue else { self = .other(value); return }
-            self = .toolUse(id: id, name: name, input: value["input"] ?? .object([:]))
-        case "tool_result":
-            guard let id = value["tool_use_id"]?.stringValue, let content = value["content"]?.stringValue else {
-                self = .other(value)
-                return
+            if let id = value["id"]?.stringValue, let name = value["name"]?.stringValue {
+                return .toolUse(id: id, name: name, input: value["input"] ?? .object([:]))
             }
-            self = .toolResult(toolUseID: id, content: content, isError: value["is_error"] == .bool(true))
+        case "tool_result":
+            if let id = value["tool_use_id"]?.stringValue, let content = value["content"]?.stringValue {
+                return .toolResult(toolUseID: id, content: content, isError: value["is_error"] == .bool(true))
+            }
         default:
-            self = .other(value)
+            break
         }
+        return .other(value)
     }
 
     public func encode(to encoder: any Encoder) throws {

@@ -40,10 +40,11 @@ public struct ScriptedModel: Model {
         }
         struct Turn: Decodable {
             var content: [ContentBlock]
-            var stop_reason: String?
+            var stopReason: String?
+            enum CodingKeys: String, CodingKey { case content, stopReason = "stop_reason" }
         }
         do {
-            turns = try JSONDecoder().decode([Turn].self, from: data).map { ModelTurn(content: $0.content, stopReason: $0.stop_reason) }
+            turns = try JSONDecoder().decode([Turn].self, from: data).map { ModelTurn(content: $0.content, stopReason: $0.stopReason) }
         } catch {
             throw BrainError(
                 .badScript,
