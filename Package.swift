@@ -32,6 +32,7 @@ let package = Package(
 
         // Leaf modules.
         .target(name: "Blocking", swiftSettings: strict),
+        .target(name: "JSONValues", swiftSettings: strict),
         .target(name: "CurlHTTP", dependencies: ["CCurl", "Blocking"], swiftSettings: strict),
         .target(
             name: "EngineAPI",
@@ -67,7 +68,7 @@ let package = Package(
 
         .target(
             name: "Runtime",
-            dependencies: ["SessionLog", "Hands", "Policy", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["SessionLog", "Hands", "Policy", "JSONValues", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
 
         .target(
@@ -87,6 +88,10 @@ let package = Package(
 
         .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["CurlHTTP"], swiftSettings: strict),
+        .target(
+            name: "Brain",
+            dependencies: ["AgentdClient", "CurlHTTP", "JSONValues", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict),
         .target(
             name: "AgentdMCP",
             dependencies: [
@@ -109,7 +114,7 @@ let package = Package(
         .executableTarget(
             name: "agentctl",
             dependencies: [
-                "AgentdClient", "AgentdMCP", "CurlHTTP", "Policy",
+                "AgentdClient", "AgentdMCP", "Brain", "CurlHTTP", "Policy",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -137,7 +142,13 @@ let package = Package(
         .testTarget(name: "SystemdIntegrationTests", dependencies: ["SystemdBus", "TestSupport", "notify-probe"], swiftSettings: strict),
         .testTarget(
             name: "AgentdTests",
-            dependencies: ["AgentdClient", "EngineAPI", "SystemdBus", "Service", "TestSupport", .product(name: "Yams", package: "Yams")],
+            dependencies: [
+                "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "TestSupport",
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
     ]

@@ -1,4 +1,5 @@
 import Foundation
+import JSONValues
 
 /// The event types agentd writes to a session's journal, and their payloads (JSON objects
 /// with snake_case keys). The journal's own types (`agentd.lease`, `agentd.checkpoint`) come
@@ -63,46 +64,6 @@ struct HandsEventPayload: Codable {
 
 struct TaskEnded: Codable {
     var task: String
-}
-
-/// Any JSON value, kept as it came (tool inputs are journaled verbatim).
-public enum JSONValue: Codable, Sendable, Equatable {
-    case null
-    case bool(Bool)
-    case number(Double)
-    case string(String)
-    case array([JSONValue])
-    case object([String: JSONValue])
-
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.singleValueContainer()
-        if c.decodeNil() { self = .null }
-        else if let b = try? c.decode(Bool.self) { self = .bool(b) }
-        else if let n = try? c.decode(Double.self) { self = .number(n) }
-        else if let s = try? c.decode(String.self) { self = .string(s) }
-        else if let a = try? c.decode([JSONValue].self) { self = .array(a) }
-        else { self = .object(try c.decode([String: JSONValue].self)) }
-    }
-
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.singleValueContainer()
-        switch self {
-        case .null: try c.encodeNil()
-        case .bool(let b): try c.encode(b)
-        case .number(let n): try c.encode(n)
-        case .string(let s): try c.encode(s)
-        case .array(let a): try c.encode(a)
-        case .object(let o): try c.encode(o)
-        }
-    }
-
-    /// Parses JSON text.
-    public static func parse(_ bytes: [UInt8]) throws -> JSONValue {
-        try JSONDecoder().decode(JSONValue.self, from: Data(bytes))
-    }
-
-    /// Compact JSON text.
-    public var bytes: [UInt8] { Array((try? JSONCoding.encoder.encode(self)) ?? Data("null".utf8)) }
 }
 
 enum JSONCoding {

@@ -1,5 +1,6 @@
 import Foundation
 import Hands
+import JSONValues
 import Logging
 import Policy
 import SessionLog
@@ -136,7 +137,7 @@ public actor Runtime {
         }
         let inputValue: JSONValue
         do {
-            inputValue = try JSONValue.parse(input.isEmpty ? Array("{}".utf8) : input)
+            inputValue = try JSONValue(data: Data(input.isEmpty ? Array("{}".utf8) : input))
         } catch {
             throw RuntimeError(.invalidArgument, "input must be a JSON object: \(error.localizedDescription)")
         }

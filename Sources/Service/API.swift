@@ -289,7 +289,10 @@ public struct API: Sendable {
         return [
             "policies": set.names.map { name -> [String: Any] in
                 let p = set.policy(named: name)
-                return ["name": name, "sha256": p?.sha256 ?? "", "file": p?.sourcePath ?? "", "driver": p?.hands.driver.rawValue ?? ""]
+                return [
+                    "name": name, "sha256": p?.sha256 ?? "", "file": p?.sourcePath ?? "", "driver": p?.hands.driver.rawValue ?? "",
+                    "brain": ["retries": p?.brain.retries ?? 0, "backoff_s": p?.brain.backoffSeconds ?? 0],
+                ]
             },
             "generation": await store.generation,
             "errors": await store.lastErrors.map(\.description),

@@ -22,7 +22,7 @@ struct AgentCtl: AsyncParsableCommand {
             """,
         subcommands: [
             SessionCommand.self, Exec.self, Wake.self, Checkpoint.self, Verify.self, TaskCommand.self, Health.self, PolicyCommand.self,
-            ImageCommand.self, PoolCommand.self, Mcp.self,
+            ImageCommand.self, PoolCommand.self, Mcp.self, Run.self,
         ])
 
     /// `agentctl [--socket PATH] [--json] COMMAND …`: the options every command takes may

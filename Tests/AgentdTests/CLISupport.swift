@@ -9,18 +9,15 @@ struct CLIRun {
 }
 
 /// Runs the built `agentctl` with `arguments` (talking to `socket` through $AGENTD_SOCKET when
-/// given) and waits for it, at most `timeout`: a hang is killed and reported as status -9.
-func runAgentctl(_ arguments: [String], socket: String? = nil, timeout: Duration = .seconds(120)) async throws -> CLIRun {
-    let binary = Components.buildProductsDirectory.appendingPathComponent("agentctl").path
-    guard FileManager.default.isExecutableFile(atPath: binary) else {
-        throw Components.Missing(description: "agentctl is not built at \(binary); `swift build` builds it (make test does)")
-    }
+/// given, with `environment` added to the test's own) and waits for it, at most `timeout`: a
+/// hang is killed and reported as status -9.
+func runAgentctl(
+    _ arguments: [String], socket: String? = nil, environment: [String: String] = [:], timeout: Duration = .seconds(120)
+) async throws -> CLIRun {
     let process = Process()
-    process.executableURL = URL(fileURLWithPath: binary)
+    process.executableURL = URL(fileURLWithPath: try agentctlBinary())
     process.arguments = arguments
-    var environment = ProcessInfo.processInfo.environment
-    if let socket { environment["AGENTD_SOCKET"] = socket }
-    process.environment = environment
+    process.environment = agentctlEnvironment(socket: socket, adding: environment)
     // Output goes to files: pipes could fill up and stall a chatty child.
     let base = NSTemporaryDirectory() + "agentctl-\(Components.testID())"
     _ = FileManager.default.createFile(atPath: base + ".out", contents: nil)
@@ -45,6 +42,22 @@ func runAgentctl(_ arguments: [String], socket: String? = nil, timeout: Duration
     }
     let read = { (path: String) in (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
     return CLIRun(status: status, stdout: read(base + ".out"), stderr: read(base + ".err"))
+}
+
+/// The built `agentctl`.
+func agentctlBinary() throws -> String {
+    let binary = Components.buildProductsDirectory.appendingPathComponent("agentctl").path
+    guard FileManager.default.isExecutableFile(atPath: binary) else {
+        throw Components.Missing(description: "agentctl is not built at \(binary); `swift build` builds it (make test does)")
+    }
+    return binary
+}
+
+/// The test's environment with $AGENTD_SOCKET set to `socket` (when given) and `extra` added.
+func agentctlEnvironment(socket: String?, adding extra: [String: String] = [:]) -> [String: String] {
+    var environment = ProcessInfo.processInfo.environment.merging(extra) { $1 }
+    if let socket { environment["AGENTD_SOCKET"] = socket }
+    return environment
 }
 
 /// A copy of the repository's shipped policies in a fresh directory, `edit` applied to the

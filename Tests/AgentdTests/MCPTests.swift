@@ -139,10 +139,7 @@ final class MCPProcess: @unchecked Sendable {
     }
 
     static func start(session: String, socket: String, arguments: [String] = []) throws -> MCPProcess {
-        let binary = Components.buildProductsDirectory.appendingPathComponent("agentctl").path
-        guard FileManager.default.isExecutableFile(atPath: binary) else {
-            throw Components.Missing(description: "agentctl is not built at \(binary); `swift build` builds it")
-        }
+        let binary = try agentctlBinary()
         // Close-on-exec everywhere, so that no other child (agentd) holds a pipe open.
         var fds: [[Int32]] = []
         for _ in 0..<3 {
