@@ -25,8 +25,8 @@ public struct RetryPolicy: Sendable, Hashable {
 ///
 /// Errors: the API's error object (`{"type": "error", "error": {"type", "message"}}`) becomes a
 /// `BrainError` saying what to do; rate limits (429), overload (529), server errors (5xx) and
-/// transport failures are retried with exponential backoff, the rest fail at once.
-/// `retry-after` is not read (the transport does not return headers): the backoff decides.
+/// transport failures are retried with exponential backoff, the rest fail at once. A
+/// `retry-after` header (seconds) lengthens the wait to what the API asks, up to five minutes.
 public struct AnthropicClient: Model {
     /// The API's default address.
     public static let defaultBaseURL = "https://api.anthropic.com"
@@ -65,25 +65,37 @@ public struct AnthropicClient: Model {
         while true {
             attempt += 1
             let failure: BrainError
+            var asked: Duration?
             do {
                 return try await send(body)
             } catch let error as Retryable {
                 failure = error.error
+                asked = error.retryAfter
             }
             guard attempt <= retry.retries else {
                 throw BrainError(
                     .modelAPI, "\(failure.message) — gave up after \(attempt) attempts (policy brain.retries: \(retry.retries))",
                     cause: failure)
             }
-            let delay = retry.delay(before: attempt)
+            let delay = max(retry.delay(before: attempt), min(asked ?? .zero, Self.longestRetryAfter))
             logger.info("\(failure.message); retry \(attempt) of \(retry.retries) in \(delay)")
             try await Task.sleep(for: delay)
         }
     }
 
-    /// A failure worth trying again.
+    /// A failure worth trying again, with the wait the API asked for (`retry-after`).
     private struct Retryable: Error {
         let error: BrainError
+        var retryAfter: Duration? = nil
+    }
+
+    /// The longest `retry-after` honoured: beyond it the policy's backoff decides.
+    static let longestRetryAfter: Duration = .seconds(300)
+
+    /// `retry-after` in its delay-seconds form (the HTTP-date form is left to the backoff).
+    static func retryAfter(_ value: String?) -> Duration? {
+        guard let value, let seconds = Double(value.trimmingCharacters(in: .whitespaces)), seconds >= 0, seconds.isFinite else { return nil }
+        return .milliseconds(Int(seconds * 1000))
     }
 
     private func requestBody(system: String, messages: [Message], tools: [ToolDescription]) throws -> [UInt8] {
@@ -113,7 +125,14 @@ public struct AnthropicClient: Model {
             throw Retryable(error: BrainError(.modelAPI, "calling the model API failed: \(key.redact(error.message))", cause: error))
         }
         let answer = try? JSONValue(data: Data(response.body))
-        guard response.status == 200 else { throw failure(status: response.status, answer: answer, raw: response.body) }
+        guard response.status == 200 else {
+            let error = failure(status: response.status, answer: answer, raw: response.body)
+            if var retryable = error as? Retryable {
+                retryable.retryAfter = Self.retryAfter(response.header("retry-after"))
+                throw retryable
+            }
+            throw error
+        }
         struct Response: Decodable {
             var type: String
             var role: String

@@ -86,6 +86,8 @@ public final class CurlTransport: HTTPTransport, @unchecked Sendable {
         let unmanaged = Unmanaged.passUnretained(context).toOpaque()
         ccurl_easy_setopt_data_callback(h, CURLOPT_WRITEFUNCTION, curlWrite)
         ccurl_easy_setopt_pointer(h, CURLOPT_WRITEDATA, unmanaged)
+        ccurl_easy_setopt_data_callback(h, CURLOPT_HEADERFUNCTION, curlHeader)
+        ccurl_easy_setopt_pointer(h, CURLOPT_HEADERDATA, unmanaged)
         ccurl_easy_setopt_long(h, CURLOPT_NOPROGRESS, 0)
         ccurl_easy_setopt_xferinfo_callback(h, curlProgress)
         ccurl_easy_setopt_pointer(h, CURLOPT_XFERINFODATA, unmanaged)
@@ -122,7 +124,7 @@ public final class CurlTransport: HTTPTransport, @unchecked Sendable {
         guard code == CURLE_OK else { throw transportError(code, detail: detail, request: request) }
         var status = 0
         ccurl_easy_getinfo_long(h, CURLINFO_RESPONSE_CODE, &status)
-        return HTTPResponse(status: status, body: context.response, truncated: context.truncated)
+        return HTTPResponse(status: status, body: context.response, truncated: context.truncated, headers: context.headers)
     }
 
     private func transportError(_ code: CURLcode, detail: String, request: HTTPRequest) -> HTTPClientError {
@@ -166,6 +168,8 @@ private final class RequestContext: @unchecked Sendable {
     let bodyBytes: UnsafeMutableBufferPointer<UInt8>
     var response: [UInt8] = []
     var truncated = false
+    /// The final response's header fields (an interim `100 Continue` response's are dropped).
+    var headers: [(String, String)] = []
     /// The upload byte count last handed to `onUploadProgress` (libcurl calls often).
     var lastUploadReported: curl_off_t = -1
     let cancelled = Atomic<Bool>(false)
@@ -204,6 +208,22 @@ private func curlWrite(_ ptr: UnsafeMutablePointer<CChar>?, _ size: Int, _ count
         ptr.withMemoryRebound(to: UInt8.self, capacity: take) {
             context.response.append(contentsOf: UnsafeBufferPointer(start: $0, count: take))
         }
+    }
+    return n
+}
+
+private func curlHeader(_ ptr: UnsafeMutablePointer<CChar>?, _ size: Int, _ count: Int, _ userdata: UnsafeMutableRawPointer?) -> Int {
+    let n = size * count
+    guard let ptr, let userdata else { return n }
+    let context = Unmanaged<RequestContext>.fromOpaque(userdata).takeUnretainedValue()
+    let line = ptr.withMemoryRebound(to: UInt8.self, capacity: n) { String(decoding: UnsafeBufferPointer(start: $0, count: n), as: UTF8.self) }
+    if line.hasPrefix("HTTP/") {
+        // A new response begins (after an interim one): only the last one's fields count.
+        context.headers.removeAll()
+    } else if let colon = line.firstIndex(of: ":") {
+        let name = line[..<colon].trimmingCharacters(in: .whitespaces)
+        let value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespacesAndNewlines)
+        context.headers.append((name, value))
     }
     return n
 }

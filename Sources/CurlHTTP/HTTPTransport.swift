@@ -1,3 +1,5 @@
+import Foundation
+
 /// Where an HTTP server listens: a unix socket, or a base URL (`http://host:port`,
 /// `https://host`).
 public enum HTTPEndpoint: Sendable, Hashable, CustomStringConvertible {
@@ -56,11 +58,19 @@ public struct HTTPResponse: Sendable {
     public var body: [UInt8]
     /// True when the body was longer than the request's `maxResponseBytes` and was cut.
     public var truncated: Bool
+    /// The header fields as (name, value), in the order the server sent them.
+    public var headers: [(String, String)]
 
-    public init(status: Int, body: [UInt8], truncated: Bool = false) {
+    public init(status: Int, body: [UInt8], truncated: Bool = false, headers: [(String, String)] = []) {
         self.status = status
         self.body = body
         self.truncated = truncated
+        self.headers = headers
+    }
+
+    /// The first value of header field `name` (case-insensitive).
+    public func header(_ name: String) -> String? {
+        headers.first { $0.0.caseInsensitiveCompare(name) == .orderedSame }?.1
     }
 }
 

@@ -9,11 +9,12 @@ import TestSupport
 /// way the real API does and plays back the test's turns.
 @Suite("agentctl run: a Brain")
 struct BrainTests {
-    @Test("the model writes a file, runs it and answers: the sandbox's output reaches the model, the journal has each call under its tool_use id, a 529 is retried, the key appears nowhere")
+    @Test("the model writes a file, runs it and answers: the sandbox's output reaches the model, the journal has each call under its tool_use id, a 529 is retried after its retry-after, the key appears nowhere")
     func writeRunAnswer() async throws {
         let key = Self.makeKey()
         let script: [FakeMessagesAPI.Reply] = [
-            .error(529, "overloaded_error", "Overloaded"),
+            // The policy's backoff is 1 s; the API asks for 2.
+            .error(529, "overloaded_error", "Overloaded").with(header: "retry-after", "2"),
             .turn([text("I'll write the script."), toolUse("toolu_01write", "write_file", ["path": "hello.sh", "content": "echo hello from $1\n"])], stopReason: "tool_use"),
             .turn([toolUse("toolu_02bash", "bash", ["command": "sh hello.sh the-sandbox"])], stopReason: "tool_use"),
             .turn([text("The script printed: hello from the-sandbox")], stopReason: "end_turn"),
@@ -34,6 +35,7 @@ struct BrainTests {
                     #expect(request.headers["anthropic-version"] == "2023-06-01")
                 }
                 #expect(requests[1].body == requests[0].body, "the overloaded request was sent again as it was")
+                #expect(requests[1].received - requests[0].received >= .milliseconds(1900), "retried after the API's retry-after of 2 s")
                 #expect(requests[0].json["model"] as? String == "claude-test")
                 let tools = (requests[0].json["tools"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
                 #expect(Set(tools) == ["bash", "read_file", "write_file", "list_files"])

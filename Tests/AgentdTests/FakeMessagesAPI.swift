@@ -17,6 +17,8 @@ final class FakeMessagesAPI: Sendable {
         /// Header names lowercased.
         let headers: [String: String]
         let body: Data
+        /// When the request had been read whole.
+        let received: ContinuousClock.Instant
 
         /// The body as JSON.
         var json: [String: Any] { (try? JSONSerialization.jsonObject(with: body)) as? [String: Any] ?? [:] }
@@ -29,6 +31,8 @@ final class FakeMessagesAPI: Sendable {
         let status: Int
         let body: Data
         var gate: Gate?
+        /// Header fields added to the answer, e.g. `retry-after`.
+        var headers: [(String, String)] = []
 
         /// A `200` assistant message with these content blocks.
         static func turn(_ content: [[String: Any]], stopReason: String) -> Reply {
@@ -44,6 +48,13 @@ final class FakeMessagesAPI: Sendable {
         static func error(_ status: Int, _ type: String, _ message: String) -> Reply {
             let error: [String: Any] = ["type": "error", "error": ["type": type, "message": message]]
             return Reply(status: status, body: try! JSONSerialization.data(withJSONObject: error))
+        }
+
+        /// This reply with header field `name: value` added.
+        func with(header name: String, _ value: String) -> Reply {
+            var reply = self
+            reply.headers.append((name, value))
+            return reply
         }
 
         /// This reply, sent only once `gate` opens.
@@ -195,11 +206,12 @@ final class FakeMessagesAPI: Sendable {
                     let request = Request(
                         method: head.method.rawValue, path: head.uri,
                         headers: Dictionary(head.headers.map { ($0.name.lowercased(), $0.value) }, uniquingKeysWith: { $1 }),
-                        body: Data(body.readableBytesView))
+                        body: Data(body.readableBytesView), received: .now)
                     let reply = answer(request, shared)
                     if let gate = reply.gate { await gate.wait() }
                     var headers = HTTPHeaders([("content-type", "application/json"), ("content-length", "\(reply.body.count)")])
                     headers.add(name: "request-id", value: "req_\(Components.testID())")
+                    for (name, value) in reply.headers { headers.add(name: name, value: value) }
                     try await outbound.write(.head(HTTPResponseHead(version: .http1_1, status: .init(statusCode: reply.status), headers: headers)))
                     try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: reply.body))))
                     try await outbound.write(.end(nil))
