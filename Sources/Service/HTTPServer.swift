@@ -216,7 +216,7 @@ public final class HTTPServer: Service, Sendable {
                         if let refusal {
                             // Answer now and close: the client stops sending (it waited for
                             // `100 Continue`) or its remaining bytes are not read.
-                            try await write(refusal, keepAlive: false, version: h.version, connection: id, to: outbound)
+                            try await write(refusal, keepAlive: false, version: h.version, connection: id, channel: connection.channel, to: outbound)
                             return
                         }
                         if h.headers["expect"].first?.lowercased() == "100-continue" {
@@ -247,7 +247,7 @@ public final class HTTPServer: Service, Sendable {
                         upload?.remove()
                         upload = nil
                         let keepAlive = h.isKeepAlive && !connections.isShuttingDown
-                        try await write(response, keepAlive: keepAlive, version: h.version, connection: id, to: outbound)
+                        try await write(response, keepAlive: keepAlive, version: h.version, connection: id, channel: connection.channel, to: outbound)
                         if !keepAlive { return }
                         connections.setBusy(id, false)
                         head = nil
@@ -260,7 +260,7 @@ public final class HTTPServer: Service, Sendable {
     }
 
     private func write(
-        _ response: APIResponse, keepAlive: Bool, version: HTTPVersion, connection id: Int,
+        _ response: APIResponse, keepAlive: Bool, version: HTTPVersion, connection id: Int, channel: Channel,
         to outbound: NIOAsyncChannelOutboundWriter<HTTPPart<HTTPResponseHead, IOData>>
     ) async throws {
         var headers = HTTPHeaders(response.headers)
@@ -271,12 +271,22 @@ public final class HTTPServer: Service, Sendable {
         case .bytes(let bytes):
             if !bytes.isEmpty { try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: bytes)))) }
         case .stream(let chunks):
-            // A stream may last forever: a graceful shutdown closes it like an idle connection.
+            // A stream may last forever: a graceful shutdown closes it like an idle connection,
+            // and a closed connection (the client went away, or that shutdown) ends it at once,
+            // not at its next chunk (which may be a heartbeat 15 s away).
             connections.setBusy(id, false)
-            for await chunk in chunks {
-                if connections.isShuttingDown { break }
-                try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: chunk))))
+            let connections = connections
+            let pump = Task {
+                for await chunk in chunks {
+                    if connections.isShuttingDown { break }
+                    try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: chunk))))
+                }
             }
+            // Cancelling the iteration ends the stream (its producer is told through
+            // `onTermination`); cancelling a finished pump does nothing.
+            channel.closeFuture.whenComplete { _ in pump.cancel() }
+            try await pump.value
+            if !channel.isActive { return }
         }
         try await outbound.write(.end(nil))
     }

@@ -41,7 +41,9 @@ final class AgentdProcess: @unchecked Sendable {
         ((try? String(contentsOfFile: stateDir + "/instance", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
-    func start(extraArguments: [String] = []) async throws {
+    /// Starts agentd with `extraArguments` and `extraEnvironment` added to the test's own;
+    /// returns once its API answers on the unix socket.
+    func start(extraArguments: [String] = [], extraEnvironment: [String: String] = [:]) async throws {
         let binary = Components.buildProductsDirectory.appendingPathComponent("agentd").path
         guard FileManager.default.isExecutableFile(atPath: binary) else {
             throw Components.Missing(description: "agentd is not built at \(binary); `swift build` builds it (make test does)")
@@ -49,9 +51,13 @@ final class AgentdProcess: @unchecked Sendable {
         _ = try await Components.engine()
         child = try ChildProcess.spawn(
             [binary, "--state-dir", stateDir, "--socket", socket, "--policies", policies] + extraArguments,
-            environment: ProcessInfo.processInfo.environment, output: logPath)
+            environment: ProcessInfo.processInfo.environment.merging(extraEnvironment) { $1 }, output: logPath)
         for _ in 0..<200 {
             if (try? await client.get("/v1/health", timeout: .seconds(1))) != nil { return }
+            if let status = child?.exitStatusIfExited() {
+                child = nil
+                throw Components.Missing(description: "agentd exited (wait status \(status)) before its API answered; its log: \(log)")
+            }
             try await Task.sleep(for: .milliseconds(50))
         }
         throw Components.Missing(description: "agentd did not answer on \(socket); its log: \(log)")

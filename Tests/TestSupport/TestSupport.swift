@@ -110,6 +110,14 @@ public struct ChildProcess: Sendable {
     /// Sends `signal`.
     public func signal(_ signal: Int32) { kill(pid, signal) }
 
+    /// The child's wait status if it has exited (it is reaped then), nil while it runs.
+    public func exitStatusIfExited() -> Int32? {
+        var status: Int32 = 0
+        var reaped: pid_t
+        repeat { reaped = waitpid(pid, &status, WNOHANG) } while reaped < 0 && errno == EINTR
+        return reaped == pid ? status : nil
+    }
+
     /// Waits for the child to exit and returns its wait status.
     @discardableResult
     public func wait() -> Int32 {
