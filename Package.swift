@@ -74,7 +74,7 @@ let package = Package(
         .target(
             name: "Service",
             dependencies: [
-                "Runtime", "SystemdBus",
+                "Runtime", "SystemdBus", "Blocking",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

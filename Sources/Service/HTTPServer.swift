@@ -1,3 +1,4 @@
+import Blocking
 import Foundation
 import Logging
 import NIOConcurrencyHelpers
@@ -224,7 +225,9 @@ public final class HTTPServer: Service, Sendable {
                         }
                     case .body(let buffer):
                         if let file = upload {
-                            file.append(buffer.readableBytesView)
+                            // Off the cooperative threads (a write may block on a busy disk);
+                            // awaiting it also slows the reading, which slows the sender.
+                            await file.append(buffer)
                         } else if body.count + buffer.readableBytes > maxBodyBytes {
                             tooLarge = true
                         } else {
@@ -369,8 +372,10 @@ final class ConnectionRegistry: Sendable {
 }
 
 /// The file an upload is spooled into. Writes go straight to the file (page cache), never to
-/// memory; the first failure (too large, disk full) is kept and answered at the end.
-final class SpoolFile {
+/// memory, on the blocking pool's threads; the first failure (too large, disk full) is kept and
+/// answered at the end.
+final class SpoolFile: @unchecked Sendable {
+    // Invariant: used by one connection's task at a time; `append` awaits its write.
     let path: String
     private var fd: Int32
     private let maxBytes: Int64
@@ -386,28 +391,30 @@ final class SpoolFile {
 
     struct SpoolError: Error, CustomStringConvertible { let message: String; var description: String { message } }
 
-    func append(_ bytes: ByteBufferView) {
+    func append(_ chunk: ByteBuffer) async {
         guard failure == nil, fd >= 0 else { return }
-        written += Int64(bytes.count)
+        written += Int64(chunk.readableBytes)
         if written > maxBytes {
             failure = APIError.response(413, "too-large", "the upload is larger than \(maxBytes) bytes")
             return
         }
-        let ok = bytes.withContiguousStorageIfAvailable { buffer -> Bool in
-            var offset = 0
-            while offset < buffer.count {
-                let n = write(fd, buffer.baseAddress! + offset, buffer.count - offset)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    return false
+        let fd = fd
+        let error = (try? await BlockingPool.shared.run { () -> Int32 in
+            chunk.withUnsafeReadableBytes { buffer -> Int32 in
+                var offset = 0
+                while offset < buffer.count {
+                    let n = write(fd, buffer.baseAddress! + offset, buffer.count - offset)
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        return errno
+                    }
+                    offset += n
                 }
-                offset += n
+                return 0
             }
-            return true
-        } ?? false
-        if !ok {
-            let reason = String(cString: strerror(errno))
-            failure = APIError.response(507, "storage", "cannot store the upload: \(reason) (after \(written) bytes)")
+        }) ?? EIO
+        if error != 0 {
+            failure = APIError.response(507, "storage", "cannot store the upload: \(String(cString: strerror(error))) (after \(written) bytes)")
         }
     }
 

@@ -14,12 +14,18 @@ struct CLIRun {
 func runAgentctl(
     _ arguments: [String], socket: String? = nil, environment: [String: String] = [:], timeout: Duration = .seconds(120)
 ) async throws -> CLIRun {
+    try await runChild(try agentctlBinary(), arguments, environment: agentctlEnvironment(socket: socket, adding: environment), timeout: timeout)
+}
+
+/// Runs `path` with `arguments` and `environment`, stdin empty, and waits for it, at most
+/// `timeout`: a hang is killed and reported as status -9.
+func runChild(_ path: String, _ arguments: [String], environment: [String: String], timeout: Duration) async throws -> CLIRun {
     let process = Process()
-    process.executableURL = URL(fileURLWithPath: try agentctlBinary())
+    process.executableURL = URL(fileURLWithPath: path)
     process.arguments = arguments
-    process.environment = agentctlEnvironment(socket: socket, adding: environment)
+    process.environment = environment
     // Output goes to files: pipes could fill up and stall a chatty child.
-    let base = NSTemporaryDirectory() + "agentctl-\(Components.testID())"
+    let base = NSTemporaryDirectory() + "child-\(Components.testID())"
     _ = FileManager.default.createFile(atPath: base + ".out", contents: nil)
     _ = FileManager.default.createFile(atPath: base + ".err", contents: nil)
     defer {
@@ -71,4 +77,22 @@ func shippedPoliciesCopy(_ edit: (_ file: String, _ text: inout String) -> Void 
         try text.write(toFile: directory + "/" + file, atomically: true, encoding: .utf8)
     }
     return directory
+}
+
+/// Runs `path` with `arguments` and waits (at most `timeout`): for system tools in tests.
+func runProgram(_ path: String, _ arguments: [String], timeout: Duration = .seconds(60)) async throws -> CLIRun {
+    try await runChild(path, arguments, environment: ProcessInfo.processInfo.environment, timeout: timeout)
+}
+
+/// `runProgram` for a `defer`, which cannot await.
+@discardableResult
+func runProgramSync(_ path: String, _ arguments: [String]) throws -> Int32 {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: path)
+    process.arguments = arguments
+    process.standardOutput = FileHandle.nullDevice
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    process.waitUntilExit()
+    return process.terminationStatus
 }

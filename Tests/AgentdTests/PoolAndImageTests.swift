@@ -98,6 +98,30 @@ struct PoolAndImageTests {
         }
     }
 
+    @Test("an upload the disk has no room for is refused before its body is read (507, saying how much is free); agentd goes on")
+    func uploadWithoutRoom() async throws {
+        let env = try #require(Components.envDirectory, "AGENTD_ENV_DIR is not set; run make env")
+        let agentd = try AgentdProcess()
+        // The state directory on a 200 MiB file system: less than an upload plus the 256 MiB
+        // agentd keeps free for the journal.
+        try FileManager.default.createDirectory(atPath: agentd.stateDir, withIntermediateDirectories: true)
+        let mount = try await runProgram("/bin/mount", ["-t", "tmpfs", "-o", "size=200m", "tmpfs", agentd.stateDir])
+        try #require(mount.status == 0, "cannot mount a tmpfs for the test (run as root): \(mount.stderr)")
+        defer { _ = try? runProgramSync("/bin/umount", ["-l", agentd.stateDir]) }
+        try await agentd.start()
+        defer { agentd.stop() }
+        let refused = try await runAgentctl(["image", "import", env + "/agentd-base.tar", "--name", "agentd-test/noroom"], socket: agentd.socket)
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("not enough room to store a"), "\(refused.stderr)")
+        #expect(refused.stderr.contains("kept for the journal"))
+        #expect(!refused.stderr.contains("uploading agentd-base.tar: 100%"), "refused before the body was sent: \(refused.stderr)")
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: agentd.stateDir + "/uploads")) ?? ["?"]).isEmpty)
+        #expect(!(try await Components.engine().imageExists("agentd-test/noroom")))
+        // agentd is fine: a session and an event.
+        let id = try #require(try await agentd.client.post("/v1/sessions", [:])["id"] as? String)
+        #expect(try await agentd.client.get("/v1/sessions/\(id)")["last_seq"] as? NSNumber == 1)
+    }
+
     @Test("--socket and --json work before the command, as in `agentctl --socket S --json session create`")
     func globalOptionsFirst() async throws {
         try await withAgentd { agentd in
