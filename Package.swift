@@ -63,7 +63,7 @@ let package = Package(
 
         .target(
             name: "Hands",
-            dependencies: ["EngineAPI", "SystemdBus", "Blocking", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["EngineAPI", "SystemdBus", "Blocking", "JSONValues", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
 
         .target(
@@ -74,7 +74,7 @@ let package = Package(
         .target(
             name: "Service",
             dependencies: [
-                "Runtime", "SystemdBus", "Blocking",
+                "Runtime", "SystemdBus", "Blocking", "JSONValues",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -1,4 +1,5 @@
 import Foundation
+import JSONValues
 
 /// What a tool call returns to the Brain: always a string, marked when it is an error.
 public struct ToolResult: Sendable, Codable, Equatable {
@@ -109,7 +110,7 @@ public struct ToolSpec: Sendable {
                     throw HandsError(.invalidRequest, "\(name): \(field.name) '\(value)' is not one of \(values.joined(separator: ", "))")
                 }
             case .seconds(let max):
-                guard let n = value as? NSNumber, !isBoolean(value), n.doubleValue > 0, n.doubleValue <= Double(max) else {
+                guard let n = value as? NSNumber, !isJSONBoolean(value), n.doubleValue > 0, n.doubleValue <= Double(max) else {
                     throw HandsError(.invalidRequest, "\(name): \(field.name) must be a number of seconds between 0 and \(max)")
                 }
             }
@@ -120,9 +121,6 @@ public struct ToolSpec: Sendable {
         return object
     }
 
-    /// True for a JSON `true`/`false` from JSONSerialization (`is Bool` holds for every
-    /// NSNumber on Linux).
-    private func isBoolean(_ value: Any) -> Bool { String(describing: type(of: value)).contains("Boolean") || type(of: value) == Bool.self }
 }
 
 /// A tool call decoded and checked against the tool's input schema.

@@ -75,3 +75,9 @@ public enum JSONValue: Sendable, Hashable, Codable {
         return encoder
     }()
 }
+
+/// True for a JSON `true`/`false` that `JSONSerialization` produced: a boolean `NSNumber`
+/// (`is Bool` holds for every `NSNumber` on Linux, so numbers cannot be told apart that way).
+public func isJSONBoolean(_ value: Any) -> Bool {
+    String(describing: type(of: value)).contains("Boolean") || type(of: value) == Bool.self
+}

@@ -1,5 +1,6 @@
 import Foundation
 import Hands
+import JSONValues
 import Logging
 import Policy
 import Runtime
@@ -382,6 +383,3 @@ extension Duration {
     var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }
 
-/// True for a JSON `true`/`false` from JSONSerialization (a boolean NSNumber; `is Bool`
-/// holds for every NSNumber on Linux).
-func isJSONBoolean(_ value: Any) -> Bool { String(describing: type(of: value)).contains("Boolean") || type(of: value) == Bool.self }
