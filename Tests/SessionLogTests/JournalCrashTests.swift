@@ -175,8 +175,10 @@ struct JournalCrashTests {
                 let survivors = records.filter { $0.loc.segment < lastSegment || $0.loc.offset < cutRecord.loc.offset }
 
                 var store = try await SessionStore.open(directory: dir, options: options)
-                if mode == 0 && cut == cutRecord.loc.offset {
-                    // Zeros exactly at a record boundary look like a clean end: nothing torn to report.
+                if mode != 1 && cut == cutRecord.loc.offset {
+                    // Zeros from, or a file ending at, exactly a record boundary look like a clean
+                    // end: nothing torn to report (once in a few hundred runs the random cut lands
+                    // there).
                     #expect(store.recovery.tornTail == nil || store.recovery.tornTail?.offset == cut, "\(context)")
                 } else {
                     #expect(store.recovery.tornTail?.segment == SegmentFile.name(lastSegment), "\(context)")
