@@ -138,7 +138,12 @@ enum Record {
 
     /// Validates the record at `p[0..<available]` (magic, length, layout, both checksums).
     static func parse(_ p: UnsafeRawPointer, available: Int) -> Result<Header, Problem> {
-        guard available >= 16 else { return .failure(.truncated(available)) }
+        guard available >= 16 else {
+            // Fewer bytes than a header: zeros there are a clean end (a segment whose sealing
+            // truncate a crash lost keeps its preallocated zeros), anything else a cut record.
+            let allZero = (0..<available).allSatisfy { p.load(fromByteOffset: $0, as: UInt8.self) == 0 }
+            return .failure(allZero ? .zeros : .truncated(available))
+        }
         let m = UInt32(littleEndian: p.loadUnaligned(as: UInt32.self))
         let length = Int(UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt32.self)))
         if m == 0 && length == 0 { return .failure(.zeros) }

@@ -76,7 +76,13 @@ extension SessionStore {
             case .failure(let problem):
                 report.indexProblem = problem.message
                 hints = problem.hints
-                if FileManager.default.fileExists(atPath: directory + "/" + SessionStore.indexName) {
+                if problem.logLacksIndexedRecords {
+                    // The index saw durable records the log no longer has: something cut the
+                    // log (a crash cannot: segments are preallocated). Say so loudly.
+                    logger.warning(
+                        "journal is shorter than its index: records the index had seen are gone; index rebuilt from the log",
+                        metadata: ["journal.reason": "\(problem.message)"])
+                } else if FileManager.default.fileExists(atPath: directory + "/" + SessionStore.indexName) {
                     logger.info("journal index rebuilt from the log", metadata: ["journal.reason": "\(problem.message)"])
                 }
             }
@@ -298,6 +304,8 @@ extension SessionStore {
 
     struct IndexProblem: Error {
         var message: String
+        /// The index covers log bytes that are no longer there: acknowledged records are lost.
+        var logLacksIndexedRecords = false
         /// Set when the index itself is intact but disagrees with the log: where it says the
         /// records are, to attribute damage that the scan finds there.
         var hints: IndexHints = [:]
@@ -408,7 +416,10 @@ extension SessionStore {
             }
             let covered = (try get(UInt32.self), try get(UInt64.self))
             guard let coveredFile = files[covered.0], covered.1 <= (try Sys.fileSize(coveredFile.fd, path: coveredFile.path)) else {
-                return .failure(IndexProblem(message: "index covers \(SegmentFile.name(covered.0)) offset \(covered.1), which the log does not have"))
+                return .failure(
+                    IndexProblem(
+                        message: "index covers \(SegmentFile.name(covered.0)) offset \(covered.1), which the log does not have",
+                        logLacksIndexedRecords: true))
             }
             let count = try get(UInt32.self)
             var states: [SessionID: SessionState] = [:]
