@@ -349,6 +349,9 @@ extension EngineClient {
 
     /// `GET /events?since=…&until=…&filters=…`: the engine's events in a closed time window
     /// (Unix seconds), e.g. every `die` or `oom` of the containers carrying `labels`.
+    ///
+    /// Podman 4 (file events backend) answers nothing at all once `until` has passed: ask with
+    /// an `until` at least a second ahead; the call then returns when `until` comes.
     public func events(since: Int, until: Int, labels: [String: String] = [:], types: [String] = []) async throws -> [EngineEvent] {
         var filters: [String: [String]] = [:]
         if !labels.isEmpty { filters["label"] = labels.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" } }
