@@ -77,6 +77,9 @@ public final class HTTPServer: Service, Sendable {
     private let connections = ConnectionRegistry()
 
     private let spool: Spool?
+    /// How much of a refused upload's body is read and dropped before the connection is closed
+    /// anyway.
+    static let maxDrainBytes = 64 << 20
 
     public init(listeners: [Listener], maxBodyBytes: Int = 8 << 20, spool: Spool? = nil, logger: Logger, handler: @escaping Handler) {
         self.listeners = listeners
@@ -193,6 +196,9 @@ public final class HTTPServer: Service, Sendable {
                 var tooLarge = false
                 var upload: SpoolFile?
                 defer { upload?.remove() }
+                // An upload refused before its body: what still comes is read and dropped.
+                var refused = false
+                var drained = 0
                 for try await part in inbound {
                     switch part {
                     case .head(let h):
@@ -215,15 +221,24 @@ public final class HTTPServer: Service, Sendable {
                             }
                         }
                         if let refusal {
-                            // Answer now and close: the client stops sending (it waited for
-                            // `100 Continue`) or its remaining bytes are not read.
+                            // Answer now. A client that waited for `100 Continue` sends nothing
+                            // more; one that did not is drained before the close (a "lingering
+                            // close"), since closing on unread bytes resets the connection and
+                            // can destroy the answer before the client reads it.
                             try await write(refusal, keepAlive: false, version: h.version, connection: id, channel: connection.channel, to: outbound)
-                            return
+                            refused = true
+                            connections.setBusy(id, false)
+                            continue
                         }
                         if h.headers["expect"].first?.lowercased() == "100-continue" {
                             try await outbound.write(.head(HTTPResponseHead(version: h.version, status: .continue)))
                         }
                     case .body(let buffer):
+                        if refused {
+                            drained += buffer.readableBytes
+                            if drained > Self.maxDrainBytes { return }
+                            continue
+                        }
                         if let file = upload {
                             // Off the cooperative threads (a write may block on a busy disk);
                             // awaiting it also slows the reading, which slows the sender.
@@ -234,6 +249,7 @@ public final class HTTPServer: Service, Sendable {
                             body.append(contentsOf: buffer.readableBytesView)
                         }
                     case .end:
+                        if refused { return }
                         guard let h = head else { continue }
                         let response: APIResponse
                         if let token, !Self.authorized(h.headers["authorization"].first, token: token) {

@@ -122,6 +122,27 @@ struct PoolAndImageTests {
         #expect(try await agentd.client.get("/v1/sessions/\(id)")["last_seq"] as? NSNumber == 1)
     }
 
+    @Test("a client that sends the body without waiting for 100 Continue still reads the refusal")
+    func refusalWithoutExpect() async throws {
+        let body = NSTemporaryDirectory() + "body-\(Components.testID()).tar"
+        _ = FileManager.default.createFile(atPath: body, contents: Data(count: 16 << 20))
+        defer { try? FileManager.default.removeItem(atPath: body) }
+        try await withAgentd { agentd in
+            for _ in 0..<5 {
+                // curl asks for `100 Continue` but stops waiting after 1 ms and sends the 16 MiB,
+                // as a client under load would after its usual 1 s: the server answers at the head.
+                let run = try await runProgram(
+                    "/usr/bin/curl",
+                    ["-sS", "--unix-socket", agentd.socket, "--expect100-timeout", "0.001", "-H", "Content-Type: application/x-tar",
+                     "--upload-file", body, "-X", "POST", "-w", "\n%{http_code}", "http://agentd/v1/images?name=Not%20A%20Name"])
+                #expect(run.status == 0, "curl: \(run.stderr)")
+                #expect(run.stdout.hasSuffix("\n400"), "\(run.stdout.suffix(300))")
+                #expect(run.stdout.contains("image name 'Not A Name' is not valid"))
+            }
+            #expect(try await agentd.client.get("/v1/health")["status"] as? String == "ok")
+        }
+    }
+
     @Test("--socket and --json work before the command, as in `agentctl --socket S --json session create`")
     func globalOptionsFirst() async throws {
         try await withAgentd { agentd in
