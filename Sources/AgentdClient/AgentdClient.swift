@@ -171,7 +171,12 @@ public struct ExecuteResult: Sendable {
 extension AgentdClient {
     /// `/v1/sessions/ID`, with the id percent-encoded.
     public static func sessionPath(_ session: String) -> String {
-        "/v1/sessions/\(session.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? session)"
+        "/v1/sessions/\(pathComponent(session))"
+    }
+
+    /// `text` percent-encoded for one path segment of an API route (a session id, a task).
+    public static func pathComponent(_ text: String) -> String {
+        text.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? text
     }
 
     /// The tools sessions serve, with their input schemas (`GET /v1/tools`; makes no sandbox).

@@ -90,7 +90,6 @@ func printJSONObject(_ object: Any) {
     print(String(decoding: data, as: UTF8.self))
 }
 
-func escapePath(_ s: String) -> String { s.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? s }
 
 struct SessionCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -142,7 +141,7 @@ struct SessionCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                let reply = try await options.client.get("/v1/sessions/\(escapePath(id))")
+                let reply = try await options.client.get("\(AgentdClient.sessionPath(id))")
                 if options.json { return printJSONObject(reply.json) }
                 print("session     \(reply["id"] ?? id)")
                 print("policy      \(reply["policy"] ?? "")")
@@ -163,7 +162,7 @@ struct SessionCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                let path = "/v1/sessions/\(escapePath(id))/events?after=\(after)"
+                let path = "\(AgentdClient.sessionPath(id))/events?after=\(after)"
                 if follow {
                     let json = options.json
                     try await options.client.follow(path + "&follow=true") { _, data in
@@ -217,7 +216,7 @@ struct Wake: AsyncParsableCommand {
 
     func run() async throws {
         try await guarded {
-            let reply = try await options.client.post("/v1/sessions/\(escapePath(id))/wake")
+            let reply = try await options.client.post("\(AgentdClient.sessionPath(id))/wake")
             if options.json { printJSONObject(reply.json) } else { print(reply["epoch"] ?? 0) }
         }
     }
@@ -237,7 +236,7 @@ struct Checkpoint: AsyncParsableCommand {
         try await guarded {
             var body: [String: Any] = ["state": parsed]
             if let epoch { body["epoch"] = epoch }
-            let reply = try await options.client.post("/v1/sessions/\(escapePath(id))/checkpoint", body)
+            let reply = try await options.client.post("\(AgentdClient.sessionPath(id))/checkpoint", body)
             if options.json { printJSONObject(reply.json) } else { print(reply["seq"] ?? 0) }
         }
     }
@@ -251,7 +250,7 @@ struct Verify: AsyncParsableCommand {
     func run() async throws {
         var intact = true
         try await guarded {
-            let reply = try await options.client.get("/v1/sessions/\(escapePath(id))/verify")
+            let reply = try await options.client.get("\(AgentdClient.sessionPath(id))/verify")
             intact = (reply["intact"] as? Bool) == true
             if options.json { return printJSONObject(reply.json) }
             if intact {
@@ -279,7 +278,7 @@ struct TaskCommand: AsyncParsableCommand {
             try await guarded {
                 var body: [String: Any] = [:]
                 if let epoch { body["epoch"] = epoch }
-                let reply = try await options.client.post("/v1/sessions/\(escapePath(id))/tasks/\(escapePath(task))/end", body)
+                let reply = try await options.client.post("\(AgentdClient.sessionPath(id))/tasks/\(AgentdClient.pathComponent(task))/end", body)
                 if options.json { printJSONObject(reply.json) } else {
                     print((reply["released_sandbox"] as? Bool) == true ? "task \(task) ended; its sandbox was removed" : "task \(task) ended (it had no sandbox)")
                 }
