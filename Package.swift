@@ -145,12 +145,20 @@ let package = Package(
         .testTarget(
             name: "AgentdTests",
             dependencies: [
-                "AgentdAPI", "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "TestSupport",
-                "Runtime", "Hands", "Policy", "SessionLog", "JSONValues",
+                "AgentdAPI", "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "TestSupport", "JSONValues",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        // The seeded fuzzer over the HTTP parser and router (no engine or systemd needed).
+        .testTarget(
+            name: "APIFuzzTests",
+            dependencies: [
+                "AgentdAPI", "Service", "Runtime", "Hands", "Policy", "SessionLog", "JSONValues",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
