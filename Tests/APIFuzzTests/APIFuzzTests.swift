@@ -16,15 +16,17 @@ import Testing
 /// a sandbox). Every request must get a well-formed HTTP answer, never a 5xx, and the server
 /// must stay up.
 ///
-/// `AGENTD_FUZZ_SEED` replays a run; `AGENTD_FUZZ_ITERATIONS` sets how many requests (2000 by
-/// default, a few seconds).
+/// `AGENTD_FUZZ_SEED` replays a run; `AGENTD_FUZZ_ITERATIONS` sets how many requests (500 by
+/// default, a few seconds; `scripts/test` runs more). The seed is printed first, so that even
+/// a run the server crashes names it.
 @Suite("API fuzzing: no request crashes the server or gets a 5xx")
 struct APIFuzzTests {
     @Test("random and mutated requests all get a well-formed 2xx–4xx answer, and the server stays up")
     func fuzz() async throws {
         let environment = ProcessInfo.processInfo.environment
         let seed = environment["AGENTD_FUZZ_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 1...UInt64.max)
-        let iterations = environment["AGENTD_FUZZ_ITERATIONS"].flatMap { Int($0) } ?? 2000
+        let iterations = environment["AGENTD_FUZZ_ITERATIONS"].flatMap { Int($0) } ?? 500
+        print("API fuzzing: seed \(seed), \(iterations) requests (replay with AGENTD_FUZZ_SEED=\(seed))")
         try await FuzzServer.with { server in
             // A few real sessions, so that mutated requests also reach the handlers behind the
             // session lookup (execute, checkpoint, wake, task end).
@@ -48,6 +50,7 @@ struct APIFuzzTests {
         await withCheckedContinuation { continuation in
             let thread = Thread {
                 var generator = FuzzRequest.Generator(seed: seed, sessions: sessions)
+                var statuses: [Int: Int] = [:]
                 for i in 0..<iterations {
                     let request = generator.next()
                     let answer = RawHTTP.exchange(socket: socket, request.bytes)
@@ -55,7 +58,10 @@ struct APIFuzzTests {
                         continuation.resume(returning: "request \(i) of seed \(seed) (\(request.kind)): \(problem)\nrequest: \(request.preview)")
                         return
                     }
+                    statuses[answer.status ?? 0, default: 0] += 1
                 }
+                // What the run reached, so that a generator that only ever makes 400s shows.
+                print("API fuzzing: answers by status: " + statuses.sorted { $0.key < $1.key }.map { "\($0.key)×\($0.value)" }.joined(separator: " "))
                 continuation.resume(returning: nil)
             }
             thread.stackSize = 8 << 20
