@@ -33,6 +33,8 @@ let package = Package(
         // Leaf modules.
         .target(name: "Blocking", swiftSettings: strict),
         .target(name: "JSONValues", swiftSettings: strict),
+        // Every request and response body of the API, shared by the server and its clients.
+        .target(name: "AgentdAPI", dependencies: ["JSONValues"], swiftSettings: strict),
         .target(name: "CurlHTTP", dependencies: ["CCurl", "Blocking"], swiftSettings: strict),
         .target(
             name: "EngineAPI",
@@ -74,7 +76,7 @@ let package = Package(
         .target(
             name: "Service",
             dependencies: [
-                "Runtime", "SystemdBus", "Blocking", "JSONValues",
+                "AgentdAPI", "Runtime", "SystemdBus", "Blocking", "JSONValues",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -87,7 +89,7 @@ let package = Package(
             swiftSettings: strict),
 
         .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
-        .target(name: "AgentdClient", dependencies: ["CurlHTTP"], swiftSettings: strict),
+        .target(name: "AgentdClient", dependencies: ["AgentdAPI", "CurlHTTP", "JSONValues"], swiftSettings: strict),
         .target(
             name: "Brain",
             dependencies: ["AgentdClient", "CurlHTTP", "JSONValues", .product(name: "Logging", package: "swift-log")],
@@ -114,7 +116,7 @@ let package = Package(
         .executableTarget(
             name: "agentctl",
             dependencies: [
-                "AgentdClient", "AgentdMCP", "Brain", "CurlHTTP", "Policy",
+                "AgentdAPI", "AgentdClient", "AgentdMCP", "Brain", "CurlHTTP", "JSONValues", "Policy",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -143,11 +145,20 @@ let package = Package(
         .testTarget(
             name: "AgentdTests",
             dependencies: [
-                "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "TestSupport",
+                "AgentdAPI", "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "TestSupport", "JSONValues",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        // The seeded fuzzer over the HTTP parser and router (no engine or systemd needed).
+        .testTarget(
+            name: "APIFuzzTests",
+            dependencies: [
+                "AgentdAPI", "Service", "Runtime", "Hands", "Policy", "SessionLog", "JSONValues",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),

@@ -1,5 +1,7 @@
+import AgentdAPI
 import CurlHTTP
 import Foundation
+import JSONValues
 
 /// A client of agentd's HTTP/JSON API, over its unix socket (or TCP with a bearer token).
 /// Used by `agentctl`, the demo and the end-to-end tests.
@@ -25,14 +27,24 @@ public struct AgentdClient: Sendable {
         self.token = token
     }
 
-    /// A JSON answer: the decoded object and the HTTP status.
+    /// An answer as untyped JSON, for callers not yet on the AgentdAPI types (the typed calls
+    /// below decode into those types instead).
     public struct Reply: @unchecked Sendable {
         // Invariant: `json` is built from JSONSerialization output and never mutated.
         public let status: Int
         public let json: [String: Any]
         /// The body as text (for answers that are not JSON).
         public let text: String
+        /// The body as sent.
+        public let body: [UInt8]
         public subscript(key: String) -> Any? { json[key] }
+
+        init(status: Int, body: [UInt8]) {
+            self.status = status
+            self.body = body
+            json = (try? JSONSerialization.jsonObject(with: Data(body))) as? [String: Any] ?? [:]
+            text = String(decoding: body, as: UTF8.self)
+        }
     }
 
     public func get(_ path: String, timeout: Duration = .seconds(30)) async throws -> Reply {
@@ -50,6 +62,32 @@ public struct AgentdClient: Sendable {
         return try await send(request, path: path)
     }
 
+    /// `GET path`, decoded as `Response`.
+    /// - Throws: `AgentdClientError` for a refusal (with agentd's message), an unreachable
+    ///   agentd, or an answer that is not a `Response`.
+    public func get<Response: Decodable>(_ path: String, as type: Response.Type, timeout: Duration = .seconds(30)) async throws -> Response {
+        try decode(type, try await send(HTTPRequest(method: "GET", target: path, timeout: timeout), path: path), path: path)
+    }
+
+    /// `POST path` with a typed body, decoded as `Response`.
+    /// - Throws: `AgentdClientError` as `get(_:as:timeout:)`.
+    public func post<Body: APIRequestBody, Response: Decodable>(
+        _ path: String, _ body: Body, as type: Response.Type, timeout: Duration = .seconds(300)
+    ) async throws -> Response {
+        let request = HTTPRequest(method: "POST", target: path, body: .bytes(APIBody.encode(body), contentType: "application/json"), timeout: timeout)
+        return try decode(type, try await send(request, path: path), path: path)
+    }
+
+    private func decode<Response: Decodable>(_ type: Response.Type, _ reply: Reply, path: String) throws -> Response {
+        do {
+            return try APIBody.decodeResponse(type, from: reply.body)
+        } catch {
+            throw AgentdClientError(
+                status: reply.status, code: "bad-answer",
+                message: "agentd's answer to \(path) is not what this agentctl expects (\(error)); are agentd and agentctl the same version?")
+        }
+    }
+
     private func send(_ request: HTTPRequest, path: String) async throws -> Reply {
         var request = request
         if let token { request.headers.append(("Authorization", "Bearer \(token)")) }
@@ -59,14 +97,13 @@ public struct AgentdClient: Sendable {
         } catch let error as HTTPClientError {
             throw AgentdClientError.transport(error, endpoint: endpoint)
         }
-        let object = (try? JSONSerialization.jsonObject(with: Data(response.body))) as? [String: Any] ?? [:]
         guard (200..<300).contains(response.status) else {
-            let error = object["error"] as? [String: Any]
+            let error = try? APIBody.decodeResponse(ErrorResponse.self, from: response.body)
             throw AgentdClientError(
-                status: response.status, code: error?["code"] as? String ?? "http",
-                message: error?["message"] as? String ?? String(decoding: response.body.prefix(500), as: UTF8.self))
+                status: response.status, code: error?.error.code ?? "http",
+                message: error?.error.message ?? String(decoding: response.body.prefix(500), as: UTF8.self))
         }
-        return Reply(status: response.status, json: object, text: String(decoding: response.body, as: UTF8.self))
+        return Reply(status: response.status, body: response.body)
     }
 
     /// The body of `GET path` as text (`/metrics`).
@@ -84,6 +121,15 @@ public struct AgentdClient: Sendable {
         var request = HTTPRequest(method: "POST", target: path, body: .file(path: file, contentType: contentType), timeout: timeout)
         request.onUploadProgress = progress
         return try await send(request, path: path)
+    }
+
+    /// Streams the tarball at `file` to agentd, which imports it as image `name`
+    /// (`POST /v1/images?name=…`), calling `progress(sent, total)` as it goes.
+    /// - Throws: `AgentdClientError` (a bad name 400, no room 507, the engine refusing it).
+    public func importImage(file: String, name: String, progress: (@Sendable (Int64, Int64) -> Void)? = nil) async throws -> ImageResponse {
+        let path = "/v1/images?name=\(name.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? name)"
+        let reply = try await upload(path, file: file, contentType: "application/x-tar", progress: progress)
+        return try decode(ImageResponse.self, reply, path: path)
     }
 
     /// Follows server-sent events at `path`, calling `onEvent(type, data)` for each, until the
@@ -164,7 +210,9 @@ public struct ExecuteResult: Sendable {
     public let isError: Bool
     /// The command's exit code, for `bash`.
     public let exitCode: Int?
-    /// agentd's whole answer (with the journal sequence numbers and `replayed`).
+    /// agentd's whole answer, typed (with the journal sequence numbers and `replayed`).
+    public let response: ExecuteResponse
+    /// agentd's whole answer as untyped JSON (for callers not yet on `response`).
     public let reply: AgentdClient.Reply
 }
 
@@ -176,16 +224,15 @@ extension AgentdClient {
 
     /// `text` percent-encoded for one path segment of an API route (a session id, a task).
     public static func pathComponent(_ text: String) -> String {
-        text.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? text
+        var allowed = CharacterSet.urlPathAllowed
+        allowed.remove(charactersIn: "/?#%")
+        return text.addingPercentEncoding(withAllowedCharacters: allowed) ?? text
     }
 
     /// The tools sessions serve, with their input schemas (`GET /v1/tools`; makes no sandbox).
     public func tools() async throws -> [ToolDescription] {
-        let reply = try await get("/v1/tools")
-        return try ((reply["tools"] as? [[String: Any]]) ?? []).map { tool in
-            ToolDescription(
-                name: tool["name"] as? String ?? "", description: tool["description"] as? String ?? "",
-                inputSchema: try JSONSerialization.data(withJSONObject: tool["input_schema"] ?? [:], options: [.sortedKeys]))
+        try await get("/v1/tools", as: ToolList.self).tools.map { tool in
+            ToolDescription(name: tool.name, description: tool.description, inputSchema: tool.inputSchema.data)
         }
     }
 
@@ -196,22 +243,99 @@ extension AgentdClient {
     ///   - task: the task within the session; each task has its own sandbox.
     ///   - epoch: the lease epoch from `wake`; agentd refuses a stale one.
     ///   - idempotencyKey: a retried call with the same key gets the first call's result.
-    /// - Throws: `AgentdClientError` when agentd refuses the call (unknown session 404, bad
-    ///   input 400, stale epoch 409, too large 413) or cannot be reached.
+    ///   - timeout: how long to wait for agentd's answer; give it more than the command's own
+    ///     timeout, since the answer comes when the command ends.
+    /// - Throws: `AgentdClientError` when `input` is not a JSON object, when agentd refuses
+    ///   the call (unknown session 404, bad input 400, stale epoch 409, too large 413) or
+    ///   cannot be reached.
     public func execute(
-        session: String, tool: String, input: Data, task: String = "main", epoch: UInt64? = nil, idempotencyKey: String? = nil
+        session: String, tool: String, input: Data, task: String = "main", epoch: UInt64? = nil, idempotencyKey: String? = nil,
+        timeout: Duration = .seconds(300)
     ) async throws -> ExecuteResult {
-        guard let object = (try? JSONSerialization.jsonObject(with: input)) as? [String: Any] else {
+        let value: JSONValue
+        do {
+            value = try JSONValue(data: input)
+        } catch {
             throw AgentdClientError(
-                status: 0, code: "invalid-argument", message: #"the input of \#(tool) must be a JSON object, e.g. {"command": "ls"}"#)
+                status: 0, code: "invalid-argument", message: #"the input of \#(tool) is not valid JSON; give a JSON object, e.g. {"command": "ls"}"#)
         }
-        var body: [String: Any] = ["tool": tool, "input": object, "task": task]
-        if let epoch { body["epoch"] = epoch }
-        if let idempotencyKey { body["idempotency_key"] = idempotencyKey }
-        let reply = try await post(Self.sessionPath(session) + "/execute", body)
-        let result = reply["result"] as? [String: Any] ?? [:]
+        let body: ExecuteRequest
+        do {
+            body = try ExecuteRequest(tool: tool, input: value, task: task, epoch: epoch, idempotencyKey: idempotencyKey)
+        } catch let error as APIRequestError {
+            throw AgentdClientError(status: 0, code: "invalid-argument", message: error.message)
+        }
+        let path = Self.sessionPath(session) + "/execute"
+        let request = HTTPRequest(method: "POST", target: path, body: .bytes(APIBody.encode(body), contentType: "application/json"), timeout: timeout)
+        let reply = try await send(request, path: path)
+        let response = try decode(ExecuteResponse.self, reply, path: path)
         return ExecuteResult(
-            output: result["output"] as? String ?? "", isError: (result["is_error"] as? Bool) == true,
-            exitCode: (result["exit_code"] as? NSNumber)?.intValue, reply: reply)
+            output: response.result.output, isError: response.result.isError, exitCode: response.result.exitCode, response: response, reply: reply)
     }
+
+    /// Creates a session (no sandbox yet).
+    /// - Parameters:
+    ///   - policy: the policy's name; agentd's `default` when nil.
+    ///   - id: the session's id; generated when nil.
+    /// - Throws: `AgentdClientError` (an unknown policy, a taken or invalid id).
+    public func createSession(policy: String? = nil, id: String? = nil) async throws -> SessionInfo {
+        try await post("/v1/sessions", CreateSessionRequest(policy: policy, id: id), as: SessionInfo.self, timeout: .seconds(30))
+    }
+
+    /// Every session.
+    public func sessions() async throws -> [SessionInfo] { try await get("/v1/sessions", as: SessionList.self).sessions }
+
+    /// One session.
+    /// - Throws: `AgentdClientError` with status 404 for an unknown session.
+    public func session(_ id: String) async throws -> SessionInfo { try await get(Self.sessionPath(id), as: SessionInfo.self) }
+
+    /// The session's events after sequence number `after`.
+    public func events(_ id: String, after: UInt64 = 0) async throws -> [EventInfo] {
+        try await get(Self.sessionPath(id) + "/events?after=\(after)", as: EventList.self, timeout: .seconds(300)).events
+    }
+
+    /// Follows a session's events after `after` as they are appended (server-sent events),
+    /// calling `onEvent` with each (and its JSON text), until agentd ends the stream.
+    public func followEvents(_ id: String, after: UInt64 = 0, onEvent: @escaping @Sendable (EventInfo, String) -> Void) async throws {
+        try await follow(Self.sessionPath(id) + "/events?after=\(after)&follow=true") { _, data in
+            guard let event = try? APIBody.decodeResponse(EventInfo.self, from: Array(data.utf8)) else { return }
+            onEvent(event, data)
+        }
+    }
+
+    /// Takes the session over: a lease with a new fencing epoch.
+    public func wake(_ id: String) async throws -> WakeResponse {
+        try await post(Self.sessionPath(id) + "/wake", EmptyRequest(), as: WakeResponse.self, timeout: .seconds(60))
+    }
+
+    /// Stores a Brain's state.
+    /// - Throws: `AgentdClientError` (409 for a stale epoch, 413 for a state too large).
+    public func checkpoint(_ id: String, state: JSONValue, epoch: UInt64? = nil) async throws -> CheckpointResponse {
+        try await post(Self.sessionPath(id) + "/checkpoint", CheckpointRequest(state: state, epoch: epoch), as: CheckpointResponse.self, timeout: .seconds(60))
+    }
+
+    /// The last checkpoint and the events after it (getSession).
+    public func snapshot(_ id: String) async throws -> SnapshotResponse {
+        try await get(Self.sessionPath(id) + "/snapshot", as: SnapshotResponse.self, timeout: .seconds(300))
+    }
+
+    /// Walks the session's hash chain.
+    public func verify(_ id: String) async throws -> VerifyResponse {
+        try await get(Self.sessionPath(id) + "/verify", as: VerifyResponse.self, timeout: .seconds(300))
+    }
+
+    /// Ends a task; its sandbox is removed.
+    public func endTask(_ id: String, task: String = "main", epoch: UInt64? = nil) async throws -> TaskEndResponse {
+        try await post(
+            Self.sessionPath(id) + "/tasks/\(Self.pathComponent(task))/end", TaskEndRequest(epoch: epoch), as: TaskEndResponse.self, timeout: .seconds(120))
+    }
+
+    /// Whether agentd is up, with its sessions, sandboxes and policy errors.
+    public func health(timeout: Duration = .seconds(30)) async throws -> HealthResponse { try await get("/v1/health", as: HealthResponse.self, timeout: timeout) }
+
+    /// The loaded policies, with the last refused edit's errors.
+    public func policies() async throws -> PolicyList { try await get("/v1/policies", as: PolicyList.self) }
+
+    /// Each policy's warm pool.
+    public func pools() async throws -> [PoolList.Pool] { try await get("/v1/pools", as: PoolList.self).pools }
 }

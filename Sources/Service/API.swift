@@ -1,3 +1,4 @@
+import AgentdAPI
 import Foundation
 import Hands
 import JSONValues
@@ -9,8 +10,7 @@ import SessionLog
 /// A JSON error response: `{"error": {"code": "...", "message": "..."}}`.
 enum APIError {
     static func response(_ status: Int, _ code: String, _ message: String) -> APIResponse {
-        let body: [String: Any] = ["error": ["code": code, "message": message]]
-        return APIResponse(status: status, headers: [("content-type", "application/json")], body: .bytes(JSON.bytes(body)))
+        JSON.ok(ErrorResponse(code: code, message: message), status: status)
     }
 
     static func response(for error: any Error) -> APIResponse {
@@ -27,32 +27,22 @@ enum APIError {
             return response(status, e.code.rawValue, e.message)
         }
         if let e = error as? BadRequest { return response(400, "invalid-argument", e.message) }
+        if let e = error as? APIRequestError { return response(400, "invalid-argument", e.message) }
         return response(500, "internal", "\(error)")
     }
 }
 
 struct BadRequest: Error { let message: String }
 
-/// JSON helpers for the API (Foundation's JSONSerialization: payloads are free-form).
+/// Typed bodies in and out: requests decode strictly into the AgentdAPI types (or are a 400),
+/// answers are encoded from them.
 enum JSON {
-    static func bytes(_ object: Any) -> [UInt8] {
-        Array((try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8))
+    static func decode<Body: APIRequestBody>(_ type: Body.Type, _ request: APIRequest) throws -> Body {
+        try APIBody.decode(type, from: request.body)
     }
 
-    static func object(_ body: [UInt8]) throws -> [String: Any] {
-        if body.isEmpty { return [:] }
-        let value: Any
-        do {
-            value = try JSONSerialization.jsonObject(with: Data(body), options: [.fragmentsAllowed])
-        } catch {
-            throw BadRequest(message: "the request body is not valid JSON: \(error.localizedDescription)")
-        }
-        guard let object = value as? [String: Any] else { throw BadRequest(message: "the request body must be a JSON object") }
-        return object
-    }
-
-    static func ok(_ object: Any, status: Int = 200) -> APIResponse {
-        APIResponse(status: status, headers: [("content-type", "application/json")], body: .bytes(bytes(object)))
+    static func ok(_ value: some Encodable, status: Int = 200) -> APIResponse {
+        APIResponse(status: status, headers: [("content-type", "application/json")], body: .bytes(APIBody.encode(value)))
     }
 }
 
@@ -65,14 +55,14 @@ enum Route {
         "v1/sessions/:id/tasks/:task/end", "v1/policies", "v1/policies/reload", "v1/pools", "v1/images",
     ]
 
-    /// The captured `:name` segments when `parts` match `pattern`, else nil.
+    /// The captured `:name` segments (as sent, still percent-encoded) when `parts` match `pattern`, else nil.
     static func match(_ pattern: String, _ parts: [String]) -> [String]? {
         let segments = pattern.split(separator: "/").map(String.init)
         guard segments.count == parts.count else { return nil }
         var captured: [String] = []
         for (segment, part) in zip(segments, parts) {
             if segment.hasPrefix(":") {
-                captured.append(part.removingPercentEncoding ?? part)
+                captured.append(part)  // percent-decoded and checked by APIParameters.segment
             } else if segment != part {
                 return nil
             }
@@ -117,125 +107,119 @@ public struct API: Sendable {
 
     private func route(_ r: APIRequest) async throws -> APIResponse {
         let parts = r.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
-        func match(_ method: String, _ pattern: String) -> [String]? {
-            guard r.method == method else { return nil }
-            return Route.match(pattern, parts)
+        /// The route's path parameters when `r` is `method pattern`; its query is checked
+        /// against `query` (the parameters the route takes).
+        func match(_ method: String, _ pattern: String, query: [String] = []) throws -> [String]? {
+            guard r.method == method, let captured = Route.match(pattern, parts) else { return nil }
+            try APIParameters.check(r.query, allowed: query, route: "\(method) /\(pattern)")
+            return captured
         }
-        if match("GET", "v1/health") != nil {
+        if try match("GET", "v1/health") != nil {
             return JSON.ok(await health())
         }
-        if match("GET", "v1/tools") != nil {
-            return JSON.ok(["tools": ToolCall.catalog.map { ["name": $0.name, "description": $0.description, "input_schema": $0.inputSchema] }])
+        if try match("GET", "v1/tools") != nil {
+            return JSON.ok(Self.tools)
         }
-        if match("GET", "metrics") != nil {
+        if try match("GET", "metrics") != nil {
             return APIResponse(status: 200, headers: [("content-type", "text/plain; version=0.0.4")], body: .bytes(Array(await metrics.exposition(runtime).utf8)))
         }
-        if match("GET", "v1/sessions") != nil {
-            return JSON.ok(["sessions": try await runtime.listSessions().map(Self.json)])
+        if try match("GET", "v1/sessions") != nil {
+            return JSON.ok(SessionList(sessions: try await runtime.listSessions().map(Self.info)))
         }
-        if match("POST", "v1/sessions") != nil {
-            let body = try JSON.object(r.body)
-            let summary = try await runtime.createSession(policy: try string(body, "policy"), id: try string(body, "id"))
-            return JSON.ok(Self.json(summary), status: 201)
+        if try match("POST", "v1/sessions") != nil {
+            let body = try JSON.decode(CreateSessionRequest.self, r)
+            let summary = try await runtime.createSession(policy: body.policy, id: body.id)
+            return JSON.ok(Self.info(summary), status: 201)
         }
-        if let p = match("GET", "v1/sessions/:id") {
-            let id = p[0]
-            return JSON.ok(Self.json(try await runtime.summary(id)))
+        if let p = try match("GET", "v1/sessions/:id") {
+            return JSON.ok(Self.info(try await runtime.summary(try Self.session(p))))
         }
-        if let p = match("GET", "v1/sessions/:id/events") {
-            let id = p[0]
-            let after = try uint(r.query["after"], "after") ?? 0
-            let follow = r.query["follow"] == "true" || r.query["follow"] == "1" || (r.header("accept")?.contains("text/event-stream") ?? false)
+        if let p = try match("GET", "v1/sessions/:id/events", query: ["after", "follow"]) {
+            let id = try Self.session(p)
+            let after = try APIParameters.after(r.query["after"])
+            let follow = try APIParameters.follow(r.query["follow"]) || (r.header("accept")?.contains("text/event-stream") ?? false)
             let events = try await runtime.events(id, after: after, follow: follow)
-            return follow ? Self.sse(events) : JSON.ok(["events": try await collect(events)])
+            return follow ? Self.sse(events) : JSON.ok(EventList(events: try await collect(events)))
         }
-        if let p = match("POST", "v1/sessions/:id/execute") {
-            let id = p[0]
-            let body = try JSON.object(r.body)
-            guard let tool = try string(body, "tool") else { throw BadRequest(message: "execute needs \"tool\" (one of bash, read_file, write_file, list_files)") }
-            let input = body["input"].map { JSON.bytes($0) } ?? Array("{}".utf8)
-            let key = try string(body, "idempotency_key") ?? r.header("idempotency-key")
+        if let p = try match("POST", "v1/sessions/:id/execute") {
+            let id = try Self.session(p)
+            let body = try JSON.decode(ExecuteRequest.self, r)
+            let key = body.idempotencyKey ?? r.header("idempotency-key")
             let started = ContinuousClock.now
             let outcome = try await runtime.execute(
-                session: id, task: try string(body, "task") ?? "main", tool: tool, input: input, epoch: try uint(body["epoch"], "epoch"),
-                idempotencyKey: key)
+                session: id, task: body.task ?? "main", tool: body.tool, input: Array(body.input.data), epoch: body.epoch, idempotencyKey: key)
             metrics.observeExecute(seconds: (ContinuousClock.now - started).seconds, isError: outcome.result.isError)
-            var result: [String: Any] = ["output": outcome.result.output, "is_error": outcome.result.isError]
-            if let code = outcome.result.exitCode { result["exit_code"] = code }
-            return JSON.ok(["result": result, "intent_seq": outcome.intent_seq, "result_seq": outcome.result_seq, "replayed": outcome.replayed])
+            let result = ExecuteResponse.Result(output: outcome.result.output, isError: outcome.result.isError, exitCode: outcome.result.exitCode)
+            return JSON.ok(ExecuteResponse(result: result, intentSeq: outcome.intent_seq, resultSeq: outcome.result_seq, replayed: outcome.replayed))
         }
-        if let p = match("POST", "v1/sessions/:id/wake") {
-            let id = p[0]
+        if let p = try match("POST", "v1/sessions/:id/wake") {
+            let id = try Self.session(p)
+            _ = try JSON.decode(EmptyRequest.self, r)
             let lease = try await runtime.wake(id)
-            return JSON.ok(["session": lease.session.rawValue, "epoch": lease.epoch, "seq": lease.seq])
+            return JSON.ok(WakeResponse(session: lease.session.rawValue, epoch: lease.epoch, seq: lease.seq))
         }
-        if let p = match("POST", "v1/sessions/:id/checkpoint") {
-            let id = p[0]
-            let body = try JSON.object(r.body)
-            guard let state = body["state"] else { throw BadRequest(message: "checkpoint needs \"state\" (any JSON value)") }
-            let seq = try await runtime.checkpoint(id, state: JSON.bytes(state), epoch: try uint(body["epoch"], "epoch"))
-            return JSON.ok(["seq": seq])
+        if let p = try match("POST", "v1/sessions/:id/checkpoint") {
+            let id = try Self.session(p)
+            let body = try JSON.decode(CheckpointRequest.self, r)
+            let seq = try await runtime.checkpoint(id, state: Array(body.state.data), epoch: body.epoch)
+            return JSON.ok(CheckpointResponse(seq: seq))
         }
-        if let p = match("GET", "v1/sessions/:id/snapshot") {
-            let id = p[0]
-            let snapshot = try await runtime.getSession(id)
-            var out: [String: Any] = [
-                "session": snapshot.session.rawValue, "lease_epoch": snapshot.leaseEpoch, "last_seq": snapshot.lastSeq,
-                "events": snapshot.events.map(Self.json),
-            ]
-            if let c = snapshot.checkpoint {
-                out["checkpoint"] = ["seq": c.seq, "epoch": c.epoch, "state": Self.payload(c.state)]
-            } else {
-                out["checkpoint"] = NSNull()
-            }
-            return JSON.ok(out)
+        if let p = try match("GET", "v1/sessions/:id/snapshot") {
+            let snapshot = try await runtime.getSession(try Self.session(p))
+            let checkpoint = snapshot.checkpoint.map { SnapshotResponse.Checkpoint(seq: $0.seq, epoch: $0.epoch, state: Self.payload($0.state)) }
+            return JSON.ok(
+                SnapshotResponse(
+                    session: snapshot.session.rawValue, leaseEpoch: snapshot.leaseEpoch, lastSeq: snapshot.lastSeq, checkpoint: checkpoint,
+                    events: snapshot.events.map(Self.info)))
         }
-        if let p = match("GET", "v1/sessions/:id/verify") {
-            let id = p[0]
+        if let p = try match("GET", "v1/sessions/:id/verify") {
+            let id = try Self.session(p)
             let report = try await runtime.verify(id)
-            var out: [String: Any] = ["session": id, "intact": report.isIntact, "verified_records": report.verifiedRecords, "last_hash": report.lastHash]
-            if let b = report.firstBroken {
-                out["first_broken"] = ["seq": b.seq, "segment": b.segment, "offset": b.offset, "reason": b.reason]
-            } else {
-                out["first_broken"] = NSNull()
+            let broken = report.firstBroken.map { VerifyResponse.BrokenLink(seq: $0.seq, segment: $0.segment, offset: $0.offset, reason: $0.reason) }
+            return JSON.ok(
+                VerifyResponse(session: id, intact: report.isIntact, verifiedRecords: report.verifiedRecords, lastHash: report.lastHash, firstBroken: broken))
+        }
+        if let p = try match("POST", "v1/sessions/:id/tasks/:task/end") {
+            let id = try Self.session(p)
+            let task = try APIParameters.segment(p[1], what: "task")
+            let body = try JSON.decode(TaskEndRequest.self, r)
+            let had = try await runtime.endTask(id, task: task, epoch: body.epoch)
+            return JSON.ok(TaskEndResponse(task: task, releasedSandbox: had))
+        }
+        if try match("GET", "v1/pools") != nil {
+            let pools = await runtime.pools().map { entry in
+                PoolList.Pool(
+                    policy: entry.policy, target: entry.status.target, ready: entry.status.ready, warming: entry.status.warming,
+                    lastError: entry.status.lastError)
             }
-            return JSON.ok(out)
+            return JSON.ok(PoolList(pools: pools))
         }
-        if let p = match("POST", "v1/sessions/:id/tasks/:task/end") {
-            let id = p[0], task = p[1]
-            let body = try JSON.object(r.body)
-            let had = try await runtime.endTask(id, task: task, epoch: try uint(body["epoch"], "epoch"))
-            return JSON.ok(["task": task, "released_sandbox": had])
-        }
-        if match("GET", "v1/pools") != nil {
-            let pools = await runtime.pools().map { entry -> [String: Any] in
-                [
-                    "policy": entry.policy, "target": entry.status.target, "ready": entry.status.ready, "warming": entry.status.warming,
-                    "last_error": entry.status.lastError ?? NSNull(),
-                ]
-            }
-            return JSON.ok(["pools": pools])
-        }
-        if match("POST", "v1/images") != nil {
+        if try match("POST", "v1/images", query: ["name"]) != nil {
             guard let file = r.bodyFile, let name = r.query["name"] else {
                 throw BadRequest(message: "POST /v1/images takes the tarball as the body and ?name=REPOSITORY[:TAG]")
             }
             let image = try await runtime.importImage(tarball: file, name: name)
-            return JSON.ok(["name": image.name, "id": image.id, "size": image.sizeBytes], status: 201)
+            return JSON.ok(ImageResponse(name: image.name, id: image.id, size: image.sizeBytes), status: 201)
         }
-        if match("GET", "v1/policies") != nil {
-            return JSON.ok(await policiesJSON())
+        if try match("GET", "v1/policies") != nil {
+            return JSON.ok(await policyList())
         }
-        if match("POST", "v1/policies/reload") != nil {
+        if try match("POST", "v1/policies/reload") != nil {
+            _ = try JSON.decode(EmptyRequest.self, r)
             let outcome = await runtime.policies.reload()
-            var out = await policiesJSON()
-            out["outcome"] = "\(outcome)"
+            var out = await policyList()
+            out.outcome = "\(outcome)"
             return JSON.ok(out)
         }
         if Route.known(parts) {
             return APIError.response(405, "method-not-allowed", "\(r.method) is not allowed on \(r.path)")
         }
         return APIError.response(404, "no-route", "no route \(r.method) \(r.path); see GET /v1/health and the OpenAPI document")
+    }
+
+    /// The session id of a route's path parameters, checked to be one path segment.
+    private static func session(_ parameters: [String]) throws -> String {
+        try APIParameters.segment(parameters.first ?? "", what: "session id")
     }
 
     // MARK: - uploads
@@ -274,36 +258,37 @@ public struct API: Sendable {
             })
     }
 
-    private func health() async -> [String: Any] {
+    private func health() async -> HealthResponse {
         let policies = runtime.policies
-        return [
-            "status": "ok",
-            "sessions": runtime.store.sessions().count,
-            "sandboxes": ["live": await runtime.hands.liveCount, "pooled": await runtime.hands.pooledCount],
-            "policies": ["loaded": await policies.current.names, "errors": await policies.lastErrors.map(\.description)],
-        ]
+        return HealthResponse(
+            status: "ok", sessions: runtime.store.sessions().count,
+            sandboxes: .init(live: await runtime.hands.liveCount, pooled: await runtime.hands.pooledCount),
+            policies: .init(loaded: await policies.current.names, errors: await policies.lastErrors.map(\.description)))
     }
 
-    private func policiesJSON() async -> [String: Any] {
+    private func policyList() async -> PolicyList {
         let store = runtime.policies
         let set = await store.current
-        return [
-            "policies": set.names.map { name -> [String: Any] in
-                let p = set.policy(named: name)
-                return [
-                    "name": name, "sha256": p?.sha256 ?? "", "file": p?.sourcePath ?? "", "driver": p?.hands.driver.rawValue ?? "",
-                    "brain": ["retries": p?.brain.retries ?? 0, "backoff_s": p?.brain.backoffSeconds ?? 0],
-                ]
-            },
-            "generation": await store.generation,
-            "errors": await store.lastErrors.map(\.description),
-        ]
+        let policies = set.names.map { name in
+            let p = set.policy(named: name)
+            return PolicyList.Policy(
+                name: name, sha256: p?.sha256 ?? "", file: p?.sourcePath ?? "", driver: p?.hands.driver.rawValue ?? "",
+                commandTimeoutSeconds: p?.hands.commandTimeoutSeconds,
+                brain: .init(retries: p?.brain.retries ?? 0, backoffSeconds: p?.brain.backoffSeconds ?? 0))
+        }
+        return PolicyList(policies: policies, generation: await store.generation, errors: await store.lastErrors.map(\.description))
     }
 
-    private func collect(_ events: EventSequence) async throws -> [[String: Any]] {
-        var out: [[String: Any]] = []
+    /// `GET /v1/tools`: built once from the Hands' catalog (server data, not request data).
+    static let tools = ToolList(
+        tools: ToolCall.catalog.map { spec in
+            ToolList.Tool(name: spec.name, description: spec.description, inputSchema: (try? JSONValue(foundationObject: spec.inputSchema)) ?? .object([:]))
+        })
+
+    private func collect(_ events: EventSequence) async throws -> [EventInfo] {
+        var out: [EventInfo] = []
         do {
-            for try await event in events { out.append(Self.json(event)) }
+            for try await event in events { out.append(Self.info(event)) }
         } catch let e as SessionLogError {
             throw RuntimeError(.storage, e.message)
         }
@@ -317,11 +302,11 @@ public struct API: Sendable {
         let pump = Task {
             do {
                 for try await event in events {
-                    let data = String(decoding: JSON.bytes(json(event)), as: UTF8.self)
+                    let data = String(decoding: APIBody.encode(info(event)), as: UTF8.self)
                     continuation.yield(Array("id: \(event.seq)\nevent: \(event.type)\ndata: \(data)\n\n".utf8))
                 }
             } catch {
-                continuation.yield(Array("event: error\ndata: \(String(decoding: JSON.bytes(["message": "\(error)"]), as: UTF8.self))\n\n".utf8))
+                continuation.yield(Array("event: error\ndata: \(String(decoding: APIBody.encode(["message": "\(error)"]), as: UTF8.self))\n\n".utf8))
             }
             continuation.finish()
         }
@@ -338,35 +323,17 @@ public struct API: Sendable {
         return APIResponse(status: 200, headers: [("content-type", "text/event-stream"), ("cache-control", "no-cache")], body: .stream(stream))
     }
 
-    static func json(_ s: SessionSummary) -> [String: Any] {
-        ["id": s.id, "policy": s.policy, "last_seq": s.last_seq, "lease_epoch": s.lease_epoch, "live_tasks": s.live_tasks]
+    static func info(_ s: SessionSummary) -> SessionInfo {
+        SessionInfo(id: s.id, policy: s.policy, lastSeq: s.last_seq, leaseEpoch: s.lease_epoch, liveTasks: s.live_tasks)
     }
 
-    static func json(_ e: Event) -> [String: Any] {
-        ["seq": e.seq, "epoch": e.epoch, "time": ISO8601DateFormatter.fractional.string(from: e.timestamp), "type": e.type, "payload": payload(e.payload)]
+    static func info(_ e: Event) -> EventInfo {
+        EventInfo(seq: e.seq, epoch: e.epoch, time: ISO8601DateFormatter.fractional.string(from: e.timestamp), type: e.type, payload: payload(e.payload))
     }
 
     /// A payload as JSON when it is JSON, else as a string.
-    static func payload(_ bytes: [UInt8]) -> Any {
-        (try? JSONSerialization.jsonObject(with: Data(bytes), options: [.fragmentsAllowed])) ?? String(decoding: bytes, as: UTF8.self)
-    }
-
-    private func string(_ body: [String: Any], _ key: String) throws -> String? {
-        guard let v = body[key], !(v is NSNull) else { return nil }
-        guard let s = v as? String else { throw BadRequest(message: "\"\(key)\" must be a string") }
-        return s
-    }
-
-    private func uint(_ value: Any?, _ key: String) throws -> UInt64? {
-        guard let value, !(value is NSNull) else { return nil }
-        if let s = value as? String {
-            guard let n = UInt64(s) else { throw BadRequest(message: "\"\(key)\" must be a non-negative integer, not '\(s)'") }
-            return n
-        }
-        guard let n = value as? NSNumber, !isJSONBoolean(value), n.doubleValue >= 0, n.doubleValue == n.doubleValue.rounded() else {
-            throw BadRequest(message: "\"\(key)\" must be a non-negative integer")
-        }
-        return n.uint64Value
+    static func payload(_ bytes: [UInt8]) -> JSONValue {
+        (try? JSONValue(data: Data(bytes))) ?? .string(String(decoding: bytes, as: UTF8.self))
     }
 }
 

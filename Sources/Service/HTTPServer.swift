@@ -311,13 +311,19 @@ public final class HTTPServer: Service, Sendable {
     }
 
     private static func request(_ head: HTTPRequestHead, body: [UInt8], peer: PeerCredentials?) -> APIRequest {
-        let parts = head.uri.split(separator: "?", maxSplits: 1)
+        // Keep empty pieces: `?=`, `?a`, `a=` and a target starting with `?` all parse (an
+        // empty name is kept for the router to refuse, never indexed into).
+        let parts = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        func decoded(_ text: Substring) -> String {
+            let plain = text.replacingOccurrences(of: "+", with: " ")
+            return plain.removingPercentEncoding ?? plain
+        }
         var query: [String: String] = [:]
         if parts.count > 1 {
             for pair in parts[1].split(separator: "&") {
-                let kv = pair.split(separator: "=", maxSplits: 1)
-                let key = String(kv[0]).removingPercentEncoding ?? String(kv[0])
-                query[key] = kv.count > 1 ? (String(kv[1]).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? String(kv[1])) : ""
+                let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                guard let key = kv.first else { continue }
+                query[decoded(key)] = kv.dropFirst().first.map(decoded) ?? ""
             }
         }
         return APIRequest(

@@ -760,7 +760,8 @@ public struct EventSequence: AsyncSequence, Sendable {
 
     /// An iterator that starts after `after`.
     public func makeAsyncIterator() -> Iterator {
-        Iterator(store: store, session: session, next: after + 1, follow: follow)
+        // No event can follow seq 2^64-1: start there (an empty read) rather than overflow.
+        Iterator(store: store, session: session, next: after == .max ? .max : after + 1, follow: follow)
     }
 
     /// Reads the session in chunks of 4096 records, reading the next chunk ahead.

@@ -1,7 +1,9 @@
+import AgentdAPI
 import AgentdClient
 import ArgumentParser
 import CurlHTTP
 import Foundation
+import JSONValues
 
 @main
 struct AgentCtl: AsyncParsableCommand {
@@ -85,11 +87,38 @@ func agentctlFailure(_ message: String) -> ExitCode {
     return .failure
 }
 
-func printJSONObject(_ object: Any) {
-    let data = (try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])) ?? Data()
+/// Prints an API answer as indented JSON with sorted keys (`--json`).
+func printJSON(_ value: some Encodable) {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    let data = (try? encoder.encode(value)) ?? Data("{}".utf8)
     print(String(decoding: data, as: UTF8.self))
 }
 
+/// The lease epoch to send: `--epoch`, else `$AGENTD_EPOCH`.
+/// - Throws: `ValidationError` when `$AGENTD_EPOCH` is not an integer.
+func leaseEpoch(_ option: UInt64?) throws -> UInt64? {
+    if let option { return option }
+    guard let text = ProcessInfo.processInfo.environment["AGENTD_EPOCH"], !text.isEmpty else { return nil }
+    guard let epoch = UInt64(text) else {
+        throw ValidationError("AGENTD_EPOCH='\(text)' is not a lease epoch: set it to the number `agentctl wake ID` printed")
+    }
+    return epoch
+}
+
+/// Runs `body` like `guarded`, adding how to pass the epoch when agentd refuses a call
+/// because the session was woken and this call carried none (409).
+func fenced(_ id: String, epoch: UInt64?, _ body: () async throws -> Void) async throws {
+    do {
+        try await body()
+    } catch let error as AgentdClientError where error.status == 409 && epoch == nil {
+        throw agentctlFailure(
+            "\(error.message) — this call carried no lease epoch: pass the one `agentctl wake \(id)` printed with --epoch N "
+                + "(or set AGENTD_EPOCH=N); `agentctl session show \(id)` shows the current one")
+    } catch let error as AgentdClientError {
+        throw agentctlFailure(error.message)
+    }
+}
 
 struct SessionCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -103,11 +132,8 @@ struct SessionCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                var body: [String: Any] = [:]
-                if let policy { body["policy"] = policy }
-                if let id { body["id"] = id }
-                let reply = try await options.client.post("/v1/sessions", body)
-                if options.json { printJSONObject(reply.json) } else { print(reply["id"] as? String ?? "") }
+                let session = try await options.client.createSession(policy: policy, id: id)
+                if options.json { printJSON(session) } else { print(session.id) }
             }
         }
     }
@@ -118,16 +144,15 @@ struct SessionCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                let reply = try await options.client.get("/v1/sessions")
-                if options.json { return printJSONObject(reply.json) }
-                let rows = (reply["sessions"] as? [[String: Any]]) ?? []
+                let sessions = try await options.client.sessions()
+                if options.json { return printJSON(SessionList(sessions: sessions)) }
                 print("ID".padding(toLength: 24, withPad: " ", startingAt: 0) + "POLICY".padding(toLength: 16, withPad: " ", startingAt: 0) + "EVENTS  EPOCH  LIVE TASKS")
-                for r in rows {
-                    let id = (r["id"] as? String ?? "").padding(toLength: 24, withPad: " ", startingAt: 0)
-                    let policy = (r["policy"] as? String ?? "").padding(toLength: 16, withPad: " ", startingAt: 0)
-                    let events = "\(r["last_seq"] ?? 0)".padding(toLength: 8, withPad: " ", startingAt: 0)
-                    let epoch = "\(r["lease_epoch"] ?? 0)".padding(toLength: 7, withPad: " ", startingAt: 0)
-                    let live = ((r["live_tasks"] as? [String]) ?? []).joined(separator: ",")
+                for r in sessions {
+                    let id = r.id.padding(toLength: 24, withPad: " ", startingAt: 0)
+                    let policy = r.policy.padding(toLength: 16, withPad: " ", startingAt: 0)
+                    let events = "\(r.lastSeq)".padding(toLength: 8, withPad: " ", startingAt: 0)
+                    let epoch = "\(r.leaseEpoch)".padding(toLength: 7, withPad: " ", startingAt: 0)
+                    let live = r.liveTasks.joined(separator: ",")
                     print(id + policy + events + epoch + (live.isEmpty ? "-" : live))
                 }
             }
@@ -141,14 +166,13 @@ struct SessionCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                let reply = try await options.client.get("\(AgentdClient.sessionPath(id))")
-                if options.json { return printJSONObject(reply.json) }
-                print("session     \(reply["id"] ?? id)")
-                print("policy      \(reply["policy"] ?? "")")
-                print("events      \(reply["last_seq"] ?? 0)")
-                print("lease epoch \(reply["lease_epoch"] ?? 0)")
-                let live = (reply["live_tasks"] as? [String]) ?? []
-                print("live tasks  \(live.isEmpty ? "none" : live.joined(separator: ", "))")
+                let session = try await options.client.session(id)
+                if options.json { return printJSON(session) }
+                print("session     \(session.id)")
+                print("policy      \(session.policy)")
+                print("events      \(session.lastSeq)")
+                print("lease epoch \(session.leaseEpoch)")
+                print("live tasks  \(session.liveTasks.isEmpty ? "none" : session.liveTasks.joined(separator: ", "))")
             }
         }
     }
@@ -162,19 +186,17 @@ struct SessionCommand: AsyncParsableCommand {
 
         func run() async throws {
             try await guarded {
-                let path = "\(AgentdClient.sessionPath(id))/events?after=\(after)"
                 if follow {
                     let json = options.json
-                    try await options.client.follow(path + "&follow=true") { _, data in
-                        guard let event = (try? JSONSerialization.jsonObject(with: Data(data.utf8))) as? [String: Any] else { return }
+                    try await options.client.followEvents(id, after: after) { event, data in
                         print(json ? data : Timeline.line(event))
                         fflush(nil)
                     }
                     return
                 }
-                let reply = try await options.client.get(path)
-                if options.json { return printJSONObject(reply.json) }
-                for event in (reply["events"] as? [[String: Any]]) ?? [] { print(Timeline.line(event)) }
+                let events = try await options.client.events(id, after: after)
+                if options.json { return printJSON(EventList(events: events)) }
+                for event in events { print(Timeline.line(event)) }
             }
         }
     }
@@ -187,37 +209,63 @@ struct Exec: AsyncParsableCommand {
             Tools: bash {"command": …, "timeout_s"?, "cwd"?}, read_file {"path": …, "encoding"?}, \
             write_file {"path": …, "content": …, "encoding"?}, list_files {"path"?}.
             Example: agentctl exec $ID bash '{"command": "ls -la"}'
+            agentctl waits for the answer as long as the command may run (its timeout_s, else the \
+            session policy's command timeout) plus a minute for provisioning.
             """)
     @OptionGroup var options: ClientOptions
     @Argument(help: "Session id.") var id: String
     @Argument(help: "Tool name.") var tool: String
     @Argument(help: "Tool input as a JSON object.") var input: String = "{}"
     @Option(help: "Task within the session (each task has its own sandbox).") var task: String = "main"
-    @Option(help: "Lease epoch from `wake`; a stale one is refused.") var epoch: UInt64?
+    @Option(help: "Lease epoch from `wake` (default: $AGENTD_EPOCH); a stale one is refused.") var epoch: UInt64?
     @Option(help: "Idempotency key: a retried call with the same key returns the first result.") var idempotencyKey: String?
 
+    /// Beyond the command's own timeout: provisioning a sandbox and journaling.
+    static let margin: Duration = .seconds(60)
+
     func run() async throws {
+        guard let value = try? JSONValue(data: Data(input.utf8)), case .object = value else {
+            throw ValidationError(#"INPUT must be a JSON object, e.g. '{"command": "ls"}'"#)
+        }
+        let epoch = try leaseEpoch(epoch)
         var failed = false
-        try await guarded {
-            let result = try await options.client.execute(
-                session: id, tool: tool, input: Data(input.utf8), task: task, epoch: epoch, idempotencyKey: idempotencyKey)
+        try await fenced(id, epoch: epoch) {
+            let client = options.client
+            let timeout = await Self.commandTimeout(value, session: id, client: client) + Self.margin
+            let result = try await client.execute(
+                session: id, tool: tool, input: Data(input.utf8), task: task, epoch: epoch, idempotencyKey: idempotencyKey, timeout: timeout)
             failed = result.isError
-            if options.json { return printJSONObject(result.reply.json) }
+            if options.json { return printJSON(result.response) }
             print(result.output, terminator: result.output.hasSuffix("\n") ? "" : "\n")
         }
         if failed { throw ExitCode.failure }
     }
+
+    /// How long the command may run: the input's `timeout_s`, else the session policy's
+    /// command timeout (`GET /v1/policies`), else 240 s (agentd's largest default).
+    static func commandTimeout(_ input: JSONValue, session: String, client: AgentdClient) async -> Duration {
+        if case .number(let seconds)? = input["timeout_s"], seconds > 0, seconds <= 86400 { return .milliseconds(Int64(seconds * 1000)) }
+        if let policy = try? await client.session(session).policy,
+            let seconds = try? await client.policies().policies.first(where: { $0.name == policy })?.commandTimeoutSeconds,
+            seconds > 0, seconds <= 86400
+        {
+            return .milliseconds(Int64(seconds * 1000))
+        }
+        return .seconds(240)
+    }
 }
 
 struct Wake: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Take a session over: get a lease with a new fencing epoch (older epochs are refused from now on).")
+    static let configuration = CommandConfiguration(
+        abstract: "Take a session over: get a lease with a new fencing epoch (older epochs are refused from now on).",
+        discussion: "Pass the printed epoch to later calls with --epoch N, or export AGENTD_EPOCH=N.")
     @OptionGroup var options: ClientOptions
     @Argument(help: "Session id.") var id: String
 
     func run() async throws {
         try await guarded {
-            let reply = try await options.client.post("\(AgentdClient.sessionPath(id))/wake")
-            if options.json { printJSONObject(reply.json) } else { print(reply["epoch"] ?? 0) }
+            let lease = try await options.client.wake(id)
+            if options.json { printJSON(lease) } else { print(lease.epoch) }
         }
     }
 }
@@ -226,18 +274,17 @@ struct Checkpoint: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Store a Brain's state; `getSession` replays from the last checkpoint.")
     @OptionGroup var options: ClientOptions
     @Argument(help: "Session id.") var id: String
-    @Argument(help: "State as JSON.") var state: String
-    @Option(help: "Lease epoch.") var epoch: UInt64?
+    @Argument(help: "State as JSON (any value but null).") var state: String
+    @Option(help: "Lease epoch (default: $AGENTD_EPOCH).") var epoch: UInt64?
 
     func run() async throws {
-        guard let parsed = try? JSONSerialization.jsonObject(with: Data(state.utf8), options: [.fragmentsAllowed]) else {
-            throw ValidationError("STATE must be JSON")
+        guard let parsed = try? JSONValue(data: Data(state.utf8)) else {
+            throw ValidationError(#"STATE must be JSON, e.g. '{"step": 3}' or '"hello"'"#)
         }
-        try await guarded {
-            var body: [String: Any] = ["state": parsed]
-            if let epoch { body["epoch"] = epoch }
-            let reply = try await options.client.post("\(AgentdClient.sessionPath(id))/checkpoint", body)
-            if options.json { printJSONObject(reply.json) } else { print(reply["seq"] ?? 0) }
+        let epoch = try leaseEpoch(epoch)
+        try await fenced(id, epoch: epoch) {
+            let stored = try await options.client.checkpoint(id, state: parsed, epoch: epoch)
+            if options.json { printJSON(stored) } else { print(stored.seq) }
         }
     }
 }
@@ -250,14 +297,13 @@ struct Verify: AsyncParsableCommand {
     func run() async throws {
         var intact = true
         try await guarded {
-            let reply = try await options.client.get("\(AgentdClient.sessionPath(id))/verify")
-            intact = (reply["intact"] as? Bool) == true
-            if options.json { return printJSONObject(reply.json) }
-            if intact {
-                print("intact: \(reply["verified_records"] ?? 0) records, chain head \(String((reply["last_hash"] as? String ?? "").prefix(16)))…")
+            let report = try await options.client.verify(id)
+            intact = report.intact
+            if options.json { return printJSON(report) }
+            if let b = report.firstBroken {
+                print("BROKEN at seq \(b.seq) (\(b.segment) offset \(b.offset)): \(b.reason)")
             } else {
-                let b = reply["first_broken"] as? [String: Any] ?? [:]
-                print("BROKEN at seq \(b["seq"] ?? "?") (\(b["segment"] ?? "?") offset \(b["offset"] ?? "?")): \(b["reason"] ?? "")")
+                print("intact: \(report.verifiedRecords) records, chain head \(report.lastHash.prefix(16))…")
             }
         }
         if !intact { throw ExitCode.failure }
@@ -272,16 +318,14 @@ struct TaskCommand: AsyncParsableCommand {
         @OptionGroup var options: ClientOptions
         @Argument(help: "Session id.") var id: String
         @Argument(help: "Task name.") var task: String = "main"
-        @Option(help: "Lease epoch.") var epoch: UInt64?
+        @Option(help: "Lease epoch (default: $AGENTD_EPOCH).") var epoch: UInt64?
 
         func run() async throws {
-            try await guarded {
-                var body: [String: Any] = [:]
-                if let epoch { body["epoch"] = epoch }
-                let reply = try await options.client.post("\(AgentdClient.sessionPath(id))/tasks/\(AgentdClient.pathComponent(task))/end", body)
-                if options.json { printJSONObject(reply.json) } else {
-                    print((reply["released_sandbox"] as? Bool) == true ? "task \(task) ended; its sandbox was removed" : "task \(task) ended (it had no sandbox)")
-                }
+            let epoch = try leaseEpoch(epoch)
+            try await fenced(id, epoch: epoch) {
+                let ended = try await options.client.endTask(id, task: task, epoch: epoch)
+                if options.json { return printJSON(ended) }
+                print(ended.releasedSandbox ? "task \(task) ended; its sandbox was removed" : "task \(task) ended (it had no sandbox)")
             }
         }
     }
@@ -293,15 +337,13 @@ struct Health: AsyncParsableCommand {
 
     func run() async throws {
         try await guarded {
-            let reply = try await options.client.get("/v1/health")
-            if options.json { return printJSONObject(reply.json) }
-            let sandboxes = reply["sandboxes"] as? [String: Any] ?? [:]
-            let policies = reply["policies"] as? [String: Any] ?? [:]
-            print("status     \(reply["status"] ?? "?")")
-            print("sessions   \(reply["sessions"] ?? 0)")
-            print("sandboxes  \(sandboxes["live"] ?? 0) live, \(sandboxes["pooled"] ?? 0) pooled")
-            print("policies   \(((policies["loaded"] as? [String]) ?? []).joined(separator: ", "))")
-            for e in (policies["errors"] as? [String]) ?? [] { print("  error: \(e)") }
+            let health = try await options.client.health()
+            if options.json { return printJSON(health) }
+            print("status     \(health.status)")
+            print("sessions   \(health.sessions)")
+            print("sandboxes  \(health.sandboxes.live) live, \(health.sandboxes.pooled) pooled")
+            print("policies   \(health.policies.loaded.joined(separator: ", "))")
+            for e in health.policies.errors { print("  error: \(e)") }
         }
     }
 }

@@ -1,3 +1,4 @@
+import AgentdAPI
 import AgentdClient
 import ArgumentParser
 import Foundation
@@ -26,14 +27,11 @@ struct ImageCommand: AsyncParsableCommand {
             guard FileManager.default.isReadableFile(atPath: tarball) else { throw agentctlFailure("\(tarball): not readable by this user") }
             let progress = UploadProgress(label: (tarball as NSString).lastPathComponent)
             try await guarded {
-                let reply = try await options.client.upload(
-                    "/v1/images?name=\(name.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? name)", file: tarball,
-                    contentType: "application/x-tar", progress: { progress.report($0, $1) })
+                let image = try await options.client.importImage(file: tarball, name: name, progress: { progress.report($0, $1) })
                 progress.finish()
-                if options.json { return printJSONObject(reply.json) }
-                let id = (reply["id"] as? String ?? "").replacingOccurrences(of: "sha256:", with: "").prefix(12)
-                let size = (reply["size"] as? NSNumber)?.int64Value ?? 0
-                print("imported \(reply["name"] ?? name) (id \(id), \(UploadProgress.human(size)))")
+                if options.json { return printJSON(image) }
+                let id = image.id.replacingOccurrences(of: "sha256:", with: "").prefix(12)
+                print("imported \(image.name) (id \(id), \(UploadProgress.human(image.size)))")
             }
         }
     }
@@ -102,43 +100,43 @@ struct PoolCommand: AsyncParsableCommand {
             try await guarded {
                 let client = options.client
                 guard wait else {
-                    let reply = try await client.get("/v1/pools")
-                    if options.json { return printJSONObject(reply.json) }
+                    let pools = try await client.pools()
+                    if options.json { return printJSON(PoolList(pools: pools)) }
                     print("POLICY".padding(toLength: 20, withPad: " ", startingAt: 0) + "TARGET  READY  WARMING  LAST ERROR")
-                    for p in pools(reply) {
-                        let name = (p["policy"] as? String ?? "").padding(toLength: 20, withPad: " ", startingAt: 0)
-                        let target = "\(p["target"] ?? 0)".padding(toLength: 8, withPad: " ", startingAt: 0)
-                        let ready = "\(p["ready"] ?? 0)".padding(toLength: 7, withPad: " ", startingAt: 0)
-                        let warming = ((p["warming"] as? Bool) == true ? "yes" : "no").padding(toLength: 9, withPad: " ", startingAt: 0)
-                        print(name + target + ready + warming + (p["last_error"] as? String ?? "-"))
+                    for p in pools {
+                        let name = p.policy.padding(toLength: 20, withPad: " ", startingAt: 0)
+                        let target = "\(p.target)".padding(toLength: 8, withPad: " ", startingAt: 0)
+                        let ready = "\(p.ready)".padding(toLength: 7, withPad: " ", startingAt: 0)
+                        let warming = (p.warming ? "yes" : "no").padding(toLength: 9, withPad: " ", startingAt: 0)
+                        print(name + target + ready + warming + (p.lastError ?? "-"))
                     }
                     return
+                }
+                guard timeout.isFinite, timeout > 0, timeout <= 86400 else {
+                    throw agentctlFailure("--timeout \(timeout) must be a number of seconds above 0 and at most 86400")
                 }
                 let deadline = ContinuousClock.now + .milliseconds(Int(timeout * 1000))
                 var shown: [String: Int] = [:]
                 while true {
-                    let reply = try await client.get("/v1/pools")
-                    let active = pools(reply).filter { (($0["target"] as? NSNumber)?.intValue ?? 0) > 0 }
+                    let pools = try await client.pools()
+                    let active = pools.filter { $0.target > 0 }
                     var full = true
                     for p in active {
-                        let name = p["policy"] as? String ?? "?"
-                        let target = (p["target"] as? NSNumber)?.intValue ?? 0
-                        let ready = (p["ready"] as? NSNumber)?.intValue ?? 0
-                        if shown[name] != ready, !options.json {
-                            print("pool \(name): \(ready)/\(target) ready")
+                        if shown[p.policy] != p.ready, !options.json {
+                            print("pool \(p.policy): \(p.ready)/\(p.target) ready")
                             fflush(nil)
-                            shown[name] = ready
+                            shown[p.policy] = p.ready
                         }
-                        if ready < target {
+                        if p.ready < p.target {
                             full = false
-                            if let error = p["last_error"] as? String, (p["warming"] as? Bool) != true {
-                                failure = "pool \(name) cannot fill (\(ready)/\(target)): \(error)"
+                            if let error = p.lastError, !p.warming {
+                                failure = "pool \(p.policy) cannot fill (\(p.ready)/\(p.target)): \(error)"
                             }
                         }
                     }
                     if failure != nil { return }
                     if full {
-                        if options.json { printJSONObject(reply.json) } else if active.isEmpty { print("no policy asks for a warm pool") } else { print("all pools full") }
+                        if options.json { printJSON(PoolList(pools: pools)) } else if active.isEmpty { print("no policy asks for a warm pool") } else { print("all pools full") }
                         return
                     }
                     if ContinuousClock.now >= deadline {
@@ -150,7 +148,5 @@ struct PoolCommand: AsyncParsableCommand {
             }
             if let message = failure { throw agentctlFailure(message) }
         }
-
-        private func pools(_ reply: AgentdClient.Reply) -> [[String: Any]] { (reply["pools"] as? [[String: Any]]) ?? [] }
     }
 }

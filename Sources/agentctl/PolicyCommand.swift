@@ -26,7 +26,7 @@ struct PolicyCommand: AsyncParsableCommand {
                 let reports = files.map { file in
                     FileReport(file: file, ok: set.diagnostics(for: file).isEmpty, diagnostics: set.diagnostics(for: file))
                 }
-                try printJSON(reports)
+                printJSON(reports)
             } else {
                 for file in files {
                     let diagnostics = set.diagnostics(for: file)
@@ -73,7 +73,7 @@ struct PolicyCommand: AsyncParsableCommand {
                 throw ExitCode.failure
             }
             if json {
-                try printJSON(policy)
+                printJSON(policy)
             } else {
                 print(policy.effectiveYAML(), terminator: "")
             }
@@ -81,10 +81,4 @@ struct PolicyCommand: AsyncParsableCommand {
             if !set.isValid { throw ExitCode.failure }
         }
     }
-}
-
-private func printJSON(_ value: some Encodable) throws {
-    let encoder = JSONEncoder()
-    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-    print(String(decoding: try encoder.encode(value), as: UTF8.self))
 }

@@ -82,7 +82,7 @@ struct Run: AsyncParsableCommand {
                 tools: try await client.tools(), logger: logger)
             let outcome = try await harness.run(brainSession.conversation, maxTurns: maxTurns)
             if options.json {
-                printJSONObject(["session": brainSession.id, "epoch": brainSession.epoch, "turns": outcome.turns, "answer": outcome.answer])
+                printJSON(RunSummary(session: brainSession.id, epoch: brainSession.epoch, turns: outcome.turns, answer: outcome.answer))
             } else {
                 print(outcome.answer)
             }
@@ -94,6 +94,14 @@ struct Run: AsyncParsableCommand {
             throw agentctlFailure(error.message)
         }
     }
+}
+
+/// `agentctl run --json`: where the conversation is kept and how it ended.
+struct RunSummary: Encodable {
+    var session: String
+    var epoch: UInt64
+    var turns: Int
+    var answer: String
 }
 
 /// Prints a Brain's progress on stderr as plain lines (`run: …`), warnings marked as such.

@@ -1,0 +1,397 @@
+import Foundation
+import JSONValues
+
+// Response bodies of agentd's API. Fields that may be absent are encoded as `null` where the
+// API has always shown them (`checkpoint`, `first_broken`, `last_error`), and left out
+// otherwise (`exit_code`, `outcome`). Decoding ignores fields a newer agentd adds.
+
+/// The body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
+public struct ErrorResponse: Codable, Sendable, Equatable {
+    public struct Detail: Codable, Sendable, Equatable {
+        /// A stable code: `invalid-argument`, `not-found`, `stale-lease`, …
+        public var code: String
+        /// What was wrong and what to do.
+        public var message: String
+    }
+    public var error: Detail
+
+    public init(code: String, message: String) { error = Detail(code: code, message: message) }
+}
+
+/// A session: `GET /v1/sessions/{id}`, each of `GET /v1/sessions`, `POST /v1/sessions` (201).
+public struct SessionInfo: Codable, Sendable, Equatable {
+    public var id: String
+    public var policy: String
+    /// The sequence number of its last event (its event count).
+    public var lastSeq: UInt64
+    /// The epoch of the last `wake`; 0 before any.
+    public var leaseEpoch: UInt64
+    /// Tasks that hold a sandbox now.
+    public var liveTasks: [String]
+
+    enum CodingKeys: String, CodingKey {
+        case id, policy
+        case lastSeq = "last_seq"
+        case leaseEpoch = "lease_epoch"
+        case liveTasks = "live_tasks"
+    }
+
+    public init(id: String, policy: String, lastSeq: UInt64, leaseEpoch: UInt64, liveTasks: [String]) {
+        self.id = id
+        self.policy = policy
+        self.lastSeq = lastSeq
+        self.leaseEpoch = leaseEpoch
+        self.liveTasks = liveTasks
+    }
+}
+
+/// `GET /v1/sessions`.
+public struct SessionList: Codable, Sendable, Equatable {
+    public var sessions: [SessionInfo]
+    public init(sessions: [SessionInfo]) { self.sessions = sessions }
+}
+
+/// A journal event as the API shows it (also each server-sent event's `data:`).
+public struct EventInfo: Codable, Sendable, Equatable {
+    public var seq: UInt64
+    public var epoch: UInt64
+    /// ISO 8601 with fractional seconds, UTC.
+    public var time: String
+    public var type: String
+    /// The event's payload: JSON when it is JSON, else a string.
+    public var payload: JSONValue
+
+    public init(seq: UInt64, epoch: UInt64, time: String, type: String, payload: JSONValue) {
+        self.seq = seq
+        self.epoch = epoch
+        self.time = time
+        self.type = type
+        self.payload = payload
+    }
+}
+
+/// `GET /v1/sessions/{id}/events`.
+public struct EventList: Codable, Sendable, Equatable {
+    public var events: [EventInfo]
+    public init(events: [EventInfo]) { self.events = events }
+}
+
+/// `POST /v1/sessions/{id}/execute`: the tool's result and where it was journaled.
+public struct ExecuteResponse: Codable, Sendable, Equatable {
+    public struct Result: Codable, Sendable, Equatable {
+        /// The tool's output, or what went wrong as a string a model can read.
+        public var output: String
+        public var isError: Bool
+        /// The command's exit code (`bash`).
+        public var exitCode: Int?
+
+        enum CodingKeys: String, CodingKey {
+            case output
+            case isError = "is_error"
+            case exitCode = "exit_code"
+        }
+
+        public init(output: String, isError: Bool, exitCode: Int?) {
+            self.output = output
+            self.isError = isError
+            self.exitCode = exitCode
+        }
+    }
+    public var result: Result
+    public var intentSeq: UInt64
+    public var resultSeq: UInt64
+    /// True when an earlier call with the same idempotency key answered it from the journal.
+    public var replayed: Bool
+
+    enum CodingKeys: String, CodingKey {
+        case result, replayed
+        case intentSeq = "intent_seq"
+        case resultSeq = "result_seq"
+    }
+
+    public init(result: Result, intentSeq: UInt64, resultSeq: UInt64, replayed: Bool) {
+        self.result = result
+        self.intentSeq = intentSeq
+        self.resultSeq = resultSeq
+        self.replayed = replayed
+    }
+}
+
+/// `POST /v1/sessions/{id}/wake`: the new lease.
+public struct WakeResponse: Codable, Sendable, Equatable {
+    public var session: String
+    /// The fencing epoch to pass with every later call.
+    public var epoch: UInt64
+    /// The sequence number of the lease event.
+    public var seq: UInt64
+
+    public init(session: String, epoch: UInt64, seq: UInt64) {
+        self.session = session
+        self.epoch = epoch
+        self.seq = seq
+    }
+}
+
+/// `POST /v1/sessions/{id}/checkpoint`.
+public struct CheckpointResponse: Codable, Sendable, Equatable {
+    public var seq: UInt64
+    public init(seq: UInt64) { self.seq = seq }
+}
+
+/// `GET /v1/sessions/{id}/snapshot` (getSession): the last checkpoint and the events after it.
+public struct SnapshotResponse: Codable, Sendable, Equatable {
+    public struct Checkpoint: Codable, Sendable, Equatable {
+        public var seq: UInt64
+        public var epoch: UInt64
+        public var state: JSONValue
+        public init(seq: UInt64, epoch: UInt64, state: JSONValue) {
+            self.seq = seq
+            self.epoch = epoch
+            self.state = state
+        }
+    }
+    public var session: String
+    public var leaseEpoch: UInt64
+    public var lastSeq: UInt64
+    public var checkpoint: Checkpoint?
+    public var events: [EventInfo]
+
+    enum CodingKeys: String, CodingKey {
+        case session, checkpoint, events
+        case leaseEpoch = "lease_epoch"
+        case lastSeq = "last_seq"
+    }
+
+    public init(session: String, leaseEpoch: UInt64, lastSeq: UInt64, checkpoint: Checkpoint?, events: [EventInfo]) {
+        self.session = session
+        self.leaseEpoch = leaseEpoch
+        self.lastSeq = lastSeq
+        self.checkpoint = checkpoint
+        self.events = events
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(session, forKey: .session)
+        try c.encode(leaseEpoch, forKey: .leaseEpoch)
+        try c.encode(lastSeq, forKey: .lastSeq)
+        try c.encode(checkpoint, forKey: .checkpoint)  // null when there is none
+        try c.encode(events, forKey: .events)
+    }
+}
+
+/// `GET /v1/sessions/{id}/verify`: the hash chain walked.
+public struct VerifyResponse: Codable, Sendable, Equatable {
+    public struct BrokenLink: Codable, Sendable, Equatable {
+        public var seq: UInt64
+        public var segment: String
+        public var offset: UInt64
+        public var reason: String
+        public init(seq: UInt64, segment: String, offset: UInt64, reason: String) {
+            self.seq = seq
+            self.segment = segment
+            self.offset = offset
+            self.reason = reason
+        }
+    }
+    public var session: String
+    public var intact: Bool
+    public var verifiedRecords: UInt64
+    public var lastHash: String
+    public var firstBroken: BrokenLink?
+
+    enum CodingKeys: String, CodingKey {
+        case session, intact
+        case verifiedRecords = "verified_records"
+        case lastHash = "last_hash"
+        case firstBroken = "first_broken"
+    }
+
+    public init(session: String, intact: Bool, verifiedRecords: UInt64, lastHash: String, firstBroken: BrokenLink?) {
+        self.session = session
+        self.intact = intact
+        self.verifiedRecords = verifiedRecords
+        self.lastHash = lastHash
+        self.firstBroken = firstBroken
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(session, forKey: .session)
+        try c.encode(intact, forKey: .intact)
+        try c.encode(verifiedRecords, forKey: .verifiedRecords)
+        try c.encode(lastHash, forKey: .lastHash)
+        try c.encode(firstBroken, forKey: .firstBroken)  // null when intact
+    }
+}
+
+/// `POST /v1/sessions/{id}/tasks/{task}/end`.
+public struct TaskEndResponse: Codable, Sendable, Equatable {
+    public var task: String
+    /// Whether the task had a sandbox (now removed).
+    public var releasedSandbox: Bool
+
+    enum CodingKeys: String, CodingKey {
+        case task
+        case releasedSandbox = "released_sandbox"
+    }
+
+    public init(task: String, releasedSandbox: Bool) {
+        self.task = task
+        self.releasedSandbox = releasedSandbox
+    }
+}
+
+/// `GET /v1/health`.
+public struct HealthResponse: Codable, Sendable, Equatable {
+    public struct Sandboxes: Codable, Sendable, Equatable {
+        public var live: Int
+        public var pooled: Int
+        public init(live: Int, pooled: Int) {
+            self.live = live
+            self.pooled = pooled
+        }
+    }
+    public struct Policies: Codable, Sendable, Equatable {
+        public var loaded: [String]
+        /// The last refused edit's errors, `FILE:LINE:COL: message`.
+        public var errors: [String]
+        public init(loaded: [String], errors: [String]) {
+            self.loaded = loaded
+            self.errors = errors
+        }
+    }
+    public var status: String
+    public var sessions: Int
+    public var sandboxes: Sandboxes
+    public var policies: Policies
+
+    public init(status: String, sessions: Int, sandboxes: Sandboxes, policies: Policies) {
+        self.status = status
+        self.sessions = sessions
+        self.sandboxes = sandboxes
+        self.policies = policies
+    }
+}
+
+/// `GET /v1/tools`: the tools every session serves.
+public struct ToolList: Codable, Sendable, Equatable {
+    public struct Tool: Codable, Sendable, Equatable {
+        public var name: String
+        public var description: String
+        /// The input's JSON Schema (an object schema with `additionalProperties: false`).
+        public var inputSchema: JSONValue
+
+        enum CodingKeys: String, CodingKey {
+            case name, description
+            case inputSchema = "input_schema"
+        }
+
+        public init(name: String, description: String, inputSchema: JSONValue) {
+            self.name = name
+            self.description = description
+            self.inputSchema = inputSchema
+        }
+    }
+    public var tools: [Tool]
+    public init(tools: [Tool]) { self.tools = tools }
+}
+
+/// `GET /v1/pools`: each policy's warm pool.
+public struct PoolList: Codable, Sendable, Equatable {
+    public struct Pool: Codable, Sendable, Equatable {
+        public var policy: String
+        public var target: Int
+        public var ready: Int
+        public var warming: Bool
+        /// Why the last refill failed; null when it did not.
+        public var lastError: String?
+
+        enum CodingKeys: String, CodingKey {
+            case policy, target, ready, warming
+            case lastError = "last_error"
+        }
+
+        public init(policy: String, target: Int, ready: Int, warming: Bool, lastError: String?) {
+            self.policy = policy
+            self.target = target
+            self.ready = ready
+            self.warming = warming
+            self.lastError = lastError
+        }
+
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(policy, forKey: .policy)
+            try c.encode(target, forKey: .target)
+            try c.encode(ready, forKey: .ready)
+            try c.encode(warming, forKey: .warming)
+            try c.encode(lastError, forKey: .lastError)  // null when the pool is fine
+        }
+    }
+    public var pools: [Pool]
+    public init(pools: [Pool]) { self.pools = pools }
+}
+
+/// `GET /v1/policies` and `POST /v1/policies/reload`.
+public struct PolicyList: Codable, Sendable, Equatable {
+    public struct Policy: Codable, Sendable, Equatable {
+        public struct Brain: Codable, Sendable, Equatable {
+            public var retries: Int
+            public var backoffSeconds: Double
+            enum CodingKeys: String, CodingKey {
+                case retries
+                case backoffSeconds = "backoff_s"
+            }
+            public init(retries: Int, backoffSeconds: Double) {
+                self.retries = retries
+                self.backoffSeconds = backoffSeconds
+            }
+        }
+        public var name: String
+        public var sha256: String
+        public var file: String
+        public var driver: String
+        /// The longest one tool call may run (`hands.commandTimeout`), in seconds.
+        public var commandTimeoutSeconds: Double?
+        public var brain: Brain
+
+        enum CodingKeys: String, CodingKey {
+            case name, sha256, file, driver, brain
+            case commandTimeoutSeconds = "command_timeout_s"
+        }
+
+        public init(name: String, sha256: String, file: String, driver: String, commandTimeoutSeconds: Double?, brain: Brain) {
+            self.name = name
+            self.sha256 = sha256
+            self.file = file
+            self.driver = driver
+            self.commandTimeoutSeconds = commandTimeoutSeconds
+            self.brain = brain
+        }
+    }
+    public var policies: [Policy]
+    public var generation: Int
+    public var errors: [String]
+    /// How the reload went (`POST /v1/policies/reload` only).
+    public var outcome: String?
+
+    public init(policies: [Policy], generation: Int, errors: [String], outcome: String? = nil) {
+        self.policies = policies
+        self.generation = generation
+        self.errors = errors
+        self.outcome = outcome
+    }
+}
+
+/// `POST /v1/images?name=…` (201): the imported image.
+public struct ImageResponse: Codable, Sendable, Equatable {
+    public var name: String
+    public var id: String
+    public var size: Int64
+    public init(name: String, id: String, size: Int64) {
+        self.name = name
+        self.id = id
+        self.size = size
+    }
+}
