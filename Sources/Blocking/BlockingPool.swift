@@ -1,7 +1,7 @@
 import Foundation
 
-/// A small pool of dedicated OS threads for blocking calls (`curl_easy_perform`, `sd_bus_call`,
-/// `fsync`, `waitpid`) so that they never occupy a thread of Swift's cooperative pool.
+/// A small pool of dedicated OS threads for short blocking calls (`fsync`, a file `write`,
+/// `mmap` and decode) so that they never occupy a thread of Swift's cooperative pool.
 ///
 /// Why not `Task.detached`: it runs on the same cooperative pool, and two blocked calls on a
 /// two-core machine would stall every other task. Dedicated threads make the bound explicit
@@ -18,7 +18,13 @@ public final class BlockingPool: @unchecked Sendable {
     private let name: String
     private let maxThreads: Int
 
-    /// The process-wide pool, sized for the short blocking calls of this runtime.
+    /// The process-wide pool, for short blocking calls only: writing a spooled upload chunk,
+    /// persisting the journal index, opening and closing the journal.
+    ///
+    /// Nothing whose length a tenant controls may run here: a call that lasts as long as a
+    /// command would let one tenant's long commands use up the pool and stall everyone (that
+    /// is why HTTP runs on `CurlHTTP`'s multi loop thread, a unit's output pipes on the Hands
+    /// pipe reader's thread, and journal reads on a pool of their own).
     public static let shared = BlockingPool(name: "agentd-blocking", threads: 32)
 
     /// Creates a pool that starts threads lazily, up to `threads` of them.

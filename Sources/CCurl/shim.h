@@ -32,4 +32,11 @@ static inline CURLcode ccurl_easy_setopt_xferinfo_callback(CURL *handle, ccurl_x
 static inline CURLcode ccurl_easy_getinfo_long(CURL *handle, CURLINFO info, long *value) {
     return curl_easy_getinfo(handle, info, value);
 }
+static inline CURLMcode ccurl_multi_setopt_long(CURLM *multi, CURLMoption option, long value) {
+    return curl_multi_setopt(multi, option, value);
+}
+/// The result code of a `CURLMSG_DONE` message (a field of an anonymous union in C).
+static inline CURLcode ccurl_msg_result(const CURLMsg *msg) {
+    return msg->data.result;
+}
 #endif

@@ -52,9 +52,10 @@ struct PendingRecord {
 /// waiting record, writes them with one `pwrite` and one `fdatasync`, then resumes every
 /// waiter (group commit). An append returns only once its record is durable.
 ///
-/// Reads use shared read-only mappings of the segments on `BlockingPool` threads; nothing
-/// blocks the cooperative pool. Call `close()` when done: it drains the writer and persists
-/// the index (the writer thread keeps the store alive until then).
+/// Reads use shared read-only mappings of the segments on the threads of `readPool`, a pool
+/// of the journal's own; nothing blocks the cooperative pool. Call `close()` when done: it
+/// drains the writer and persists the index (the writer thread keeps the store alive until
+/// then).
 public final class SessionStore: @unchecked Sendable {
     // Invariant for @unchecked Sendable: every `var` below marked "lock" is read and written
     // only while `lock` is held; the ones marked "writer" only by the writer thread (or by
@@ -65,6 +66,14 @@ public final class SessionStore: @unchecked Sendable {
     let logger: Logger
     /// What recovery found when this store was opened.
     public let recovery: RecoveryReport
+
+    /// The threads that run journal reads (`getSession`, `verify`, `events`, `follow`).
+    ///
+    /// A pool of the journal's own rather than `BlockingPool.shared`, so that a read never
+    /// waits behind someone else's blocking work: an operator's `events` or a snapshot must
+    /// answer while every tenant is busy. Reads are short (a mapped copy and a decode), so a
+    /// few threads serve many sessions; a replay splits its decode over two of them.
+    static let readPool = BlockingPool(name: "agentd-journal-read", threads: 8)
 
     let lock = NSCondition()
     var table: [SessionID: SessionState]  // lock
@@ -468,7 +477,7 @@ public final class SessionStore: @unchecked Sendable {
     /// none), read through the index without touching the earlier history.
     /// - Throws: `.notFound` for a session without records, `.damaged`, `.closed`.
     public func getSession(_ session: SessionID) async throws -> SessionSnapshot {
-        try await BlockingPool.shared.run { try self.snapshot(session) }
+        try await SessionStore.readPool.run { try self.snapshot(session) }
     }
 
     func snapshot(_ session: SessionID) throws -> SessionSnapshot {
@@ -550,7 +559,7 @@ public final class SessionStore: @unchecked Sendable {
         let decodeSecond: @Sendable () -> Void = {
             second.result = Result { try self.decode(session: session, from: from + UInt64(half), locs: secondLocs, maps: frozen) }
         }
-        BlockingPool.shared.submit {
+        SessionStore.readPool.submit {
             guard second.claim(by: .helper) else { return }
             decodeSecond()
             second.done.signal()
@@ -640,7 +649,7 @@ public final class SessionStore: @unchecked Sendable {
     /// each record's link to the SHA-256 of the one before. Reports the first broken link.
     /// - Throws: `.notFound` for a session without records, `.closed`.
     public func verify(session: SessionID) async throws -> VerifyReport {
-        try await BlockingPool.shared.run { try self.verifySync(session) }
+        try await SessionStore.readPool.run { try self.verifySync(session) }
     }
 
     func verifySync(_ session: SessionID) throws -> VerifyReport {
@@ -806,7 +815,7 @@ public struct EventSequence: AsyncSequence, Sendable {
                         self.readAhead = nil
                         chunk = try await readAhead.value
                     } else {
-                        chunk = try await BlockingPool.shared.run { try store.readParts(session: session, from: from, count: Self.chunk) }
+                        chunk = try await SessionStore.readPool.run { try store.readParts(session: session, from: from, count: Self.chunk) }
                     }
                 } catch let error as SessionLogError where follow && error.code == .closed {
                     return nil  // a live follow ends when the store closes
@@ -819,7 +828,7 @@ public struct EventSequence: AsyncSequence, Sendable {
                     next = last.seq + 1
                     if count == Self.chunk {
                         let ahead = next
-                        readAhead = Task { try await BlockingPool.shared.run { try store.readParts(session: session, from: ahead, count: Self.chunk) } }
+                        readAhead = Task { try await SessionStore.readPool.run { try store.readParts(session: session, from: ahead, count: Self.chunk) } }
                     }
                     continue
                 }

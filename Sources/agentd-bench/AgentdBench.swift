@@ -66,6 +66,8 @@ enum AgentdBench {
         report.figure("agentd.execute_throughput", 200 / (now() - t0), "calls/s")
         for s in sessions { _ = try? await client.post("/v1/sessions/\(s)/tasks/main/end", [:]) }
 
+        try await contention(client, quiet: ids[100], busy: ids[101], report)
+
         // API overhead: a durable checkpoint over the socket vs the same call on an in-process
         // Runtime over its own journal (same disk).
         var overApi: [Double] = []
@@ -95,6 +97,46 @@ enum AgentdBench {
         report.figure("api.checkpoint.p99", percentile(overApi, 99) * 1e6, "us")
         report.figure("api.overhead.p50", (percentile(overApi, 50) - percentile(inProcess, 50)) * 1e6, "us")
         report.figure("api.overhead.p99", (percentile(overApi, 99) - percentile(inProcess, 99)) * 1e6, "us")
+    }
+
+    /// One tenant's long commands against another tenant's latency: the p50 of an `echo`
+    /// execute in one session, idle and then with 64 long commands in flight in another
+    /// session (more than the 32 threads every exec used to hold), and their ratio.
+    static func contention(_ client: AgentdClient, quiet: String, busy: String, _ report: Reporter) async throws {
+        func bash(_ session: String, _ command: String) async throws -> String {
+            let reply = try await client.post("/v1/sessions/\(session)/execute", ["tool": "bash", "input": ["command": command]])
+            return ((reply["result"] as? [String: Any])?["output"] as? String) ?? ""
+        }
+        func echoP50() async throws -> Double {
+            var samples: [Double] = []
+            for i in 0..<30 {
+                let t = now()
+                _ = try await bash(quiet, "echo \(i)")
+                samples.append(now() - t)
+            }
+            return percentile(samples.sorted(), 50)
+        }
+        // Both sandboxes exist before anything is measured.
+        _ = try await bash(quiet, "true")
+        _ = try await bash(busy, "true")
+        report.figure("agentd.echo_idle.p50", try await echoP50() * 1e3, "ms")
+        let long = 64
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for i in 0..<long {
+                group.addTask { _ = try? await bash(busy, "touch started.\(i) && exec sleep 110") }
+            }
+            // Measure only once every long command runs (each leaves a marker first).
+            var started = 0
+            for _ in 0..<600 where started < long {
+                started = Int(try await bash(busy, "ls started.* | wc -l").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            }
+            report.figure("agentd.echo_64_long.p50", try await echoP50() * 1e3, "ms")
+            // Ending the task stops the long commands.
+            _ = try? await client.post("/v1/sessions/\(busy)/tasks/main/end", [:])
+            try await group.waitForAll()
+        }
+        _ = try? await client.post("/v1/sessions/\(quiet)/tasks/main/end", [:])
+        report.ratio("agentd.echo_64_long.ratio", "agentd.echo_64_long.p50", over: "agentd.echo_idle.p50", goal: "<= 2x")
     }
 
     /// A figure of `/proc/PID/status` in KiB: `VmRSS:` (all resident pages) by default,
