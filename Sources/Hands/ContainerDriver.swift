@@ -184,10 +184,15 @@ public struct ContainerDriver: HandsDriver {
         }
         let said = health.stderr.split(separator: "\n").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
         let runtime = said.isEmpty ? "" : ": \(said.hasPrefix("Error: ") ? String(said.dropFirst(7)) : said)"
-        if (125...127).contains(health.exitCode) || health.stderr.contains("fork") {
+        // runc's `init-p` pipe breaks when its init process cannot fork; a shell says "can't fork".
+        let outOfPids = ["fork", "init-p", "Resource temporarily unavailable"].contains { health.stderr.contains($0) }
+        if outOfPids {
             return HandsError(
                 .unusable,
-                "the sandbox can no longer start processes (exit code \(health.exitCode)\(runtime)); it has probably run out of process slots (limit \(spec.pids) pids, unreaped zombies count)")
+                "the sandbox can no longer start processes (exit code \(health.exitCode)\(runtime)); it has run out of process slots (limit \(spec.pids) pids, unreaped zombies count)")
+        }
+        if (125...127).contains(health.exitCode) {
+            return HandsError(.unusable, "the container runtime can no longer start processes in the sandbox (exit code \(health.exitCode)\(runtime))")
         }
         return HandsError(.unusable, "the sandbox can no longer run commands: a trivial probe failed with exit code \(health.exitCode)\(runtime)")
     }

@@ -92,11 +92,11 @@ public actor HandsManager {
         if let existing = live[key] { return existing.sandbox }
         if let pending = provisioning[key] { return try await pending.value }
         // Checked and reserved before the first suspension: concurrent calls see each other.
-        let evicted = try admit(key, spec: spec)
+        let (pooled, evicted) = try admit(key, spec: spec)
         let started = ContinuousClock.now
         let task = Task { [driver] () async throws -> SandboxHandle in
             for victim in evicted { try? await driver.destroy(victim) }
-            if let pooled = self.takePooled(spec) {
+            if let pooled {
                 do {
                     try await driver.assign(pooled, to: key)
                     var assigned = pooled
@@ -126,11 +126,13 @@ public actor HandsManager {
     }
 
     /// Checks the session's and the host's sandbox limits for a new sandbox of `spec` for
-    /// `key`. Tasks come before warm sandboxes: at the host's limit, pooled sandboxes of other
-    /// specs are given up to make room.
-    /// - Returns: the pooled sandboxes given up (the caller destroys them).
+    /// `key`, and takes a warm one of `spec` if the pool has one (it is counted already).
+    /// Tasks come before warm sandboxes: at the host's limit, pooled sandboxes of other specs
+    /// are given up to make room.
+    /// - Returns: the warm sandbox taken, if any, and the pooled sandboxes given up (the
+    ///   caller destroys them).
     /// - Throws: `HandsError.limitReached` naming the limit and what to do.
-    private func admit(_ key: TaskKey, spec: SandboxSpec) throws -> [SandboxHandle] {
+    private func admit(_ key: TaskKey, spec: SandboxSpec) throws -> (pooled: SandboxHandle?, evicted: [SandboxHandle]) {
         if let max = spec.maxSandboxesPerSession {
             let held = Set(live.keys.filter { $0.session == key.session } + provisioning.keys.filter { $0.session == key.session }).count
             if held >= max {
@@ -139,15 +141,14 @@ public actor HandsManager {
                     "session \(key.session) already holds \(held) sandbox\(held == 1 ? "" : "es"), the most its policy '\(spec.policyName)' allows (session.maxSandboxes: \(max)); end a task you no longer need (agentctl task end \(key.session) TASK) and call again")
             }
         }
-        // A pooled sandbox of this spec is counted already: taking it adds nothing.
-        if spec.workspace == .task, !(pool[spec]?.isEmpty ?? true) { return [] }
+        if let pooled = takePooled(spec) { return (pooled, []) }
         var evicted: [SandboxHandle] = []
         while let refusal = hostRefusal(adding: spec) {
             guard let other = pool.first(where: { !$0.value.isEmpty })?.key, var list = pool[other], !list.isEmpty else { throw refusal }
             evicted.append(list.removeLast())
             pool[other] = list
         }
-        return evicted
+        return (nil, evicted)
     }
 
     /// Why one more sandbox of `spec` would exceed the host's limits, or nil when it fits.
