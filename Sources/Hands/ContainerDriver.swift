@@ -141,27 +141,40 @@ public struct ContainerDriver: HandsDriver {
         return CommandOutput(stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode, truncated: result.truncated)
     }
 
-    /// What a probe exec found: whether a trivial command still runs, and the `oom_kill` count
-    /// of the sandbox's memory cgroup (cgroup v1 `memory.oom_control`, v2 `memory.events`).
+    /// What a probe exec found: whether a trivial command still runs, how many zombies hold
+    /// process slots, and the `oom_kill` count of the sandbox's memory cgroup (cgroup v1
+    /// `memory.oom_control`, v2 `memory.events`).
     struct Health: Sendable, Equatable {
         var exitCode: Int
         var stderr: String
-        var oomKills: Int
+        var zombies: Int = 0
+        var oomKills: Int = 0
     }
+
+    /// Counts zombies with shell builtins only (no process to fork), then reads the OOM counters.
+    static let probeScript = #"""
+        z=0; for f in /proc/[0-9]*/stat; do read -r l < "$f" 2>/dev/null || continue; case "$l" in *") Z "*) z=$((z+1));; esac; done
+        echo "zombies $z"
+        cat /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events 2>/dev/null
+        exit 0
+        """#
 
     /// Runs the probe in `sandbox`; nil when the engine could not be asked (the caller keeps
     /// the command's own result then).
     private func probe(_ sandbox: SandboxHandle) async -> Health? {
-        let script = "cat /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events 2>/dev/null; exit 0"
-        guard let out = try? await engine.exec(sandbox.id, command: ["sh", "-c", script], timeout: .seconds(10), maxOutputBytes: 64 << 10) else {
-            return nil
+        guard let out = try? await engine.exec(sandbox.id, command: ["sh", "-c", Self.probeScript], timeout: .seconds(10), maxOutputBytes: 64 << 10)
+        else { return nil }
+        var health = Health(exitCode: out.exitCode, stderr: String(decoding: out.stderr, as: UTF8.self))
+        for line in String(decoding: out.stdout, as: UTF8.self).split(separator: "\n") {
+            if line.hasPrefix("oom_kill ") { health.oomKills = Int(line.dropFirst("oom_kill ".count)) ?? 0 }
+            if line.hasPrefix("zombies ") { health.zombies = Int(line.dropFirst("zombies ".count)) ?? 0 }
         }
-        var kills = 0
-        for line in String(decoding: out.stdout, as: UTF8.self).split(separator: "\n") where line.hasPrefix("oom_kill ") {
-            kills = Int(line.dropFirst("oom_kill ".count)) ?? 0
-        }
-        return Health(exitCode: out.exitCode, stderr: String(decoding: out.stderr, as: UTF8.self), oomKills: kills)
+        return health
     }
+
+    /// Process slots a command needs besides the zombies: the runtime's init and its threads,
+    /// the `timeout` wrapper, the shell and what it starts.
+    static let slotsPerCommand = 8
 
     /// Whether an exec failed before the command ran: the runtime refused to start it (Podman
     /// and Docker answer 125–127 with `…OCI runtime…` on stderr), or the `timeout` wrapper
@@ -169,14 +182,21 @@ public struct ContainerDriver: HandsDriver {
     static func runtimeRefused(_ result: ExecResult) -> Bool {
         guard result.exitCode != 0 else { return false }
         let text = String(decoding: result.stderr.prefix(4096), as: UTF8.self)
-        if text.hasPrefix("timeout: ") { return true }
+        if text.hasPrefix("timeout: ") || text.contains("can't fork") { return true }
         return (125...127).contains(result.exitCode) && (text.contains("OCI runtime") || text.contains("exec failed") || text.contains("fork/exec"))
     }
 
     /// The error for a sandbox whose probe could not run, naming what broke; nil when the
     /// probe ran (the sandbox is usable).
     static func unusable(_ health: Health, spec: SandboxSpec) -> HandsError? {
-        guard health.exitCode != 0 else { return nil }
+        if health.exitCode == 0 {
+            // Nothing reaps them (PID 1 only sleeps): once zombies hold nearly every slot, a
+            // command starts only by luck, and never will again.
+            guard health.zombies + slotsPerCommand >= spec.pids else { return nil }
+            return HandsError(
+                .unusable,
+                "the sandbox can no longer start processes: \(health.zombies) of its \(spec.pids) process slots (pids) are held by zombies — exited background processes that nothing in the sandbox reaps")
+        }
         if health.exitCode == 137 {
             return HandsError(
                 .unusable,
@@ -189,7 +209,7 @@ public struct ContainerDriver: HandsDriver {
         if outOfPids {
             return HandsError(
                 .unusable,
-                "the sandbox can no longer start processes (exit code \(health.exitCode)\(runtime)); it has run out of process slots (limit \(spec.pids) pids, unreaped zombies count)")
+                "the sandbox can no longer start processes (exit code \(health.exitCode)\(runtime)); it has run out of process slots (limit \(spec.pids) pids), which zombies — exited background processes that nothing reaps — hold for good")
         }
         if (125...127).contains(health.exitCode) {
             return HandsError(.unusable, "the container runtime can no longer start processes in the sandbox (exit code \(health.exitCode)\(runtime))")
