@@ -9,7 +9,11 @@ import TestSupport
 /// Sandboxes that break are named and replaced, limits on how many a session and a host may
 /// hold, and nothing a task made outlives it — against the real engine and systemd manager.
 /// Each test asserts what a Brain would see: the result string, and that the next call works.
-@Suite("Hands robustness: broken sandboxes, limits, leaks")
+///
+/// Serialized: on a cgroup v1 host where the systemd manager's devices cgroup is the root, a
+/// unit starting or stopping can empty the devices cgroups of containers started meanwhile
+/// (their execs then fail with `…/devices/libpod_parent/…/cgroup.procs: no such file`).
+@Suite("Hands robustness: broken sandboxes, limits, leaks", .serialized)
 struct RobustnessTests {
     // MARK: - broken sandboxes
 
