@@ -104,7 +104,7 @@ public struct ContainerDriver: HandsDriver {
         let result: ExecResult
         do {
             result = try await engine.exec(
-                sandbox.id, command: wrapped, workingDirectory: workingDirectory ?? Self.workspace,
+                sandbox.id, command: wrapped, workingDirectory: workingDirectory.map(Self.absolute) ?? Self.workspace,
                 timeout: timeout + .seconds(10), maxOutputBytes: sandbox.spec.outputLimitBytes + 4096)
         } catch let error as EngineError {
             if error.code == .timeout {
@@ -123,24 +123,98 @@ public struct ContainerDriver: HandsDriver {
             if elapsed >= timeout - .milliseconds(200) {
                 return CommandOutput(stdout: result.stdout, stderr: result.stderr, exitCode: 137, truncated: result.truncated, timedOut: true)
             }
-            // A process killed by the OOM killer while PID 1 survives does not set the
-            // engine's OOMKilled flag; the sandbox's memory cgroup counts it.
-            if await oomKills(in: sandbox) > 0 {
-                throw HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(sandbox.spec.memoryBytes))) and the command was killed")
+            // Killed early: the command's own doing, the OOM killer, or a sandbox whose memory
+            // is used up (then every command is killed as it starts). The probe tells which.
+            if let health = await probe(sandbox) {
+                if let broken = Self.unusable(health, spec: sandbox.spec) { throw broken }
+                // A process killed by the OOM killer while PID 1 survives does not set the
+                // engine's OOMKilled flag; the sandbox's memory cgroup counts it.
+                if health.oomKills > 0 {
+                    throw HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(sandbox.spec.memoryBytes))) and the command was killed")
+                }
             }
+        } else if Self.runtimeRefused(result), let health = await probe(sandbox), let broken = Self.unusable(health, spec: sandbox.spec) {
+            // The runtime could not start the command (the engine reports 125–127 with its own
+            // message): a sandbox out of pids (unreaped zombies) answers so to every call.
+            throw broken
         }
         return CommandOutput(stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode, truncated: result.truncated)
     }
 
-    /// The `oom_kill` count of the sandbox's memory cgroup (cgroup v1 `memory.oom_control`,
-    /// v2 `memory.events`), or 0 when it cannot be read.
-    private func oomKills(in sandbox: SandboxHandle) async -> Int {
-        let probe = "cat /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events 2>/dev/null"
-        guard let out = try? await engine.exec(sandbox.id, command: ["sh", "-c", probe], timeout: .seconds(10)) else { return 0 }
-        for line in String(decoding: out.stdout, as: UTF8.self).split(separator: "\n") where line.hasPrefix("oom_kill ") {
-            return Int(line.dropFirst("oom_kill ".count)) ?? 0
+    /// What a probe exec found: whether a trivial command still runs, how many zombies hold
+    /// process slots, and the `oom_kill` count of the sandbox's memory cgroup (cgroup v1
+    /// `memory.oom_control`, v2 `memory.events`).
+    struct Health: Sendable, Equatable {
+        var exitCode: Int
+        var stderr: String
+        var zombies: Int = 0
+        var oomKills: Int = 0
+    }
+
+    /// Counts zombies with shell builtins only (no process to fork), then reads the OOM counters.
+    static let probeScript = #"""
+        z=0; for f in /proc/[0-9]*/stat; do read -r l < "$f" 2>/dev/null || continue; case "$l" in *") Z "*) z=$((z+1));; esac; done
+        echo "zombies $z"
+        cat /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events 2>/dev/null
+        exit 0
+        """#
+
+    /// Runs the probe in `sandbox`; nil when the engine could not be asked (the caller keeps
+    /// the command's own result then).
+    private func probe(_ sandbox: SandboxHandle) async -> Health? {
+        guard let out = try? await engine.exec(sandbox.id, command: ["sh", "-c", Self.probeScript], timeout: .seconds(10), maxOutputBytes: 64 << 10)
+        else { return nil }
+        var health = Health(exitCode: out.exitCode, stderr: String(decoding: out.stderr, as: UTF8.self))
+        for line in String(decoding: out.stdout, as: UTF8.self).split(separator: "\n") {
+            if line.hasPrefix("oom_kill ") { health.oomKills = Int(line.dropFirst("oom_kill ".count)) ?? 0 }
+            if line.hasPrefix("zombies ") { health.zombies = Int(line.dropFirst("zombies ".count)) ?? 0 }
         }
-        return 0
+        return health
+    }
+
+    /// Process slots a command needs besides the zombies: the runtime's init and its threads,
+    /// the `timeout` wrapper, the shell and what it starts.
+    static let slotsPerCommand = 8
+
+    /// Whether an exec failed before the command ran: the runtime refused to start it (Podman
+    /// and Docker answer 125–127 with `…OCI runtime…` on stderr), or the `timeout` wrapper
+    /// could not fork it.
+    static func runtimeRefused(_ result: ExecResult) -> Bool {
+        guard result.exitCode != 0 else { return false }
+        let text = String(decoding: result.stderr.prefix(4096), as: UTF8.self)
+        if text.hasPrefix("timeout: ") || text.contains("can't fork") { return true }
+        return (125...127).contains(result.exitCode) && (text.contains("OCI runtime") || text.contains("exec failed") || text.contains("fork/exec"))
+    }
+
+    /// The error for a sandbox whose probe could not run, naming what broke; nil when the
+    /// probe ran (the sandbox is usable).
+    static func unusable(_ health: Health, spec: SandboxSpec) -> HandsError? {
+        if health.exitCode == 0 {
+            // Nothing reaps them (PID 1 only sleeps): once zombies hold nearly every slot, a
+            // command starts only by luck, and never will again.
+            guard health.zombies + slotsPerCommand >= spec.pids else { return nil }
+            return HandsError(
+                .unusable,
+                "the sandbox can no longer start processes: \(health.zombies) of its \(spec.pids) process slots (pids) are held by zombies — exited background processes that nothing in the sandbox reaps")
+        }
+        if health.exitCode == 137 {
+            return HandsError(
+                .unusable,
+                "the sandbox can no longer run commands: even a trivial one is killed as it starts (exit code 137) because its memory (limit \(formatBytes(spec.memoryBytes))) is used up — files in /tmp are held in memory and count against it")
+        }
+        let said = health.stderr.split(separator: "\n").first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+        let runtime = said.isEmpty ? "" : ": \(said.hasPrefix("Error: ") ? String(said.dropFirst(7)) : said)"
+        // runc's `init-p` pipe breaks when its init process cannot fork; a shell says "can't fork".
+        let outOfPids = ["fork", "init-p", "Resource temporarily unavailable"].contains { health.stderr.contains($0) }
+        if outOfPids {
+            return HandsError(
+                .unusable,
+                "the sandbox can no longer start processes (exit code \(health.exitCode)\(runtime)); it has run out of process slots (limit \(spec.pids) pids), which zombies — exited background processes that nothing reaps — hold for good")
+        }
+        if (125...127).contains(health.exitCode) {
+            return HandsError(.unusable, "the container runtime can no longer start processes in the sandbox (exit code \(health.exitCode)\(runtime))")
+        }
+        return HandsError(.unusable, "the sandbox can no longer run commands: a trivial probe failed with exit code \(health.exitCode)\(runtime)")
     }
 
     public func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {

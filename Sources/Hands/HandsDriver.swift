@@ -23,6 +23,9 @@ public struct SandboxSpec: Sendable, Hashable, Codable {
     /// Largest file `read_file` returns.
     public var fileLimitBytes: Int = 16 << 20
     public var workspace: WorkspacePersistence = .task
+    /// Most sandboxes one session may hold at once (its policy's `session.maxSandboxes`);
+    /// nil for no limit.
+    public var maxSandboxesPerSession: Int?
     /// Name of the policy the spec came from (labelled on every sandbox).
     public var policyName: String = "default"
 

@@ -9,10 +9,16 @@ public struct HandsError: Error, Sendable, CustomStringConvertible {
         case outOfMemory = "out-of-memory"
         /// A command ran past its timeout; the sandbox is discarded.
         case timeout
+        /// The sandbox still runs but can no longer run commands: its memory is used up (a
+        /// full memory-backed `/tmp` counts), or the runtime cannot start a process in it
+        /// (pids or zombies exhausted). The sandbox is discarded.
+        case unusable = "sandbox-unusable"
         /// Provisioning failed (missing image, refused configuration).
         case provisioning
         /// The request itself was wrong (bad path, not a file, file too large); the sandbox is fine.
         case invalidRequest = "invalid-request"
+        /// No sandbox was made: the session's or the host's sandbox limit is reached.
+        case limitReached = "limit-reached"
     }
 
     public let kind: Kind
@@ -26,8 +32,8 @@ public struct HandsError: Error, Sendable, CustomStringConvertible {
     /// True when the sandbox must not be used again.
     public var discardsSandbox: Bool {
         switch kind {
-        case .unreachable, .sandboxGone, .outOfMemory, .timeout: true
-        case .provisioning, .invalidRequest: false
+        case .unreachable, .sandboxGone, .outOfMemory, .timeout, .unusable: true
+        case .provisioning, .invalidRequest, .limitReached: false
         }
     }
 

@@ -32,13 +32,22 @@ public actor HandsManager {
     private var poolTargets: [SandboxSpec: Int] = [:]
     private var refills: [SandboxSpec: Task<Void, Never>] = [:]
     private var poolErrors: [SandboxSpec: String] = [:]
+    /// The host's sandbox limits (agentd's `--max-sandboxes`, `--sandbox-memory`).
+    public let limits: HostLimits
+    /// The memory limit of each sandbox being provisioned for a task (counted against
+    /// `limits` before it exists).
+    private var pendingMemory: [TaskKey: Int] = [:]
 
+    /// - Parameters:
+    ///   - limits: how many sandboxes, and how much of their memory, the host takes; live and
+    ///     warm sandboxes count alike.
     public init(
-        driver: any HandsDriver, instance: String, logger: Logger = Logger(label: "agentd.hands"),
+        driver: any HandsDriver, instance: String, limits: HostLimits = HostLimits(), logger: Logger = Logger(label: "agentd.hands"),
         onEvent: @escaping @Sendable (HandsEvent) async -> Void = { _ in }
     ) {
         self.driver = driver
         self.instance = instance
+        self.limits = limits
         self.logger = logger
         self.onEvent = onEvent
     }
@@ -56,6 +65,8 @@ public actor HandsManager {
         let sandbox: SandboxHandle
         do {
             sandbox = try await sandboxFor(key, spec: spec)
+        } catch let error as HandsError where error.kind == .limitReached {
+            return .error(error.message)
         } catch {
             let message = (error as? HandsError)?.message ?? "\(error)"
             return .error("could not provision a sandbox for task \(key.task): \(message); the next call will try again")
@@ -80,9 +91,12 @@ public actor HandsManager {
     private func sandboxFor(_ key: TaskKey, spec: SandboxSpec) async throws -> SandboxHandle {
         if let existing = live[key] { return existing.sandbox }
         if let pending = provisioning[key] { return try await pending.value }
+        // Checked and reserved before the first suspension: concurrent calls see each other.
+        let (pooled, evicted) = try admit(key, spec: spec)
         let started = ContinuousClock.now
         let task = Task { [driver] () async throws -> SandboxHandle in
-            if let pooled = self.takePooled(spec) {
+            for victim in evicted { try? await driver.destroy(victim) }
+            if let pooled {
                 do {
                     try await driver.assign(pooled, to: key)
                     var assigned = pooled
@@ -96,7 +110,11 @@ public actor HandsManager {
             return try await driver.provision(spec, labels: [SandboxLabel.session: key.session, SandboxLabel.task: key.task])
         }
         provisioning[key] = task
-        defer { provisioning[key] = nil }
+        pendingMemory[key] = spec.memoryBytes
+        defer {
+            provisioning[key] = nil
+            pendingMemory[key] = nil
+        }
         let sandbox = try await task.value
         live[key] = Live(sandbox: sandbox, lastUsed: .now, inFlight: 0)
         let ms = Int((ContinuousClock.now - started).components.seconds * 1000 + (ContinuousClock.now - started).components.attoseconds / 1_000_000_000_000_000)
@@ -105,6 +123,58 @@ public actor HandsManager {
         await onEvent(.provisioned(key, sandbox: sandbox.id, fromPool: fromPool, milliseconds: ms))
         scheduleRefill(spec)
         return sandbox
+    }
+
+    /// Checks the session's and the host's sandbox limits for a new sandbox of `spec` for
+    /// `key`, and takes a warm one of `spec` if the pool has one (it is counted already).
+    /// Tasks come before warm sandboxes: at the host's limit, pooled sandboxes of other specs
+    /// are given up to make room.
+    /// - Returns: the warm sandbox taken, if any, and the pooled sandboxes given up (the
+    ///   caller destroys them).
+    /// - Throws: `HandsError.limitReached` naming the limit and what to do.
+    private func admit(_ key: TaskKey, spec: SandboxSpec) throws -> (pooled: SandboxHandle?, evicted: [SandboxHandle]) {
+        if let max = spec.maxSandboxesPerSession {
+            let held = Set(live.keys.filter { $0.session == key.session } + provisioning.keys.filter { $0.session == key.session }).count
+            if held >= max {
+                throw HandsError(
+                    .limitReached,
+                    "session \(key.session) already holds \(held) sandbox\(held == 1 ? "" : "es"), the most its policy '\(spec.policyName)' allows (session.maxSandboxes: \(max)); end a task you no longer need (agentctl task end \(key.session) TASK) and call again")
+            }
+        }
+        if let pooled = takePooled(spec) { return (pooled, []) }
+        var evicted: [SandboxHandle] = []
+        while let refusal = hostRefusal(adding: spec) {
+            guard let other = pool.first(where: { !$0.value.isEmpty })?.key, var list = pool[other], !list.isEmpty else { throw refusal }
+            evicted.append(list.removeLast())
+            pool[other] = list
+        }
+        return (nil, evicted)
+    }
+
+    /// Why one more sandbox of `spec` would exceed the host's limits, or nil when it fits.
+    /// - Parameter countedAlready: 1 when the caller is a refill, which counts itself as a
+    ///   sandbox in flight.
+    private func hostRefusal(adding spec: SandboxSpec, countedAlready: Int = 0) -> HandsError? {
+        let pooled = pool.values.flatMap { $0 }
+        if let max = limits.maxSandboxes {
+            // A running refill is about to add one more.
+            let count = live.count + provisioning.count + pooled.count + refills.count - countedAlready
+            if count >= max {
+                return HandsError(
+                    .limitReached,
+                    "this host already runs \(count) sandboxes, the most agentd allows (--max-sandboxes \(max)); end a task you no longer need, or try again when others have ended")
+            }
+        }
+        if let budget = limits.memoryBytes {
+            let held = live.values.reduce(0) { $0 + $1.sandbox.spec.memoryBytes } + pendingMemory.values.reduce(0, +)
+                + pooled.reduce(0) { $0 + $1.spec.memoryBytes }
+            if held + spec.memoryBytes > budget {
+                return HandsError(
+                    .limitReached,
+                    "a sandbox of policy '\(spec.policyName)' needs \(formatBytes(spec.memoryBytes)) of memory, but the host's sandboxes already hold \(formatBytes(held)) of agentd's budget of \(limits.memorySource.isEmpty ? formatBytes(budget) : limits.memorySource) (--sandbox-memory); end a task you no longer need, or try again when others have ended")
+            }
+        }
+        return nil
     }
 
     private func discard(_ key: TaskKey, sandbox: SandboxHandle, error: HandsError) async {
@@ -247,6 +317,12 @@ public actor HandsManager {
     private func refill(_ spec: SandboxSpec) async {
         defer { refills[spec] = nil }
         while (pool[spec]?.count ?? 0) < (poolTargets[spec] ?? 0) {
+            // This refill counts as one sandbox in flight; the check is for the next one.
+            if let refusal = hostRefusal(adding: spec, countedAlready: 1) {
+                poolErrors[spec] = refusal.message
+                logger.warning("warm pool refill stopped at the host's sandbox limit", metadata: ["policy": "\(spec.policyName)"])
+                return
+            }
             do {
                 let s = try await driver.provision(spec, labels: [SandboxLabel.pool: "warm"])
                 // The target may have dropped while this one started (a policy edit).

@@ -37,6 +37,9 @@ public struct UnitDriver: HandsDriver {
     /// It must be traversable by the sandbox user and hold `/workspace`, `/tmp` and `/bin/sh`.
     public let rootDirectory: String?
     private let cache = EnvironmentCache()
+    /// Held per session slice while a sandbox slice starts in it, or while it is stopped
+    /// because its last sandbox went: a stop never takes a sibling starting at that moment.
+    private let sessionSlices = KeyedLock()
     public var kind: String { "unit" }
 
     /// The workspace mount point inside every sandbox (the same as the container driver's).
@@ -94,6 +97,9 @@ public struct UnitDriver: HandsDriver {
             try? FileManager.default.removeItem(atPath: workspace)
             throw HandsError(.provisioning, "chown(\(workspace), \(spec.user)) failed: \(String(cString: strerror(e))) (errno \(e))")
         }
+        let parent = UnitNames.sessionSlice(ofSlice: sandbox.id, instance: instance)
+        if let parent { await sessionSlices.lock(parent) }
+        defer { if let parent { sessionSlices.unlock(parent) } }
         do {
             try await manager.startSlice(
                 sandbox.id,
@@ -317,6 +323,23 @@ public struct UnitDriver: HandsDriver {
         } catch let error as SystemdError {
             throw Self.translate(error, doing: "stopping sandbox \(slice)")
         }
+        try await stopSessionSliceIfEmpty(of: slice)
+    }
+
+    /// Stops the per-session slice systemd made implicitly around `slice` once no sandbox of
+    /// the session is left in it: it would otherwise stay active for as long as the manager runs.
+    private func stopSessionSliceIfEmpty(of slice: String) async throws {
+        guard let parent = UnitNames.sessionSlice(ofSlice: slice, instance: instance) else { return }
+        await sessionSlices.lock(parent)
+        defer { sessionSlices.unlock(parent) }
+        do {
+            let siblings = try await manager.listUnits(
+                matching: [String(parent.dropLast(".slice".count)) + "-*.slice"], states: ["active", "activating", "reloading"])
+            guard siblings.isEmpty else { return }
+            _ = try await manager.stopUnitAndWait(parent, timeout: .seconds(30))
+        } catch let error as SystemdError {
+            throw Self.translate(error, doing: "stopping the session slice \(parent)")
+        }
     }
 
     /// Removes the task workspace of sandbox `id` (only a name of this instance's form, so
@@ -352,6 +375,39 @@ public struct UnitDriver: HandsDriver {
 
     static func text(_ bytes: [UInt8]) -> String {
         String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+/// A lock per name, held across suspension points (`lock` waits without blocking a thread).
+final class KeyedLock: Sendable {
+    /// Each held name with the callers waiting for it, first come first served.
+    private let held = Mutex<[String: [CheckedContinuation<Void, Never>]]>([:])
+
+    func lock(_ name: String) async {
+        await withCheckedContinuation { (waiter: CheckedContinuation<Void, Never>) in
+            let acquired = held.withLock { table -> Bool in
+                guard table[name] != nil else {
+                    table[name] = []
+                    return true
+                }
+                table[name, default: []].append(waiter)
+                return false
+            }
+            if acquired { waiter.resume() }
+        }
+    }
+
+    func unlock(_ name: String) {
+        let next = held.withLock { table -> CheckedContinuation<Void, Never>? in
+            guard var waiters = table[name], !waiters.isEmpty else {
+                table[name] = nil
+                return nil
+            }
+            let first = waiters.removeFirst()
+            table[name] = waiters
+            return first
+        }
+        next?.resume()
     }
 }
 

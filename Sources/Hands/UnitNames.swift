@@ -48,6 +48,16 @@ enum UnitNames {
         return "agentd-\(escape(instance))-pool_\(random())"
     }
 
+    /// The per-session slice a task's sandbox slice `name` sits in
+    /// (`agentd-<instance>-<session>.slice`), or nil for a pooled sandbox or a name not of
+    /// `instance`.
+    static func sessionSlice(ofSlice name: String, instance: String) -> String? {
+        guard let labels = labels(ofSlice: name, instance: instance), labels[SandboxLabel.session] != nil,
+            let dash = name.lastIndex(of: "-")
+        else { return nil }
+        return String(name[..<dash]) + ".slice"
+    }
+
     /// The glob matching every sandbox slice of `instance`.
     static func pattern(instance: String) -> String { "agentd-\(escape(instance))-*.slice" }
 

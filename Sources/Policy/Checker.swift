@@ -22,7 +22,7 @@ struct PolicyChecker {
     static let routeKeys = ["name", "upstream", "credential", "header"]
     static let gitKeys = ["repository", "branch", "route"]
     static let brainKeys = ["retries", "backoff"]
-    static let sessionKeys = ["maxEventSize"]
+    static let sessionKeys = ["maxEventSize", "maxSandboxes"]
 
     let path: String
     private(set) var diagnostics: [PolicyDiagnostic] = []
@@ -382,7 +382,8 @@ struct PolicyChecker {
         var ok = true
         let session = SessionPolicy(
             maxEventBytes: size(f, "maxEventSize", label: "session.maxEventSize", min: 1 << 10, max: 64 << 20)
-                .or(SessionPolicy().maxEventBytes, &ok))
+                .or(SessionPolicy().maxEventBytes, &ok),
+            maxSandboxes: int(f, "maxSandboxes", label: "session.maxSandboxes", min: 1, max: 1024).or(SessionPolicy().maxSandboxes, &ok))
         return ok ? session : nil
     }
 

@@ -292,10 +292,16 @@ public struct BrainPolicy: Sendable, Hashable, Codable {
     public var backoff: Duration { .seconds(backoffSeconds) }
 }
 
-/// Limits on the session journal (`session:`).
+/// Limits on a session: its journal and its sandboxes (`session:`).
 public struct SessionPolicy: Sendable, Hashable, Codable {
     /// Largest single event appended to the journal, in bytes (`session.maxEventSize`).
     public var maxEventBytes: Int
+    /// Most sandboxes (tasks holding Hands) the session may have at once
+    /// (`session.maxSandboxes`); a call that would provision one more is an error result.
+    public var maxSandboxes: Int
 
-    public init(maxEventBytes: Int = 1 << 20) { self.maxEventBytes = maxEventBytes }
+    public init(maxEventBytes: Int = 1 << 20, maxSandboxes: Int = 8) {
+        self.maxEventBytes = maxEventBytes
+        self.maxSandboxes = maxSandboxes
+    }
 }

@@ -54,7 +54,10 @@ extension Policy {
             ("retries", s(String(brain.retries))),
             ("backoff", s(PolicyUnits.formatDuration(seconds: brain.backoffSeconds))),
         ])))
-        pairs.append(("session", map([("maxEventSize", s(PolicyUnits.formatSize(session.maxEventBytes)))])))
+        pairs.append(("session", map([
+            ("maxEventSize", s(PolicyUnits.formatSize(session.maxEventBytes))),
+            ("maxSandboxes", s(String(session.maxSandboxes))),
+        ])))
 
         var header = "# Effective policy '\(name)'"
         if !sourcePath.isEmpty { header += " from \(sourcePath)" }

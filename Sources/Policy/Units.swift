@@ -23,6 +23,10 @@ public enum PolicyUnits {
         case tooLarge
     }
 
+    /// Parses a size the way policy files write it (`512MiB`, `2GB`, `1024`) into bytes; nil
+    /// when it is not one. For options outside policy files (agentd's `--sandbox-memory`).
+    public static func size(_ text: String) -> Int? { try? parseSize(text).get() }
+
     /// Parses `512MiB`, `1.5GiB`, `64KiB`, `1024` (bytes), `2GB` into bytes.
     static func parseSize(_ text: String) -> Result<Int, ParseError> {
         let s = text.trimmingWhitespace()

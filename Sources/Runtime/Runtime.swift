@@ -377,6 +377,7 @@ public actor Runtime {
         spec.outputLimitBytes = h.outputLimitBytes
         spec.workspace = h.workspace == .session ? .session : .task
         spec.policyName = policy.name
+        spec.maxSandboxesPerSession = policy.session.maxSandboxes
         return spec
     }
 }

@@ -45,6 +45,12 @@ struct AgentD: AsyncParsableCommand {
     @Option(help: "Also listen on TCP at HOST:PORT; requests must carry `Authorization: Bearer $AGENTD_TOKEN`.")
     var listenTCP: String?
 
+    @Option(help: "Most sandboxes this agentd runs at once, live and warm (pooled) alike; 0 for no limit. A call that needs one more gets an error result.")
+    var maxSandboxes: Int = 64
+
+    @Option(help: "Most memory the sandboxes' limits may add up to, live and warm alike: a share of the host's RAM (75%), a size (16GiB), or 0 for no limit.")
+    var sandboxMemory: String = "75%"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -101,8 +107,16 @@ struct AgentD: AsyncParsableCommand {
             }
         }
         let recorder = HandsEventForwarder()
+        guard maxSandboxes >= 0 else { throw ValidationError("--max-sandboxes takes a number of sandboxes, or 0 for no limit; not \(maxSandboxes)") }
+        let budget: (bytes: Int?, source: String)
+        do {
+            budget = try HostLimits.memoryBudget(sandboxMemory, hostMemory: HostLimits.hostMemoryBytes(), parseSize: PolicyUnits.size)
+        } catch let error as HandsError {
+            throw ValidationError("--sandbox-memory: \(error.message)")
+        }
+        let limits = HostLimits(maxSandboxes: maxSandboxes == 0 ? nil : maxSandboxes, memoryBytes: budget.bytes, memorySource: budget.source)
         let hands = HandsManager(
-            driver: DriverRouter(drivers), instance: instance, logger: Logger(label: "agentd.hands"),
+            driver: DriverRouter(drivers), instance: instance, limits: limits, logger: Logger(label: "agentd.hands"),
             onEvent: { await recorder.forward($0) })
         let runtime = Runtime(
             store: store, hands: hands, policies: policyStore, images: ContainerDriver(engine: client, instance: instance),

@@ -88,10 +88,12 @@ final class AgentdProcess: @unchecked Sendable {
 
 /// Runs `body` with a started agentd, stopping it and removing whatever sandboxes its instance
 /// left afterwards, whatever happens.
-func withAgentd<T>(policies: String = AgentdProcess.policiesDirectory, _ body: (AgentdProcess) async throws -> T) async throws -> T {
+func withAgentd<T>(
+    policies: String = AgentdProcess.policiesDirectory, arguments: [String] = [], _ body: (AgentdProcess) async throws -> T
+) async throws -> T {
     let agentd = try AgentdProcess(policies: policies)
     do {
-        try await agentd.start()
+        try await agentd.start(extraArguments: arguments)
         let result = try await body(agentd)
         await cleanup(agentd)
         return result
