@@ -163,6 +163,19 @@ struct RuntimeTests {
         }
     }
 
+    @Test("the journal's event ceiling covers the largest session.maxEventSize a policy may set (64 MiB; more is refused)")
+    func journalCeilingCoversEveryPolicy() async throws {
+        let directory = NSTemporaryDirectory() + "agentd-ceiling-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        try policyYAML("default", outputLimit: "64MiB", maxEventSize: "64MiB").write(toFile: directory + "/default.yaml", atomically: true, encoding: .utf8)
+        let largest = try #require(await PolicyStore(directory: directory).policy(named: "default"))
+        #expect(largest.session.maxEventBytes == 64 << 20)
+        #expect(Runtime.journalEventCeiling >= largest.session.maxEventBytes)
+        try policyYAML("default", maxEventSize: "65MiB").write(toFile: directory + "/default.yaml", atomically: true, encoding: .utf8)
+        #expect(await PolicyStore(directory: directory).policy(named: "default") == nil, "a larger limit is refused by the policy checker")
+    }
+
     @Test("an input too large for the intent event is refused before anything runs or is journaled (400 naming the limit)")
     func tooLargeInputRefusedBeforeRunning() async throws {
         let policies = ["small": policyYAML("small", maxEventSize: "16KiB")]
