@@ -215,9 +215,12 @@ struct RuntimeTests {
             let disk = f.journalBytes()
             let raw = Array(secret.utf8)
             let escaped = Array(try JSONEncoder().encode(secret).dropFirst().dropLast())
-            #expect(!contains(disk, raw), "the raw secret is on the disk")
-            #expect(!contains(disk, escaped), "the JSON-escaped secret is on the disk")
-            #expect(contains(disk, Array("[REDACTED:api_token]".utf8)))
+            // Booleans first: a failed expectation would print the whole (64 MiB) segment.
+            let rawFound = contains(disk, raw), escapedFound = contains(disk, escaped)
+            let redactedFound = contains(disk, Array("[REDACTED:api_token]".utf8))
+            #expect(!rawFound, "the raw secret is on the disk")
+            #expect(!escapedFound, "the JSON-escaped secret is on the disk")
+            #expect(redactedFound)
         }
     }
 
@@ -240,7 +243,8 @@ struct RuntimeTests {
             disk += FileManager.default.contents(atPath: directory + "/" + name).map(Array.init) ?? []
         }
         for form in [Array(secret.utf8), Array("a\\\"b".utf8), Array("b\\\\c".utf8), Array("c\\u0001d".utf8)] {
-            #expect(!contains(disk, form), "\(String(decoding: form, as: UTF8.self)) is on the disk")
+            let found = contains(disk, form)
+            #expect(!found, "\(String(decoding: form, as: UTF8.self)) is on the disk")
         }
     }
 
@@ -281,7 +285,8 @@ struct RuntimeTests {
         let segment = try #require(try FileManager.default.contentsOfDirectory(atPath: journal).filter { $0.hasPrefix("seg-") }.sorted().first)
         let path = journal + "/" + segment
         var bytes = try #require(FileManager.default.contents(atPath: path).map(Array.init))
-        let at = try #require(firstIndex(of: Array(marker.utf8), in: bytes))
+        let found = firstIndex(of: Array(marker.utf8), in: bytes)  // not inside #require: it would print the segment
+        let at = try #require(found)
         bytes[at] ^= 0x01
         try Data(bytes).write(to: URL(fileURLWithPath: path))
         // Without the index the whole log is scanned at open, which finds the damage.
