@@ -267,7 +267,9 @@ public actor Runtime {
         if let first = running[runningKey] {
             try Self.checkSameCall(first.requestHash, requestHash, key: key, session: session)
             waiting[runningKey, default: 0] += 1
-            defer { waiting[runningKey] = (waiting[runningKey] ?? 1) > 1 ? (waiting[runningKey] ?? 1) - 1 : nil }
+            defer {
+                if let n = waiting[runningKey], n > 1 { waiting[runningKey] = n - 1 } else { waiting[runningKey] = nil }
+            }
             var outcome = try await first.task.value
             outcome.replayed = true
             return outcome
