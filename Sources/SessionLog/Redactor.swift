@@ -50,7 +50,7 @@ public struct Secret: Sendable, CustomStringConvertible, CustomDebugStringConver
 public final class Redactor: Sendable {
     private struct Known: Sendable {
         let secret: Secret
-        /// The raw value first, then its distinct JSON-encoded forms.
+        /// The raw value and its distinct JSON-encoded forms, longest first.
         let forms: [[UInt8]]
         let replacement: [UInt8]
     }
@@ -65,7 +65,9 @@ public final class Redactor: Sendable {
 
     /// Learns another secret (a no-op when this name already has this value).
     public func add(_ secret: Secret) {
-        let known = Known(secret: secret, forms: Redactor.forms(of: secret.value), replacement: Array("[REDACTED:\(secret.name)]".utf8))
+        // Longest form first: an escaped form contains the raw value's unescaped parts.
+        let forms = Redactor.forms(of: secret.value).sorted { $0.count > $1.count }
+        let known = Known(secret: secret, forms: forms, replacement: Array("[REDACTED:\(secret.name)]".utf8))
         secrets.withLock { list in
             guard !list.contains(where: { $0.secret.name == secret.name && $0.secret.value == secret.value }) else { return }
             list.append(known)
@@ -82,8 +84,7 @@ public final class Redactor: Sendable {
         let known = secrets.withLock { $0 }
         var out = bytes
         for entry in known {
-            // Longest form first: an escaped form contains the raw value's unescaped parts.
-            for form in entry.forms.sorted(by: { $0.count > $1.count }) { out = Redactor.replace(form, with: entry.replacement, in: out) }
+            for form in entry.forms { out = Redactor.replace(form, with: entry.replacement, in: out) }
         }
         return out
     }
