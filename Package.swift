@@ -70,7 +70,11 @@ let package = Package(
 
         .target(
             name: "Runtime",
-            dependencies: ["SessionLog", "Hands", "Policy", "JSONValues", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "SessionLog", "Hands", "Policy", "JSONValues",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strict),
 
         .target(
@@ -162,5 +166,8 @@ let package = Package(
             ],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
+        .testTarget(
+            name: "RuntimeTests", dependencies: ["Runtime", "Hands", "SessionLog", "Policy", "Vault", "JSONValues", "TestSupport"],
+            swiftSettings: strict),
     ]
 )

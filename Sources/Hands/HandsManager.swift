@@ -54,14 +54,18 @@ public actor HandsManager {
 
     // MARK: - execute
 
-    /// Runs tool `name` with JSON `input` in the sandbox of `key`, provisioning it on first use.
+    /// Runs tool `name` with JSON `input` in the sandbox of `key` (decodes, then as
+    /// `execute(_:spec:call:)`); an input that does not decode is an error result.
     public func execute(_ key: TaskKey, spec: SandboxSpec, tool name: String, input: [UInt8]) async -> ToolResult {
-        let call: ToolCall
         do {
-            call = try ToolCall.decode(name: name, input: input)
+            return await execute(key, spec: spec, call: try ToolCall.decode(name: name, input: input))
         } catch {
             return .error("\(error)")
         }
+    }
+
+    /// Runs the decoded `call` in the sandbox of `key`, provisioning it on first use.
+    public func execute(_ key: TaskKey, spec: SandboxSpec, call: ToolCall) async -> ToolResult {
         let sandbox: SandboxHandle
         do {
             sandbox = try await sandboxFor(key, spec: spec)

@@ -81,22 +81,10 @@ public struct ToolSpec: Sendable {
     /// The input in one line, for error messages: `{"command": string, "timeout_s"?: number}`.
     public var usage: String { "{" + fields.map(\.usage).joined(separator: ", ") + "}" }
 
-    /// Parses `input` and checks it against the fields: required ones present, each of its
-    /// type, no other.
+    /// Checks `object` against the fields: required ones present, each of its type, no other.
     /// - Throws: `HandsError.invalidRequest` naming the field and saying what the tool takes.
-    func check(_ input: [UInt8]) throws -> [String: Any] {
+    func check(_ object: [String: JSONValue]) throws {
         let usage = "\(name) takes \(usage)"
-        let object: [String: Any]
-        do {
-            guard let o = try JSONSerialization.jsonObject(with: Data(input.isEmpty ? Array("{}".utf8) : input)) as? [String: Any] else {
-                throw HandsError(.invalidRequest, "\(name): input must be a JSON object; \(usage)")
-            }
-            object = o
-        } catch let error as HandsError {
-            throw error
-        } catch {
-            throw HandsError(.invalidRequest, "\(name): input is not valid JSON (\(error.localizedDescription)); \(usage)")
-        }
         for field in fields {
             guard let value = object[field.name] else {
                 if field.required { throw HandsError(.invalidRequest, "\(name): missing field '\(field.name)'; \(usage)") }
@@ -104,13 +92,13 @@ public struct ToolSpec: Sendable {
             }
             switch field.kind {
             case .string:
-                guard value is String else { throw HandsError(.invalidRequest, "\(name): field '\(field.name)' must be a string; \(usage)") }
+                guard case .string = value else { throw HandsError(.invalidRequest, "\(name): field '\(field.name)' must be a string; \(usage)") }
             case .oneOf(let values):
-                guard let s = value as? String, values.contains(s) else {
-                    throw HandsError(.invalidRequest, "\(name): \(field.name) '\(value)' is not one of \(values.joined(separator: ", "))")
+                guard case .string(let s) = value, values.contains(s) else {
+                    throw HandsError(.invalidRequest, "\(name): \(field.name) '\(value.compactText)' is not one of \(values.joined(separator: ", "))")
                 }
             case .seconds(let max):
-                guard let n = value as? NSNumber, !isJSONBoolean(value), n.doubleValue > 0, n.doubleValue <= Double(max) else {
+                guard case .number(let n) = value, n > 0, n <= Double(max) else {
                     throw HandsError(.invalidRequest, "\(name): \(field.name) must be a number of seconds between 0 and \(max)")
                 }
             }
@@ -118,9 +106,12 @@ public struct ToolSpec: Sendable {
         if let extra = object.keys.sorted().first(where: { key in !fields.contains { $0.name == key } }) {
             throw HandsError(.invalidRequest, "\(name): unknown field '\(extra)'; \(usage)")
         }
-        return object
     }
+}
 
+extension JSONValue {
+    /// The value as compact JSON text, for error messages.
+    fileprivate var compactText: String { String(decoding: data, as: UTF8.self) }
 }
 
 /// A tool call decoded and checked against the tool's input schema.
@@ -158,32 +149,96 @@ public enum ToolCall: Sendable, Equatable {
             fields: [ToolField("path", .string, "the directory (default /workspace)")]),
     ]
 
-    /// Decodes `input` (a JSON object) for tool `name`.
+    /// Decodes `input` (JSON text of an object; empty means `{}`) for tool `name`.
+    /// - Throws: `HandsError.invalidRequest` when the text is not a JSON object, or as
+    ///   `decode(name:input:)` for a `JSONValue`.
+    public static func decode(name: String, input: [UInt8]) throws -> ToolCall {
+        let value: JSONValue
+        do {
+            value = try JSONValue(data: Data(input.isEmpty ? Array("{}".utf8) : input))
+        } catch {
+            throw HandsError(.invalidRequest, "\(name): input is not valid JSON (\(error.localizedDescription)); it must be a JSON object")
+        }
+        return try decode(name: name, input: value)
+    }
+
+    /// Decodes `input` for tool `name`: the one place a tool's input is checked and typed, so
+    /// that what runs is exactly what was checked (and journaled, through `input`).
+    /// - Parameters:
+    ///   - name: the tool (`bash`, `read_file`, `write_file`, `list_files`).
+    ///   - input: the tool's input, a JSON object.
     /// - Throws: `HandsError.invalidRequest` saying which field is missing or wrong and what
     ///   the tool takes.
-    public static func decode(name: String, input: [UInt8]) throws -> ToolCall {
+    public static func decode(name: String, input: JSONValue) throws -> ToolCall {
         guard let tool = catalog.first(where: { $0.name == name }) else {
             throw HandsError(.invalidRequest, "unknown tool '\(name)'; the tools are \(catalog.map(\.name).joined(separator: ", "))")
         }
+        guard case .object(let object) = input else {
+            throw HandsError(.invalidRequest, "\(name): input must be a JSON object; \(name) takes \(tool.usage)")
+        }
+        try tool.check(object)
         // `check` has made sure that required fields are there and that each has its type.
-        let object = try tool.check(input)
+        func string(_ key: String) -> String? { object[key]?.stringValue }
         switch name {
         case "bash":
-            let cwd = object["cwd"] as? String
+            let cwd = string("cwd")
             if let cwd, cwd.isEmpty { throw HandsError(.invalidRequest, "bash: cwd must not be empty") }
-            let timeout = (object["timeout_s"] as? NSNumber).map { Duration.milliseconds(Int64($0.doubleValue * 1000)) }
-            return .bash(command: object["command"] as! String, timeout: timeout, cwd: cwd)
+            var timeout: Duration?
+            if case .number(let seconds)? = object["timeout_s"] { timeout = .milliseconds(Int64((seconds * 1000).rounded())) }
+            return .bash(command: string("command") ?? "", timeout: timeout, cwd: cwd)
         case "read_file":
-            return .readFile(path: try checkedPath(object["path"] as! String, tool: name), base64: object["encoding"] as? String == "base64")
+            return .readFile(path: try checkedPath(string("path") ?? "", tool: name), base64: string("encoding") == "base64")
         case "write_file":
-            let path = try checkedPath(object["path"] as! String, tool: name)
-            let content = object["content"] as! String
-            guard object["encoding"] as? String == "base64" else { return .writeFile(path: path, contents: Array(content.utf8)) }
+            let path = try checkedPath(string("path") ?? "", tool: name)
+            let content = string("content") ?? ""
+            guard string("encoding") == "base64" else { return .writeFile(path: path, contents: Array(content.utf8)) }
             guard let data = Data(base64Encoded: content) else { throw HandsError(.invalidRequest, "write_file: content is not valid base64") }
             return .writeFile(path: path, contents: Array(data))
         default:
-            return .listFiles(path: try checkedPath(object["path"] as? String ?? ContainerDriver.workspace, tool: name))
+            return .listFiles(path: try checkedPath(string("path") ?? ContainerDriver.workspace, tool: name))
         }
+    }
+
+    /// The tool's name.
+    public var name: String {
+        switch self {
+        case .bash: "bash"
+        case .readFile: "read_file"
+        case .writeFile: "write_file"
+        case .listFiles: "list_files"
+        }
+    }
+
+    /// The call's input in canonical form: every field spelled out the one way `decode`
+    /// reads back to the same call (defaults explicit, file content as UTF-8 text when it is
+    /// text, else base64). Journaled as the intent's input and hashed to tell a reused
+    /// idempotency key's call apart from a different one.
+    public var canonicalInput: JSONValue {
+        switch self {
+        case .bash(let command, let timeout, let cwd):
+            var object: [String: JSONValue] = ["command": .string(command)]
+            if let timeout {
+                let c = timeout.components
+                object["timeout_s"] = .number(Double(c.seconds) + Double(c.attoseconds) / 1e18)
+            }
+            if let cwd { object["cwd"] = .string(cwd) }
+            return .object(object)
+        case .readFile(let path, let base64):
+            return .object(["path": .string(path), "encoding": .string(base64 ? "base64" : "utf8")])
+        case .writeFile(let path, let contents):
+            if let text = String(validating: contents, as: UTF8.self) {
+                return .object(["path": .string(path), "content": .string(text), "encoding": .string("utf8")])
+            }
+            return .object(["path": .string(path), "content": .string(Data(contents).base64EncodedString()), "encoding": .string("base64")])
+        case .listFiles(let path):
+            return .object(["path": .string(path)])
+        }
+    }
+
+    /// `{"input": canonicalInput, "tool": name}` as compact JSON with sorted keys: the same
+    /// bytes for the same call, whatever spelling the caller used.
+    public var canonicalEncoding: [UInt8] {
+        Array(JSONValue.object(["tool": .string(name), "input": canonicalInput]).data)
     }
 
     private static func checkedPath(_ path: String, tool: String) throws -> String {

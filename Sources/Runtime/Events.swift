@@ -14,6 +14,8 @@ public enum EventType {
     public static let handsReleased = "hands.released"
     public static let handsFailed = "hands.failed"
     public static let taskEnded = "task.ended"
+    /// The session was deleted: it refuses every change from then on (reads keep working).
+    public static let sessionDeleted = "session.deleted"
 }
 
 struct SessionCreated: Codable {
@@ -31,8 +33,12 @@ struct TaskStarted: Codable {
 struct ToolIntent: Codable {
     var task: String
     var tool: String
+    /// The canonical input (`ToolCall.canonicalInput`), redacted.
     var input: JSONValue
     var idempotency_key: String?
+    /// SHA-256 (hex) of the canonical tool and input before redaction: a reused key is
+    /// compared with it (absent in journals written before it existed).
+    var request_sha256: String?
 }
 
 struct ToolResultEvent: Codable {
@@ -46,9 +52,19 @@ struct ToolResultEvent: Codable {
     var idempotency_key: String?
 }
 
+/// An intent whose result was never journaled (agentd stopped while the tool ran), written
+/// once when the session's state is rebuilt. Its `output` is the *outcome unknown* result
+/// that every retry with the same idempotency key gets from then on.
 struct ToolInterrupted: Codable {
     var task: String
     var intent_seq: UInt64
+    var reason: String
+    var tool: String?
+    var idempotency_key: String?
+    var output: String?
+}
+
+struct SessionDeleted: Codable {
     var reason: String
 }
 
@@ -73,5 +89,32 @@ enum JSONCoding {
         return e
     }()
     static func encode<T: Encodable>(_ value: T) -> [UInt8] { Array((try? encoder.encode(value)) ?? Data()) }
+    /// Bytes `text` takes inside a JSON string as `encoder` writes it (without the quotes).
+    static func encodedLength(_ text: String) -> Int {
+        text.unicodeScalars.reduce(0) { $0 + encodedLength($1) }
+    }
+
+    /// The longest prefix of `text` (whole Unicode scalars) whose encoded length is at most
+    /// `encodedBytes`.
+    static func prefix(of text: String, encodedBytes: Int) -> String {
+        var used = 0
+        var end = text.unicodeScalars.startIndex
+        for index in text.unicodeScalars.indices {
+            let n = encodedLength(text.unicodeScalars[index])
+            if used + n > encodedBytes { break }
+            used += n
+            end = text.unicodeScalars.index(after: index)
+        }
+        return String(text.unicodeScalars[..<end])
+    }
+
+    private static func encodedLength(_ scalar: Unicode.Scalar) -> Int {
+        switch scalar.value {
+        case 0x22, 0x5C, 0x08, 0x09, 0x0A, 0x0C, 0x0D: 2
+        case 0..<0x20: 6
+        default: UTF8.width(scalar)
+        }
+    }
+
     static func decode<T: Decodable>(_ type: T.Type, _ bytes: [UInt8]) -> T? { try? JSONDecoder().decode(type, from: Data(bytes)) }
 }

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Hands
 import JSONValues
@@ -13,6 +14,10 @@ public struct SessionSummary: Sendable, Codable, Equatable {
     public var lease_epoch: UInt64
     /// Tasks that currently hold a sandbox.
     public var live_tasks: [String]
+    /// True once the session was deleted (it refuses changes; reads keep working).
+    public var deleted: Bool
+    /// Why the session cannot be read, when its journal is damaged (segment and offset).
+    public var damage: String?
 }
 
 /// What `execute` returns: the tool's string result and where it was journaled.
@@ -20,49 +25,103 @@ public struct ExecuteOutcome: Sendable, Codable, Equatable {
     public var result: ToolResult
     public var intent_seq: UInt64
     public var result_seq: UInt64
-    /// True when an earlier call with the same idempotency key had already completed and its
-    /// result was returned without running the tool again.
+    /// True when an earlier call with the same idempotency key had already completed (or was
+    /// running and has now completed) and its result was returned without running the tool
+    /// again.
     public var replayed: Bool
 }
 
 /// Wires Session, Hands and Policy together and implements the contracts: `execute` (journal
 /// the intent, run on the task's Hands, journal the result), `wake`, `getSession`,
-/// checkpoints and task ends.
+/// checkpoints, task ends and session deletion.
 ///
 /// Everything it knows about a session beyond what is in flight is derived from the journal
-/// (rebuilt lazily after a restart), so that agentd itself keeps no state that matters.
+/// (rebuilt lazily after a restart or an eviction), so that agentd itself keeps no state that
+/// matters, and the cache of sessions is bounded (`maxCachedSessions`).
+///
+/// Exactly once: a call with an idempotency key runs at most once per session. A second call
+/// with the key while the first runs waits for its result; a call whose result was never
+/// journaled (agentd was killed) is answered with a journaled *outcome unknown* result; a key
+/// reused for a different call is refused.
 public actor Runtime {
     public nonisolated let store: SessionStore
     public nonisolated let hands: HandsManager
     public nonisolated let policies: PolicyStore
+    /// At most this many sessions' derived state is kept in memory; idle ones beyond it are
+    /// dropped and rebuilt from the journal when used again.
+    public nonisolated let maxCachedSessions: Int
     private let logger: Logger
+    private let refreshSecrets: @Sendable () async -> Void
+
+    /// The largest event the journal takes, whatever the policy: at least the largest
+    /// `session.maxEventSize` a policy may set (64 MiB), plus room for the redactor's
+    /// replacements. Each session's own, smaller limit is enforced here, in `Runtime`.
+    public static let journalEventCeiling = (64 << 20) + (1 << 20)
 
     private struct TaskState {
         var policy: Policy
         var spec: SandboxSpec
     }
 
+    /// A completed call by idempotency key: where its result is journaled (the result itself
+    /// is read back from the journal on a replay, so that the map stays small).
+    private struct Completed {
+        var requestHash: String?
+        var intentSeq: UInt64
+        var resultSeq: UInt64
+    }
+
     private struct SessionState {
         var policyName: String
         var tasks: [String: TaskState] = [:]
-        /// Completed calls by idempotency key.
-        var completed: [String: (ToolResult, UInt64, UInt64)] = [:]
+        var completed: [String: Completed] = [:]
+        /// Set by `deleteSession` as it starts; `deletedSeq` once journaled.
+        var deleting = false
+        var deletedSeq: UInt64?
+        /// Calls running now; a session with calls in flight is never evicted.
+        var inFlight = 0
+        var lastUsed = ContinuousClock.now
+
+        init(policyName: String) { self.policyName = policyName }
+    }
+
+    private struct RunningKey: Hashable {
+        var session: SessionID
+        var key: String
     }
 
     private var sessions: [SessionID: SessionState] = [:]
     private var loading: [SessionID: Task<SessionState, any Error>] = [:]
+    /// Calls with an idempotency key that are running now: a second caller waits for them.
+    private var running: [RunningKey: (requestHash: String, task: Task<ExecuteOutcome, any Error>)] = [:]
+    /// How many callers wait for each running key (for tests and metrics).
+    private var waiting: [RunningKey: Int] = [:]
+    /// `deleteSession` waiting for a session's calls in flight to finish.
+    private var drainWaiters: [SessionID: [CheckedContinuation<Void, Never>]] = [:]
 
     /// Where images are imported (the container engine), when there is one.
     public nonisolated let images: (any ImageImporting)?
 
+    /// - Parameters:
+    ///   - store: the journal.
+    ///   - hands: the sandboxes.
+    ///   - policies: the policies in force.
+    ///   - images: the image importer, when there is a container engine.
+    ///   - maxCachedSessions: how many sessions' state to keep in memory (at least 1).
+    ///   - refreshSecrets: called before anything a caller sent is journaled, so that the
+    ///     redactor knows the credentials of the policies in force (see `CredentialRegistrar`).
+    ///   - logger: for what the runtime does.
     public init(
         store: SessionStore, hands: HandsManager, policies: PolicyStore, images: (any ImageImporting)? = nil,
+        maxCachedSessions: Int = 1024, refreshSecrets: @escaping @Sendable () async -> Void = {},
         logger: Logger = Logger(label: "agentd.runtime")
     ) {
         self.store = store
         self.hands = hands
         self.policies = policies
         self.images = images
+        self.maxCachedSessions = max(1, maxCachedSessions)
+        self.refreshSecrets = refreshSecrets
         self.logger = logger
     }
 
@@ -76,7 +135,7 @@ public actor Runtime {
             logger.info("image imported", metadata: ["image": "\(info.name)", "id": "\(info.id.prefix(19))", "bytes": "\(info.sizeBytes)"])
             return info
         } catch let error as HandsError {
-            throw RuntimeError(error.kind == .invalidRequest ? .invalidArgument : .unavailable, error.message)
+            throw RuntimeError(error.kind == .invalidRequest ? .invalidArgument : .unavailable, error.message, cause: error)
         }
     }
 
@@ -94,128 +153,357 @@ public actor Runtime {
         if store.lastSeq(session: session) > 0 {
             throw RuntimeError(.invalidArgument, "session \(session) already exists")
         }
+        await refreshSecrets()
         _ = try await append(session, EventType.sessionCreated, JSONCoding.encode(SessionCreated(policy: policy.name, policy_sha256: policy.sha256)))
-        sessions[session] = SessionState(policyName: policy.name)
+        remember(session, SessionState(policyName: policy.name))
         logger.info("session created", metadata: ["session.id": "\(session)", "policy": "\(policy.name)"])
         return try await summary(session.rawValue)
     }
 
-    /// Every session in the journal.
+    /// Every session in the journal, damaged ones included (with their damage).
+    ///
+    /// A session's state is not rebuilt for this: the policy comes from its first event and
+    /// the deletion from its last (a deleted session's last event is `session.deleted`), so a
+    /// listing reads two records per session whatever their length.
     public func listSessions() async throws -> [SessionSummary] {
         var result: [SessionSummary] = []
         for session in store.sessions() {
-            if let s = try? await summary(session.rawValue) { result.append(s) }
+            let live = await hands.liveTasks(session: session.rawValue).sorted()
+            var summary = SessionSummary(
+                id: session.rawValue, policy: "", last_seq: store.lastSeq(session: session), lease_epoch: store.leaseEpoch(session: session),
+                live_tasks: live, deleted: false, damage: nil)
+            if let cached = sessions[session] {
+                summary.policy = cached.policyName
+                summary.deleted = cached.deletedSeq != nil
+            } else {
+                do {
+                    if let first = try await store.event(session: session, seq: 1) {
+                        summary.policy = JSONCoding.decode(SessionCreated.self, first.payload)?.policy ?? ""
+                    }
+                    summary.deleted = try await store.event(session: session, seq: summary.last_seq)?.type == EventType.sessionDeleted
+                } catch let e as SessionLogError {
+                    summary.damage = e.message
+                }
+            }
+            result.append(summary)
         }
         return result
     }
 
+    /// The session as the API shows it (rebuilding its state from the journal if needed).
     public func summary(_ id: String) async throws -> SessionSummary {
         let session = try sessionID(id)
         let state = try await state(of: session)
         let live = await hands.liveTasks(session: session.rawValue)
         return SessionSummary(
             id: session.rawValue, policy: state.policyName, last_seq: store.lastSeq(session: session),
-            lease_epoch: store.leaseEpoch(session: session), live_tasks: live.sorted())
+            lease_epoch: store.leaseEpoch(session: session), live_tasks: live.sorted(), deleted: state.deletedSeq != nil, damage: nil)
+    }
+
+    /// How many sessions' state is in memory now (at most `maxCachedSessions` plus those
+    /// with calls in flight).
+    public var cachedSessionCount: Int { sessions.count }
+
+    /// How many callers are waiting for the running call with idempotency key `key`.
+    func waitingCallers(session: String, key: String) -> Int {
+        guard let session = try? SessionID(session) else { return 0 }
+        return waiting[RunningKey(session: session, key: key)] ?? 0
     }
 
     // MARK: - execute
 
-    /// Runs tool `tool` with JSON `input` for `task` of session `id`, on that task's Hands.
-    ///
-    /// The intent is journaled before the tool runs and the result after; a Hands failure is a
-    /// result (an error string), never a throw. With an `idempotencyKey` seen before, the
-    /// earlier result comes back and the tool does not run again.
-    /// - Throws: `RuntimeError` for an unknown session, a stale lease epoch, an unknown tool or
-    ///   input that does not fit the tool, or a journal failure.
+    /// Runs tool `tool` with JSON `input` (as `execute(session:task:call:…)` after decoding it).
+    /// - Throws: `RuntimeError(.invalidArgument)` for an unknown tool or an input that does
+    ///   not fit the tool, and as the typed `execute`.
     public func execute(
         session id: String, task: String = "main", tool: String, input: [UInt8], epoch: UInt64? = nil, idempotencyKey: String? = nil
+    ) async throws -> ExecuteOutcome {
+        let call: ToolCall
+        do {
+            call = try ToolCall.decode(name: tool, input: input)
+        } catch let error as HandsError {
+            throw RuntimeError(.invalidArgument, error.message, cause: error)
+        }
+        return try await execute(session: id, task: task, call: call, epoch: epoch, idempotencyKey: idempotencyKey)
+    }
+
+    /// Runs `call` for `task` of session `id`, on that task's Hands.
+    ///
+    /// The intent is journaled before the tool runs and the result after; a Hands failure is a
+    /// result (an error string), never a throw. A result too large for the session's event
+    /// limit is cut (with a note) so that it is always stored, and the caller gets exactly what
+    /// was stored. With an `idempotencyKey`, the call runs at most once: a later call with
+    /// the key gets the journaled result (`replayed`), a concurrent one waits for it.
+    /// - Parameters:
+    ///   - id: the session.
+    ///   - task: the task whose sandbox runs the call (1–64 of `A-Z a-z 0-9 - _`).
+    ///   - call: the decoded tool call.
+    ///   - epoch: the caller's lease epoch; required once the session was woken.
+    ///   - idempotencyKey: 1–200 bytes naming this call within the session.
+    /// - Throws: `RuntimeError`: `.notFound`, `.staleLease`/`.unknownEpoch` (fencing),
+    ///   `.sessionDeleted`, `.idempotencyConflict` (the key names another call),
+    ///   `.invalidArgument` (also when the input does not fit the intent event: nothing ran),
+    ///   or a journal failure.
+    public func execute(
+        session id: String, task: String = "main", call: ToolCall, epoch: UInt64? = nil, idempotencyKey: String? = nil
     ) async throws -> ExecuteOutcome {
         let session = try sessionID(id)
         try Self.validateName(task, what: "task")
         if let key = idempotencyKey, key.isEmpty || key.utf8.count > 200 {
             throw RuntimeError(.invalidArgument, "idempotency key must be 1 to 200 bytes")
         }
-        let inputValue: JSONValue
-        do {
-            inputValue = try JSONValue(data: Data(input.isEmpty ? Array("{}".utf8) : input))
-        } catch {
-            throw RuntimeError(.invalidArgument, "input must be a JSON object: \(error.localizedDescription)")
+        let state = try await state(of: session)
+        try Self.refuseIfDeleted(state, session, "execute")
+        try checkLease(session, epoch, "execute")
+        let requestHash = Self.sha256(call.canonicalEncoding)
+        guard let key = idempotencyKey else {
+            return try await perform(session, task: task, call: call, epoch: epoch, key: nil, requestHash: requestHash)
         }
-        guard case .object = inputValue else { throw RuntimeError(.invalidArgument, "input must be a JSON object") }
-        // A call that cannot run (unknown tool, input not matching the tool) is refused before
-        // anything is journaled: nothing is stored half-way.
-        do {
-            _ = try ToolCall.decode(name: tool, input: input)
-        } catch let error as HandsError {
-            throw RuntimeError(.invalidArgument, error.message)
+        if let done = state.completed[key] {
+            try Self.checkSameCall(done.requestHash, requestHash, key: key, session: session)
+            return try await replay(session, done)
         }
-        var state = try await state(of: session)
-        if let epoch, epoch < store.leaseEpoch(session: session) {
+        let runningKey = RunningKey(session: session, key: key)
+        if let first = running[runningKey] {
+            try Self.checkSameCall(first.requestHash, requestHash, key: key, session: session)
+            waiting[runningKey, default: 0] += 1
+            defer {
+                if let n = waiting[runningKey], n > 1 { waiting[runningKey] = n - 1 } else { waiting[runningKey] = nil }
+            }
+            var outcome = try await first.task.value
+            outcome.replayed = true
+            return outcome
+        }
+        // Registered before the first suspension: a second caller with the key finds it.
+        let work = Task { try await self.perform(session, task: task, call: call, epoch: epoch, key: key, requestHash: requestHash) }
+        running[runningKey] = (requestHash, work)
+        return try await work.value
+    }
+
+    /// Journals the intent, runs the call and journals its result (see `execute`).
+    private func perform(
+        _ session: SessionID, task: String, call: ToolCall, epoch: UInt64?, key: String?, requestHash: String
+    ) async throws -> ExecuteOutcome {
+        defer {
+            if let key { running[RunningKey(session: session, key: key)] = nil }
+        }
+        // Loaded (it may have been evicted since `execute` looked) and counted in flight in one
+        // step, so that it is not evicted, and not rebuilt, while this call runs.
+        let loaded = try await state(of: session)
+        sessions[session]?.inFlight += 1
+        defer { finishCall(session) }
+        // A deletion may have started since `execute` looked.
+        try Self.refuseIfDeleted(loaded, session, "execute")
+        await refreshSecrets()
+        let (taskState, isNew) = try await taskState(session, task: task)
+        let limit = taskState.policy.session.maxEventBytes
+        let intent = ToolIntent(
+            task: task, tool: call.name, input: redacted(call.canonicalInput), idempotency_key: key, request_sha256: requestHash)
+        let intentPayload = JSONCoding.encode(intent)
+        // A bad request (400), like any input that cannot run: nothing ran, nothing is stored.
+        guard intentPayload.count <= limit else {
             throw RuntimeError(
-                .staleLease,
-                "execute in session \(session) refused: lease epoch \(epoch) is stale; a newer Brain holds epoch \(store.leaseEpoch(session: session)) (it called wake) — stop this Brain")
+                .invalidArgument,
+                "\(call.name) refused before it ran: its input is \(intentPayload.count) bytes once journaled, and policy '\(taskState.policy.name)' allows events of at most \(limit) bytes (session.maxEventSize); send less per call (for example, write a file in parts)")
         }
-        if let key = idempotencyKey, let (result, intentSeq, resultSeq) = state.completed[key] {
-            return ExecuteOutcome(result: result, intent_seq: intentSeq, result_seq: resultSeq, replayed: true)
+        if isNew {
+            _ = try await append(
+                session, EventType.taskStarted,
+                JSONCoding.encode(
+                    TaskStarted(task: task, policy: taskState.policy.name, policy_sha256: taskState.policy.sha256, driver: taskState.policy.hands.driver.rawValue)),
+                epoch: epoch)
+            sessions[session]?.tasks[task] = taskState
         }
-        let taskState = try await taskState(session, task: task, state: &state, epoch: epoch)
-        let intentSeq = try await append(
-            session, EventType.toolIntent, JSONCoding.encode(ToolIntent(task: task, tool: tool, input: inputValue, idempotency_key: idempotencyKey)),
-            epoch: epoch)
+        let intentSeq = try await append(session, EventType.toolIntent, intentPayload, epoch: epoch)
         let started = ContinuousClock.now
-        let result = await hands.execute(TaskKey(session: session.rawValue, task: task), spec: taskState.spec, tool: tool, input: input)
+        let raw = await hands.execute(TaskKey(session: session.rawValue, task: task), spec: taskState.spec, call: call)
         let elapsed = ContinuousClock.now - started
-        let ms = Int(elapsed.components.seconds * 1000 + elapsed.components.attoseconds / 1_000_000_000_000_000)
-        let payload = ToolResultEvent(
-            task: task, tool: tool, intent_seq: intentSeq, output: result.output, is_error: result.isError, exit_code: result.exitCode,
-            duration_ms: ms, idempotency_key: idempotencyKey)
+        let ms = Int(elapsed.components.seconds) * 1000 + Int(elapsed.components.attoseconds / 1_000_000_000_000_000)
+        let (payload, stored) = fittedResult(
+            raw, limit: limit,
+            event: { ToolResultEvent(task: task, tool: call.name, intent_seq: intentSeq, output: $0, is_error: raw.isError, exit_code: raw.exitCode, duration_ms: ms, idempotency_key: key) })
         // The result is journaled without the epoch: a Brain that lost its lease while the
         // tool ran still gets the truth recorded; the intent was fenced.
-        let resultSeq = try await append(session, EventType.toolResult, JSONCoding.encode(payload))
-        if let key = idempotencyKey { sessions[session]?.completed[key] = (result, intentSeq, resultSeq) }
-        return ExecuteOutcome(result: result, intent_seq: intentSeq, result_seq: resultSeq, replayed: false)
+        let resultSeq = try await append(session, EventType.toolResult, payload)
+        if let key { sessions[session]?.completed[key] = Completed(requestHash: requestHash, intentSeq: intentSeq, resultSeq: resultSeq) }
+        return ExecuteOutcome(result: stored, intent_seq: intentSeq, result_seq: resultSeq, replayed: false)
     }
 
-    /// The task's policy snapshot, journaling `task.started` on its first call.
-    private func taskState(_ session: SessionID, task: String, state: inout SessionState, epoch: UInt64?) async throws -> TaskState {
-        if let existing = sessions[session]?.tasks[task] { return existing }
-        guard let policy = await policies.policy(named: state.policyName) else {
-            throw RuntimeError(.unavailable, "the session's policy '\(state.policyName)' is no longer loaded")
+    /// The result event's payload, with the output redacted and, when the encoded event would
+    /// exceed `limit`, cut with a note saying how much was cut; and the result as stored.
+    private func fittedResult(_ raw: ToolResult, limit: Int, event: (String) -> ToolResultEvent) -> ([UInt8], ToolResult) {
+        var output = store.redactor.redact(raw.output)
+        var payload = JSONCoding.encode(event(output))
+        if payload.count > limit {
+            let overhead = payload.count - JSONCoding.encodedLength(output)
+            let full = output.utf8.count
+            var budget = limit - overhead - 200
+            while true {
+                let kept = JSONCoding.prefix(of: output, encodedBytes: max(0, budget))
+                let cut = full - kept.utf8.count
+                let note = "\n[result cut: \(cut) more bytes beyond the session's event limit of \(limit) bytes (session.maxEventSize)]"
+                let candidate = kept + note
+                payload = JSONCoding.encode(event(candidate))
+                if payload.count <= limit || budget <= 0 {
+                    output = candidate
+                    break
+                }
+                budget -= payload.count - limit
+            }
         }
-        let taskState = TaskState(policy: policy, spec: Self.sandboxSpec(policy))
-        _ = try await append(
-            session, EventType.taskStarted,
-            JSONCoding.encode(TaskStarted(task: task, policy: policy.name, policy_sha256: policy.sha256, driver: policy.hands.driver.rawValue)),
-            epoch: epoch)
-        sessions[session]?.tasks[task] = taskState
-        return taskState
+        return (payload, ToolResult(output: output, isError: raw.isError, exitCode: raw.exitCode))
     }
 
-    // MARK: - wake, checkpoint, task end, reads
+    /// The journaled result of a completed key.
+    private func replay(_ session: SessionID, _ done: Completed) async throws -> ExecuteOutcome {
+        let event: Event?
+        do { event = try await store.event(session: session, seq: done.resultSeq) } catch let e as SessionLogError { throw RuntimeError(e) }
+        guard let event else {
+            throw RuntimeError(.internal, "the result #\(done.resultSeq) of session \(session) is not in the journal; run `agentctl verify \(session)`")
+        }
+        let result: ToolResult
+        if let r = JSONCoding.decode(ToolResultEvent.self, event.payload) {
+            result = ToolResult(output: r.output, isError: r.is_error, exitCode: r.exit_code)
+        } else if let i = JSONCoding.decode(ToolInterrupted.self, event.payload) {
+            result = .error(i.output ?? Self.outcomeUnknown)
+        } else {
+            throw RuntimeError(.internal, "the result #\(done.resultSeq) of session \(session) cannot be read back; run `agentctl verify \(session)`")
+        }
+        return ExecuteOutcome(result: result, intent_seq: done.intentSeq, result_seq: done.resultSeq, replayed: true)
+    }
+
+    /// What a retry of a call cut short by a crash gets, journaled once.
+    static let outcomeUnknown =
+        "outcome unknown: agentd stopped while this call was running, so it may or may not have run (in part or in full); it was not run again. Check the sandbox's state before deciding what to do, and use a new idempotency key to run it again."
+
+    private static func checkSameCall(_ stored: String?, _ requested: String, key: String, session: SessionID) throws {
+        guard let stored, stored != requested else { return }
+        throw RuntimeError(
+            .idempotencyConflict,
+            "idempotency key '\(key)' of session \(session) was already used for a different tool or input; use a new key for a new call")
+    }
+
+    /// The task's policy snapshot (a new task takes the session's policy as it is now).
+    private func taskState(_ session: SessionID, task: String) async throws -> (TaskState, isNew: Bool) {
+        if let existing = sessions[session]?.tasks[task] { return (existing, false) }
+        let name = sessions[session]?.policyName ?? Policy.defaultName
+        guard let policy = await policies.policy(named: name) else {
+            throw RuntimeError(.unavailable, "the session's policy '\(name)' is no longer loaded; restore it in the policy directory")
+        }
+        if let existing = sessions[session]?.tasks[task] { return (existing, false) }
+        return (TaskState(policy: policy, spec: Self.sandboxSpec(policy)), true)
+    }
+
+    private func finishCall(_ session: SessionID) {
+        sessions[session]?.inFlight -= 1
+        sessions[session]?.lastUsed = .now
+        if sessions[session]?.inFlight ?? 0 <= 0, let waiters = drainWaiters.removeValue(forKey: session) {
+            for w in waiters { w.resume() }
+        }
+        evictIfNeeded()
+    }
+
+    /// The value with every string (and key) redacted, before it is encoded.
+    private func redacted(_ value: JSONValue) -> JSONValue {
+        switch value {
+        case .string(let s): .string(store.redactor.redact(s))
+        case .array(let a): .array(a.map(redacted))
+        case .object(let o): .object(Dictionary(o.map { (store.redactor.redact($0.key), redacted($0.value)) }, uniquingKeysWith: { a, _ in a }))
+        default: value
+        }
+    }
+
+    // MARK: - wake, checkpoint, task end, delete, reads
 
     /// Hands out a lease with a fencing epoch one higher than any before (journaled).
+    /// - Throws: `RuntimeError` (`.sessionDeleted` for a deleted session).
     public func wake(_ id: String) async throws -> Lease {
         let session = try sessionID(id)
-        _ = try await state(of: session)
+        try Self.refuseIfDeleted(try await state(of: session), session, "wake")
         do { return try await store.wake(session: session) } catch let e as SessionLogError { throw RuntimeError(e) }
     }
 
     /// Stores a Brain's state; `getSession` returns it with the events after it.
+    /// - Throws: `RuntimeError`: fencing as `execute`, `.sessionDeleted`, `.tooLarge`.
     public func checkpoint(_ id: String, state: [UInt8], epoch: UInt64?) async throws -> UInt64 {
         let session = try sessionID(id)
-        _ = try await self.state(of: session)
+        try Self.refuseIfDeleted(try await self.state(of: session), session, "checkpoint")
+        try checkLease(session, epoch, "checkpoint")
+        await refreshSecrets()
         do { return try await store.checkpoint(session: session, state: state, epoch: epoch) } catch let e as SessionLogError { throw RuntimeError(e) }
     }
 
     /// Ends `task`: its sandbox is released and `task.ended` journaled.
     /// - Returns: whether the task had a sandbox.
+    /// - Throws: `RuntimeError`: fencing as `execute`, `.sessionDeleted`.
     public func endTask(_ id: String, task: String, epoch: UInt64?) async throws -> Bool {
         let session = try sessionID(id)
         try Self.validateName(task, what: "task")
-        _ = try await state(of: session)
+        try Self.refuseIfDeleted(try await state(of: session), session, "task end")
+        try checkLease(session, epoch, "task end")
         _ = try await append(session, EventType.taskEnded, JSONCoding.encode(TaskEnded(task: task)), epoch: epoch)
         sessions[session]?.tasks[task] = nil
         return await hands.endTask(TaskKey(session: session.rawValue, task: task))
+    }
+
+    /// Deletes session `id`: releases all of its sandboxes, waits for its calls in flight, and
+    /// journals `session.deleted` (the journal stays append-only: its events stay readable and
+    /// verifiable). From then on the session refuses execute, wake, checkpoint and task end.
+    /// Deleting a deleted session does nothing.
+    /// - Parameters:
+    ///   - id: the session.
+    ///   - epoch: a Brain's lease epoch, checked like `execute`'s; nil for an operator (or
+    ///     retention), who holds no lease.
+    ///   - reason: journaled with the deletion.
+    /// - Returns: the seq of the `session.deleted` event.
+    /// - Throws: `RuntimeError` (`.notFound`, fencing, journal failures).
+    @discardableResult
+    public func deleteSession(_ id: String, epoch: UInt64?, reason: String = "deleted by request") async throws -> UInt64 {
+        let session = try sessionID(id)
+        let state = try await state(of: session)
+        if let seq = state.deletedSeq { return seq }
+        if let epoch { try checkLease(session, epoch, "delete") }
+        sessions[session]?.deleting = true
+        do {
+            await hands.endSession(session.rawValue)
+            if sessions[session]?.inFlight ?? 0 > 0 {
+                await withCheckedContinuation { drainWaiters[session, default: []].append($0) }
+                // A call that was in flight may have provisioned a sandbox after the first pass.
+                await hands.endSession(session.rawValue)
+            }
+            if let seq = sessions[session]?.deletedSeq { return seq }
+            let seq = try await append(session, EventType.sessionDeleted, JSONCoding.encode(SessionDeleted(reason: reason)))
+            sessions[session]?.deletedSeq = seq
+            sessions[session]?.tasks = [:]
+            logger.info("session deleted", metadata: ["session.id": "\(session)", "reason": "\(reason)"])
+            return seq
+        } catch {
+            sessions[session]?.deleting = false
+            throw error
+        }
+    }
+
+    /// Deletes every session whose last event is older than `idle` and that has no sandbox
+    /// (the retention setting; called from the housekeeping loop).
+    /// - Returns: the ids deleted.
+    @discardableResult
+    public func deleteIdleSessions(idleLongerThan idle: Duration, now: Date = Date()) async -> [String] {
+        let cutoff = now.addingTimeInterval(-(Double(idle.components.seconds) + Double(idle.components.attoseconds) / 1e18))
+        var deleted: [String] = []
+        for session in store.sessions() {
+            if let cached = sessions[session], cached.deletedSeq != nil || cached.inFlight > 0 { continue }
+            guard let last = try? await store.event(session: session, seq: store.lastSeq(session: session)),
+                last.type != EventType.sessionDeleted, last.timestamp < cutoff,
+                await hands.liveTasks(session: session.rawValue).isEmpty
+            else { continue }
+            do {
+                try await deleteSession(session.rawValue, epoch: nil, reason: "retention: idle since \(ISO8601DateFormatter().string(from: last.timestamp))")
+                deleted.append(session.rawValue)
+            } catch {
+                logger.warning("retention could not delete a session", metadata: ["session.id": "\(session)", "error": "\(error)"])
+            }
+        }
+        return deleted
     }
 
     /// The last checkpoint and the events after it.
@@ -238,7 +526,8 @@ public actor Runtime {
 
     // MARK: - Hands events
 
-    /// Journals what happened to a task's Hands (provisioned, released, failed).
+    /// Journals what happened to a task's Hands (provisioned, released, failed); nothing for
+    /// a session that does not exist or was deleted (its deletion stays its last event).
     public func record(_ event: HandsEvent) async {
         let (key, type, payload): (TaskKey, String, HandsEventPayload)
         switch event {
@@ -249,7 +538,7 @@ public actor Runtime {
         case .failed(let k, let sandbox, let kind, let message):
             (key, type, payload) = (k, EventType.handsFailed, HandsEventPayload(task: k.task, sandbox: sandbox, kind: kind, message: message))
         }
-        guard let session = try? SessionID(key.session) else { return }
+        guard let session = try? SessionID(key.session), let state = try? await state(of: session), state.deletedSeq == nil else { return }
         do {
             _ = try await append(session, type, JSONCoding.encode(payload))
         } catch {
@@ -259,54 +548,121 @@ public actor Runtime {
 
     // MARK: - state
 
-    /// The session's derived state, rebuilt from its journal on first use after a start.
-    /// Intents without a result (agentd died while the tool ran) are journaled as interrupted.
+    /// The session's derived state, rebuilt from its journal on first use after a start or an
+    /// eviction. An intent without a result (agentd died while the tool ran) gets a journaled
+    /// *outcome unknown* result (`tool.interrupted`), once: its key maps to it from then on.
     private func state(of session: SessionID) async throws -> SessionState {
-        if let s = sessions[session] { return s }
+        if sessions[session] != nil {
+            sessions[session]?.lastUsed = .now
+            if let s = sessions[session] { return s }
+        }
         if let pending = loading[session] { return try await pending.value }
         let task = Task { [store] () async throws -> SessionState in
-            var state: SessionState?
-            var open: [UInt64: String] = [:]
-            var intents: [UInt64: ToolIntent] = [:]
-            do {
-                for try await event in store.events(session: session, after: 0) {
-                    switch event.type {
-                    case EventType.sessionCreated:
-                        if let p = JSONCoding.decode(SessionCreated.self, event.payload) { state = SessionState(policyName: p.policy) }
-                    case EventType.toolIntent:
-                        if let p = JSONCoding.decode(ToolIntent.self, event.payload) {
-                            open[event.seq] = p.task
-                            intents[event.seq] = p
-                        }
-                    case EventType.toolResult:
-                        if let p = JSONCoding.decode(ToolResultEvent.self, event.payload) {
-                            open[p.intent_seq] = nil
-                            if let key = p.idempotency_key {
-                                state?.completed[key] = (ToolResult(output: p.output, isError: p.is_error, exitCode: p.exit_code), p.intent_seq, event.seq)
-                            }
-                        }
-                    case EventType.toolInterrupted:
-                        if let p = JSONCoding.decode(ToolInterrupted.self, event.payload) { open[p.intent_seq] = nil }
-                    default:
-                        break
-                    }
-                }
-            } catch let e as SessionLogError {
-                throw RuntimeError(e)
-            }
-            guard let state else { throw RuntimeError(.notFound, "no session \(session)") }
-            for (seq, task) in open.sorted(by: { $0.key < $1.key }) {
-                _ = try? await store.append(
-                    session: session, type: EventType.toolInterrupted,
-                    payload: JSONCoding.encode(ToolInterrupted(task: task, intent_seq: seq, reason: "agentd stopped before the tool's result was journaled")))
-            }
-            return state
+            try await Self.rebuild(session, store: store)
         }
         loading[session] = task
         defer { loading[session] = nil }
         let state = try await task.value
-        if sessions[session] == nil { sessions[session] = state }
-        return sessions[session]!
+        if let s = sessions[session] { return s }
+        remember(session, state)
+        return state
+    }
+
+    private static func rebuild(_ session: SessionID, store: SessionStore) async throws -> SessionState {
+        var state: SessionState?
+        var open: [UInt64: ToolIntent] = [:]
+        var hashes: [UInt64: String] = [:]
+        func complete(_ key: String?, intentSeq: UInt64, resultSeq: UInt64) {
+            guard let key else { return }
+            state?.completed[key] = Completed(requestHash: hashes[intentSeq], intentSeq: intentSeq, resultSeq: resultSeq)
+        }
+        do {
+            for try await event in store.events(session: session, after: 0) {
+                switch event.type {
+                case EventType.sessionCreated:
+                    if let p = JSONCoding.decode(SessionCreated.self, event.payload) { state = SessionState(policyName: p.policy) }
+                case EventType.toolIntent:
+                    if let p = JSONCoding.decode(ToolIntent.self, event.payload) {
+                        open[event.seq] = p
+                        if p.idempotency_key != nil, let h = p.request_sha256 { hashes[event.seq] = h }
+                    }
+                case EventType.toolResult:
+                    if let p = JSONCoding.decode(ToolResultEvent.self, event.payload) {
+                        let key = p.idempotency_key ?? open[p.intent_seq]?.idempotency_key
+                        open[p.intent_seq] = nil
+                        complete(key, intentSeq: p.intent_seq, resultSeq: event.seq)
+                    }
+                case EventType.toolInterrupted:
+                    if let p = JSONCoding.decode(ToolInterrupted.self, event.payload) {
+                        let key = p.idempotency_key ?? open[p.intent_seq]?.idempotency_key
+                        open[p.intent_seq] = nil
+                        complete(key, intentSeq: p.intent_seq, resultSeq: event.seq)
+                    }
+                case EventType.sessionDeleted:
+                    state?.deletedSeq = event.seq
+                default:
+                    break
+                }
+            }
+        } catch let e as SessionLogError {
+            throw RuntimeError(e)
+        }
+        guard state != nil else { throw RuntimeError(.notFound, "no session \(session)") }
+        for (seq, intent) in open.sorted(by: { $0.key < $1.key }) {
+            let payload = ToolInterrupted(
+                task: intent.task, intent_seq: seq, reason: "agentd stopped before the tool's result was journaled", tool: intent.tool,
+                idempotency_key: intent.idempotency_key, output: outcomeUnknown)
+            let resultSeq: UInt64
+            do {
+                resultSeq = try await store.append(session: session, type: EventType.toolInterrupted, payload: JSONCoding.encode(payload))
+            } catch let e as SessionLogError {
+                throw RuntimeError(e)
+            }
+            complete(intent.idempotency_key, intentSeq: seq, resultSeq: resultSeq)
+        }
+        guard let state else { throw RuntimeError(.notFound, "no session \(session)") }
+        return state
+    }
+
+    /// Caches `state`, evicting the least recently used idle sessions beyond the cap.
+    private func remember(_ session: SessionID, _ state: SessionState) {
+        sessions[session] = state
+        evictIfNeeded()
+    }
+
+    private func evictIfNeeded() {
+        guard sessions.count > maxCachedSessions else { return }
+        // Never a session with calls in flight or a deletion under way: their state is live.
+        let idle = sessions.filter { $0.value.inFlight == 0 && !($0.value.deleting && $0.value.deletedSeq == nil) }
+            .sorted { $0.value.lastUsed < $1.value.lastUsed }
+        for (session, _) in idle.prefix(sessions.count - maxCachedSessions) { sessions[session] = nil }
+    }
+
+    /// Refuses a change to a deleted session.
+    private static func refuseIfDeleted(_ state: SessionState, _ session: SessionID, _ what: String) throws {
+        guard state.deletedSeq != nil || state.deleting else { return }
+        throw RuntimeError(.sessionDeleted, "\(what) in session \(session) refused: the session was deleted; its events can still be read, but it takes no new calls — create a new session")
+    }
+
+    /// Fencing: once the session was woken, a change must carry the current epoch.
+    private func checkLease(_ session: SessionID, _ epoch: UInt64?, _ what: String) throws {
+        let current = store.leaseEpoch(session: session)
+        switch epoch {
+        case nil where current > 0:
+            throw RuntimeError(
+                .staleLease,
+                "\(what) in session \(session) refused: the session was woken (lease epoch \(current)), so every change must carry the epoch that wake returned — pass it (agentctl: --epoch N; API: \"epoch\")")
+        case let e? where e < current:
+            throw RuntimeError(
+                .staleLease,
+                "\(what) in session \(session) refused: lease epoch \(e) is stale; a newer Brain holds epoch \(current) (it called wake) — stop this Brain")
+        case let e? where e > current:
+            throw RuntimeError(
+                .unknownEpoch,
+                "\(what) in session \(session) refused: lease epoch \(e) was never handed out (the current epoch is \(current)); call wake to get a lease")
+        default:
+            return
+        }
     }
 
     @discardableResult
@@ -320,6 +676,10 @@ public actor Runtime {
 
     private func sessionID(_ text: String) throws -> SessionID {
         do { return try SessionID(text) } catch let e as SessionLogError { throw RuntimeError(e) }
+    }
+
+    static func sha256(_ bytes: [UInt8]) -> String {
+        SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
     }
 
     static func validateName(_ name: String, what: String) throws {
@@ -375,6 +735,8 @@ public actor Runtime {
         spec.commandTimeout = h.commandTimeout
         spec.idleTimeout = h.idleTimeout
         spec.outputLimitBytes = h.outputLimitBytes
+        // A file read is a result: it must fit the output limit and the session's events.
+        spec.fileLimitBytes = min(h.outputLimitBytes, policy.session.maxEventBytes)
         spec.workspace = h.workspace == .session ? .session : .task
         spec.policyName = policy.name
         spec.maxSandboxesPerSession = policy.session.maxSandboxes

@@ -14,18 +14,7 @@ enum APIError {
     }
 
     static func response(for error: any Error) -> APIResponse {
-        if let e = error as? RuntimeError {
-            let status: Int =
-                switch e.code {
-                case .notFound: 404
-                case .invalidArgument: 400
-                case .staleLease: 409
-                case .tooLarge: 413
-                case .unavailable: 503
-                default: 507
-                }
-            return response(status, e.code.rawValue, e.message)
-        }
+        if let e = error as? RuntimeError { return response(e.code.httpStatus, e.code.rawValue, e.message) }
         if let e = error as? BadRequest { return response(400, "invalid-argument", e.message) }
         if let e = error as? APIRequestError { return response(400, "invalid-argument", e.message) }
         return response(500, "internal", "\(error)")

@@ -11,6 +11,12 @@ extension SessionStore {
     convenience init(directory: String, options: SessionStoreOptions, redactor: Redactor, logger: Logger) throws {
         do {
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            // 0700 whatever the umask or the unit says (chmod is not subject to the umask).
+            if chmod(directory, 0o700) != 0 {
+                throw SessionLogError.syscall("chmod", errno: errno, path: directory, context: "making the journal directory private (0700)")
+            }
+        } catch let error as SessionLogError {
+            throw error
         } catch {
             throw SessionLogError(.ioError, "cannot create the journal directory \(directory): \(error.localizedDescription) — check the path and its permissions")
         }

@@ -70,8 +70,11 @@ final class SegmentFile: @unchecked Sendable {
 /// Thin wrappers that translate errno into `SessionLogError` at the call site.
 enum Sys {
     static func open(_ path: String, _ flags: Int32, context: String) throws -> Int32 {
-        let fd = Glibc.open(path, flags | O_CLOEXEC, 0o644)
+        // 0600 whatever the umask or the unit says: the journal is agentd's alone. A file made
+        // by an older agentd with wider bits is narrowed when it is opened for writing.
+        let fd = Glibc.open(path, flags | O_CLOEXEC, 0o600)
         if fd < 0 { throw SessionLogError.syscall("open", errno: errno, path: path, context: context) }
+        if flags & (O_CREAT | O_WRONLY | O_RDWR) != 0 { _ = fchmod(fd, 0o600) }
         return fd
     }
 

@@ -62,7 +62,9 @@ public final class SessionStore: @unchecked Sendable {
     // `init`/`close` while no writer thread runs).
     let directory: String
     let options: SessionStoreOptions
-    let redactor: Redactor
+    /// The secrets that never reach the disk; callers may redact with it before encoding
+    /// (a value JSON-escaped by the caller's encoder is matched too, see `Redactor`).
+    public let redactor: Redactor
     let logger: Logger
     /// What recovery found when this store was opened.
     public let recovery: RecoveryReport
@@ -463,6 +465,16 @@ public final class SessionStore: @unchecked Sendable {
     /// The events of `session` with sequence numbers above `after`, in order, then the end.
     /// Every record is checked (CRC32C, identity, seq) as it is read; damage ends the
     /// sequence with a `.damaged` error naming segment and offset.
+    /// One event of `session` by its sequence number, read alone (no read-ahead): for callers
+    /// that need a single record, such as a replayed result or a session's first event.
+    /// - Returns: nil when the session has no record `seq`.
+    /// - Throws: `SessionLogError` (`.damaged`, `.closed`, `.ioError`).
+    public func event(session: SessionID, seq: UInt64) async throws -> Event? {
+        guard seq > 0, seq <= lastSeq(session: session) else { return nil }
+        let parts = try await BlockingPool.shared.run { [self] in try readParts(session: session, from: seq, count: 1) }
+        return parts.first?.first { $0.seq == seq }
+    }
+
     public func events(session: SessionID, after: UInt64 = 0) -> EventSequence {
         EventSequence(store: self, session: session, after: after, follow: false)
     }

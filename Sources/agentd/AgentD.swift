@@ -54,6 +54,9 @@ struct AgentD: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
+    @Option(help: "Delete sessions idle longer than this (e.g. 30d, 12h, 90m); default off. The journal keeps their events and records the deletion.")
+    var retention: String?
+
     func run() async throws {
         CurlTransport.globalInit()
         let level = Logger.Level(rawValue: logLevel) ?? .info
@@ -65,8 +68,10 @@ struct AgentD: AsyncParsableCommand {
         let logger = Logger(label: "agentd")
         let environment = ProcessInfo.processInfo.environment
 
-        // State directory and this installation's instance id (labels its sandboxes).
-        try FileManager.default.createDirectory(atPath: stateDir, withIntermediateDirectories: true)
+        let retentionPeriod = try retention.map(Self.parseRetention)
+        // State directory (private to agentd, whatever the umask) and this installation's
+        // instance id (labels its sandboxes).
+        try FileManager.default.createDirectory(atPath: stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         let instance = try Self.instanceID(stateDir: stateDir)
 
         // Policies, and the credential values they name (only to keep them off the disk).
@@ -76,14 +81,16 @@ struct AgentD: AsyncParsableCommand {
         guard !set.names.isEmpty else {
             throw ValidationError("no valid policy in \(policies); fix the errors above or pass --policies DIR (the repository ships policies/)")
         }
-        let (secrets, problems) = CredentialResolver(environment: environment).resolveAll(set)
-        for p in problems { logger.warning("\(p.description)") }
 
-        // The journal.
-        let maxEvent = set.policy(named: Policy.defaultName)?.session.maxEventBytes ?? (1 << 20)
+        // The journal. Its event ceiling covers the largest limit any policy may set; each
+        // session's own policy limit is enforced by the runtime.
         let store = try await SessionStore.open(
-            directory: stateDir + "/journal", options: SessionStoreOptions(maxEventBytes: maxEvent), redactor: Redactor(secrets),
+            directory: stateDir + "/journal", options: SessionStoreOptions(maxEventBytes: Runtime.journalEventCeiling), redactor: Redactor(),
             logger: Logger(label: "agentd.journal"))
+        // Credentials of the policies in force go to the redactor now and after every reload.
+        let registrar = CredentialRegistrar(
+            resolver: CredentialResolver(environment: environment), redactor: store.redactor, logger: Logger(label: "agentd.vault"))
+        await registrar.sync(policyStore)
 
         // Hands on the container engine.
         let engineAddress = engine ?? environment[EngineEndpoint.environmentVariable] ?? "unix:///run/podman/podman.sock"
@@ -120,7 +127,7 @@ struct AgentD: AsyncParsableCommand {
             onEvent: { await recorder.forward($0) })
         let runtime = Runtime(
             store: store, hands: hands, policies: policyStore, images: ContainerDriver(engine: client, instance: instance),
-            logger: Logger(label: "agentd.runtime"))
+            refreshSecrets: { await registrar.sync(policyStore) }, logger: Logger(label: "agentd.runtime"))
         await recorder.attach(runtime)
         do {
             let removed = try await hands.reconcile()
@@ -150,23 +157,53 @@ struct AgentD: AsyncParsableCommand {
             listeners: listeners, spool: API.uploadSpool(directory: stateDir + "/uploads"), logger: Logger(label: "agentd.http")
         ) { await api.handle($0) }
 
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+            .init(service: server),
+            .init(service: HandsMaintenance(hands: hands, logger: logger)),
+            .init(
+                service: PolicyReloader(store: policyStore, logger: logger) {
+                    await registrar.sync(policyStore)
+                    await runtime.applyPoolTargets()
+                }),
+            .init(service: SystemdReadiness(server: server, status: "serving \(set.names.count) policies", logger: logger)),
+            .init(service: StartupTrimService(server: server, logger: logger)),
+        ]
+        if let retentionPeriod { services.append(.init(service: RetentionService(runtime: runtime, idle: retentionPeriod, logger: logger))) }
         let group = ServiceGroup(
             configuration: .init(
-                services: [
-                    .init(service: server),
-                    .init(service: HandsMaintenance(hands: hands, logger: logger)),
-                    .init(service: PolicyReloader(store: policyStore, logger: logger) { await runtime.applyPoolTargets() }),
-                    .init(service: SystemdReadiness(server: server, status: "serving \(set.names.count) policies", logger: logger)),
-                    .init(service: StartupTrimService(server: server, logger: logger)),
-                ],
+                services: services,
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         logger.info("agentd started", metadata: ["state-dir": "\(stateDir)", "instance": "\(instance)", "engine": "\(client.endpoint)"])
-        try await group.run()
+        // Clean-up runs however the group ends, a service's error included: sandboxes are
+        // released and the journal's index is written.
+        let failure: (any Error)?
+        do {
+            try await group.run()
+            failure = nil
+        } catch {
+            logger.error("a service failed; stopping", metadata: ["error": "\(error)"])
+            failure = error
+        }
         logger.info("stopping: releasing sandboxes and closing the journal")
         await hands.shutdown()
         manager?.close()
-        try await store.close()
+        do {
+            try await store.close()
+        } catch {
+            logger.error("closing the journal failed", metadata: ["error": "\(error)"])
+            if failure == nil { throw error }
+        }
+        if let failure { throw failure }
+    }
+
+    /// `30d`, `12h`, `90m`, `45s`: a whole number and a unit.
+    static func parseRetention(_ text: String) throws -> Duration {
+        let units: [Character: Int64] = ["s": 1, "m": 60, "h": 3600, "d": 86_400]
+        guard let unit = text.last, let factor = units[unit], let n = Int64(text.dropLast()), n > 0, n <= 36_500 * 86_400 / factor else {
+            throw ValidationError("--retention takes a positive whole number and a unit s, m, h or d (e.g. 30d), not '\(text)'")
+        }
+        return .seconds(n * factor)
     }
 
     /// The instance id kept in the state directory: sandboxes are labelled with it, so that a
@@ -180,6 +217,25 @@ struct AgentD: AsyncParsableCommand {
         let id = String(UInt64.random(in: 0...UInt64.max), radix: 36)
         try id.write(toFile: path, atomically: true, encoding: .utf8)
         return id
+    }
+}
+
+/// Deletes sessions idle longer than `idle` (`--retention`): once at start, then every
+/// minute (or every tenth of `idle` when that is shorter), until shutdown.
+struct RetentionService: Service {
+    let runtime: Runtime
+    let idle: Duration
+    let logger: Logger
+
+    func run() async throws {
+        let every = min(Duration.seconds(60), idle / 10)
+        await cancelWhenGracefulShutdown {
+            while !Task.isCancelled {
+                let deleted = await runtime.deleteIdleSessions(idleLongerThan: idle)
+                if !deleted.isEmpty { logger.info("retention deleted idle sessions", metadata: ["count": "\(deleted.count)"]) }
+                try? await Task.sleep(for: every)
+            }
+        }
     }
 }
 

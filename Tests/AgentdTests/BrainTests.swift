@@ -198,7 +198,9 @@ private func onlySession(_ agentd: AgentdProcess) async throws -> String {
 
 /// Lines of `runs.log` in the session's workspace.
 private func logLines(_ agentd: AgentdProcess, _ session: String) async throws -> Int {
-    let log = try await agentd.client.execute(session: session, tool: "read_file", input: Data(#"{"path": "runs.log"}"#.utf8))
+    // The session was woken: the read carries the current lease epoch (fencing).
+    let epoch = (try await agentd.client.get(AgentdClient.sessionPath(session))["lease_epoch"] as? NSNumber)?.uint64Value
+    let log = try await agentd.client.execute(session: session, tool: "read_file", input: Data(#"{"path": "runs.log"}"#.utf8), epoch: epoch)
     return log.output.split(separator: "\n").count
 }
 

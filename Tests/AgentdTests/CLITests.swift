@@ -25,8 +25,9 @@ struct CLITests {
             // --json on every command that talks to agentd: each prints one JSON object.
             let commands: [[String]] = [
                 ["session", "create"], ["session", "list"], ["session", "show", id], ["session", "events", id],
-                ["exec", id, "bash", #"{"command": "echo json"}"#], ["wake", id], ["checkpoint", id, #"{"step": 1}"#], ["verify", id],
-                ["health"], ["pool", "status"], ["task", "end", id],
+                // wake last but one: after it, changes must carry the epoch (fencing).
+                ["exec", id, "bash", #"{"command": "echo json"}"#], ["checkpoint", id, #"{"step": 1}"#], ["task", "end", id],
+                ["wake", id], ["verify", id], ["health"], ["pool", "status"],
             ]
             for command in commands {
                 let run = try await runAgentctl(command + ["--json"], socket: s)

@@ -1,0 +1,235 @@
+import Foundation
+import Hands
+import Logging
+import Policy
+import SessionLog
+import Synchronization
+import Testing
+import Vault
+
+@testable import Runtime
+
+/// An in-memory Hands driver: `bash` commands are not run but echoed back as stdout, so that
+/// a test decides the output by the command it sends. It counts how often each command ran,
+/// and a command starting with `hold` waits until the test releases it.
+///
+/// Commands: `big N` answers N bytes of `"` (each takes 2 bytes JSON-encoded); `x N` answers
+/// N bytes of `x`; anything else is echoed.
+final class FakeDriver: HandsDriver {
+    private struct State {
+        var runs: [String: Int] = [:]
+        var provisioned = 0
+        var destroyed = 0
+        var files: [String: [UInt8]] = [:]
+        var held: [CheckedContinuation<Void, Never>] = []
+        var holding: [CheckedContinuation<Void, Never>] = []
+        var released = false
+    }
+    private let state = Mutex(State())
+    private let counter = Atomic<Int>(0)
+
+    var kind: String { "container" }
+
+    func runs(_ command: String) -> Int { state.withLock { $0.runs[command] ?? 0 } }
+    var totalRuns: Int { state.withLock { $0.runs.values.reduce(0, +) } }
+    var writes: Int { state.withLock { $0.files.count } }
+    var destroyed: Int { state.withLock { $0.destroyed } }
+
+    /// Returns once a `hold` command is running (held).
+    func waitUntilHolding() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            state.withLock { s in
+                if s.held.isEmpty { s.holding.append(c) } else { c.resume() }
+            }
+        }
+    }
+
+    /// Lets every held command (and every later one) finish.
+    func release() {
+        let held = state.withLock { s -> [CheckedContinuation<Void, Never>] in
+            s.released = true
+            defer { s.held = [] }
+            return s.held
+        }
+        for c in held { c.resume() }
+    }
+
+    func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
+        state.withLock { $0.provisioned += 1 }
+        return SandboxHandle(id: "fake-\(counter.add(1, ordering: .relaxed).newValue)", spec: spec, labels: labels)
+    }
+
+    func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws {}
+
+    func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
+        let command = argv.last ?? ""
+        state.withLock { $0.runs[command, default: 0] += 1 }
+        if command.hasPrefix("hold") {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let waiting = state.withLock { s -> [CheckedContinuation<Void, Never>]? in
+                    if s.released { return nil }
+                    s.held.append(c)
+                    defer { s.holding = [] }
+                    return s.holding
+                }
+                guard let waiting else { return c.resume() }
+                for w in waiting { w.resume() }
+            }
+        }
+        let words = command.split(separator: " ")
+        if words.count == 2, let n = Int(words[1]) {
+            if words[0] == "big" { return CommandOutput(stdout: Array(repeating: 0x22, count: n), stderr: [], exitCode: 0) }
+            if words[0] == "x" { return CommandOutput(stdout: Array(repeating: 0x78, count: n), stderr: [], exitCode: 0) }
+        }
+        return CommandOutput(stdout: Array(command.utf8), stderr: [], exitCode: 0)
+    }
+
+    func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {
+        state.withLock { $0.files[path] = contents }
+    }
+
+    func readFile(_ path: String, in sandbox: SandboxHandle) async throws -> [UInt8] {
+        guard let bytes = state.withLock({ $0.files[path] }) else { throw HandsError(.invalidRequest, "\(path): no such file") }
+        return bytes
+    }
+
+    func destroy(_ sandbox: SandboxHandle) async throws { state.withLock { $0.destroyed += 1 } }
+    func list(instance: String) async throws -> [(id: String, labels: [String: String])] { [] }
+    func destroy(id: String) async throws {}
+}
+
+/// A policy file's text: container driver, the given output and event limits, optional
+/// credentials (`name: source`).
+func policyYAML(_ name: String, outputLimit: String = "1MiB", maxEventSize: String = "1MiB", credentials: [String: String] = [:]) -> String {
+    var text = """
+        apiVersion: agentd/v1
+        kind: Policy
+        metadata:
+          name: \(name)
+        hands:
+          driver: container
+          outputLimit: \(outputLimit)
+        session:
+          maxEventSize: \(maxEventSize)
+
+        """
+    if !credentials.isEmpty {
+        text += "credentials:\n"
+        for (n, source) in credentials.sorted(by: { $0.key < $1.key }) { text += "  - name: \(n)\n    source: \(source)\n" }
+    }
+    return text
+}
+
+/// Everything a Runtime test works with: a real journal in a temp directory, real policies
+/// from files, the redactor kept in step by a `CredentialRegistrar`, and a `FakeDriver`.
+struct Fixture {
+    let directory: String
+    let journal: String
+    let policyDirectory: String
+    let store: SessionStore
+    let policies: PolicyStore
+    let driver: FakeDriver
+    let hands: HandsManager
+    let runtime: Runtime
+    let registrar: CredentialRegistrar
+
+    /// A second Runtime over the same journal and Hands, as after a restart of agentd (its
+    /// state is rebuilt from the journal).
+    func restartedRuntime(maxCachedSessions: Int = 1024) -> Runtime {
+        Runtime(store: store, hands: hands, policies: policies, maxCachedSessions: maxCachedSessions)
+    }
+
+    func writePolicy(_ name: String, _ text: String) throws {
+        try text.write(toFile: policyDirectory + "/\(name).yaml", atomically: true, encoding: .utf8)
+    }
+
+    /// Every byte of the journal's files, as on the disk.
+    func journalBytes() -> [UInt8] {
+        var out: [UInt8] = []
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: journal)) ?? [] {
+            if let d = FileManager.default.contents(atPath: journal + "/" + name) { out.append(contentsOf: d) }
+        }
+        return out
+    }
+
+    func events(_ session: String) async throws -> [Event] {
+        var out: [Event] = []
+        for try await e in try await runtime.events(session, after: 0, follow: false) { out.append(e) }
+        return out
+    }
+}
+
+/// Runs `body` with a fresh fixture whose policy directory holds `policies` (name → YAML;
+/// `default` is added when missing), then closes the journal and removes the directory.
+func withRuntime<T>(
+    policies: [String: String] = [:], maxCachedSessions: Int = 1024, environment: [String: String] = [:],
+    _ body: (Fixture) async throws -> T
+) async throws -> T {
+    let directory = NSTemporaryDirectory() + "agentd-runtime-\(UUID().uuidString.prefix(8))"
+    let policyDirectory = directory + "/policies"
+    try FileManager.default.createDirectory(atPath: policyDirectory, withIntermediateDirectories: true)
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    var all = policies
+    if all["default"] == nil { all["default"] = policyYAML("default") }
+    for (name, text) in all { try text.write(toFile: policyDirectory + "/\(name).yaml", atomically: true, encoding: .utf8) }
+    let policyStore = PolicyStore(directory: policyDirectory)
+    let policyErrors = await policyStore.lastErrors
+    #expect(policyErrors.isEmpty, "the test's policies load: \(policyErrors)")
+    let journal = directory + "/journal"
+    let store = try await SessionStore.open(directory: journal, options: SessionStoreOptions(maxEventBytes: Runtime.journalEventCeiling))
+    let registrar = CredentialRegistrar(resolver: CredentialResolver(environment: environment), redactor: store.redactor)
+    await registrar.sync(policyStore)
+    let driver = FakeDriver()
+    let hands = HandsManager(driver: driver, instance: "runtime-test")
+    let runtime = Runtime(
+        store: store, hands: hands, policies: policyStore, maxCachedSessions: maxCachedSessions,
+        refreshSecrets: { await registrar.sync(policyStore) })
+    let fixture = Fixture(
+        directory: directory, journal: journal, policyDirectory: policyDirectory, store: store, policies: policyStore, driver: driver,
+        hands: hands, runtime: runtime, registrar: registrar)
+    do {
+        let result = try await body(fixture)
+        driver.release()
+        try await store.close()
+        return result
+    } catch {
+        driver.release()
+        try? await store.close()
+        throw error
+    }
+}
+
+/// `{"command": …}` as JSON text.
+func bash(_ command: String) -> [UInt8] {
+    Array((try? JSONSerialization.data(withJSONObject: ["command": command])) ?? Data())
+}
+
+/// The code of the `RuntimeError` `body` throws (nil when it throws none or another error).
+func runtimeErrorCode(_ body: () async throws -> Void) async -> RuntimeError.Code? {
+    do {
+        try await body()
+        return nil
+    } catch let e as RuntimeError {
+        return e.code
+    } catch {
+        return nil
+    }
+}
+
+func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool { firstIndex(of: needle, in: haystack) != nil }
+
+/// Where `needle` first occurs in `haystack`.
+func firstIndex(of needle: [UInt8], in haystack: [UInt8]) -> Int? {
+    guard let first = needle.first, needle.count <= haystack.count else { return nil }
+    return haystack.withUnsafeBufferPointer { h -> Int? in
+        needle.withUnsafeBufferPointer { n -> Int? in
+            guard let hb = h.baseAddress, let nb = n.baseAddress else { return nil }
+            var i = 0
+            while i <= h.count - n.count {
+                if hb[i] == first && memcmp(hb + i, nb, n.count) == 0 { return i }
+                i += 1
+            }
+            return nil
+        }
+    }
+}
