@@ -150,6 +150,9 @@ let package = Package(
             name: "AgentdTests",
             dependencies: [
                 "AgentdAPI", "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "TestSupport", "JSONValues",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -160,7 +163,7 @@ let package = Package(
         .testTarget(
             name: "APIFuzzTests",
             dependencies: [
-                "AgentdAPI", "Service", "Runtime", "Hands", "Policy", "SessionLog", "JSONValues",
+                "AgentdAPI", "Service", "Runtime", "Hands", "Policy", "SessionLog", "JSONValues", "TestSupport",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Logging", package: "swift-log"),
             ],

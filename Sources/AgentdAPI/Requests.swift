@@ -148,6 +148,20 @@ public enum APIParameters {
         }
     }
 
+    /// The idempotency key of an execute: the body's `idempotency_key` or the
+    /// `Idempotency-Key` header (the same when both are given), 1 to 200 bytes.
+    /// - Throws: `APIRequestError` for an empty or longer key, or two different ones.
+    public static func idempotencyKey(body: String?, header: String?) throws -> String? {
+        if let body, let header, body != header {
+            throw APIRequestError("the Idempotency-Key header and the body's \"idempotency_key\" differ; give the key once")
+        }
+        guard let key = body ?? header else { return nil }
+        guard !key.isEmpty, key.utf8.count <= 200 else {
+            throw APIRequestError("the idempotency key must be 1 to 200 bytes, not \(key.utf8.count)")
+        }
+        return key
+    }
+
     /// Refuses query parameters a route does not take.
     /// - Throws: `APIRequestError` naming the first unknown one and the ones allowed.
     public static func check(_ query: [String: String], allowed: [String], route: String) throws {

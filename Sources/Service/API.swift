@@ -62,7 +62,7 @@ enum Route {
     static func known(_ parts: [String]) -> Bool { patterns.contains { match($0, parts) != nil } }
 }
 
-/// The HTTP/JSON API over `Runtime`. Routes are documented in `openapi.json` (same folder).
+/// The HTTP/JSON API over `Runtime`. Routes are documented in `openapi.yaml` (same folder), bodies are the AgentdAPI types.
 public struct API: Sendable {
     public let runtime: Runtime
     public let metrics: Metrics
@@ -133,7 +133,7 @@ public struct API: Sendable {
         if let p = try match("POST", "v1/sessions/:id/execute") {
             let id = try Self.session(p)
             let body = try JSON.decode(ExecuteRequest.self, r)
-            let key = body.idempotencyKey ?? r.header("idempotency-key")
+            let key = try APIParameters.idempotencyKey(body: body.idempotencyKey, header: r.header("idempotency-key"))
             let started = ContinuousClock.now
             let outcome = try await runtime.execute(
                 session: id, task: body.task ?? "main", tool: body.tool, input: Array(body.input.data), epoch: body.epoch, idempotencyKey: key)

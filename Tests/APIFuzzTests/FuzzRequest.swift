@@ -1,19 +1,7 @@
 import AgentdAPI
 import Foundation
 import JSONValues
-
-/// SplitMix64: small, fast, and the same sequence for the same seed on every machine.
-struct SeededRandom: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
+import TestSupport
 
 /// One request the fuzzer sends: its bytes, what kind of mutation made it, and a preview.
 struct FuzzRequest {
@@ -35,11 +23,11 @@ struct FuzzRequest {
 
     /// Makes requests from the API's own routes and body shapes, then mutates them.
     struct Generator {
-        var random: SeededRandom
+        var random: SeededGenerator
         let sessions: [String]
 
         init(seed: UInt64, sessions: [String]) {
-            random = SeededRandom(seed: seed)
+            random = SeededGenerator(seed: seed)
             self.sessions = sessions
         }
 
