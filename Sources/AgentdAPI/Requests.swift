@@ -114,6 +114,24 @@ public struct TaskEndRequest: APIRequestBody, Equatable {
     }
 }
 
+/// `DELETE /v1/sessions/{id}`: delete a session (its sandboxes and workspaces go; its journal
+/// stays, with `session.deleted` at the end). Empty, or `{"epoch": N}` to check the caller's
+/// lease.
+public struct DeleteSessionRequest: APIRequestBody, Equatable {
+    /// The caller's lease epoch; when given, it must be the session's current one.
+    public var epoch: UInt64?
+
+    public static let fields = ["epoch"]
+    public static let what = "DELETE /v1/sessions/{id}"
+
+    public init(epoch: UInt64? = nil) { self.epoch = epoch }
+
+    public init(from decoder: any Decoder) throws {
+        let o = try StrictObject<Self>(decoder)
+        epoch = try o.uint64("epoch")
+    }
+}
+
 /// A body with no fields: `POST …/wake`, `POST /v1/policies/reload` (empty, or `{}`).
 public struct EmptyRequest: APIRequestBody, Equatable {
     public static let fields: [String] = []

@@ -28,20 +28,55 @@ public struct SessionInfo: Codable, Sendable, Equatable {
     public var leaseEpoch: UInt64
     /// Tasks that hold a sandbox now.
     public var liveTasks: [String]
+    /// True once the session was deleted: it refuses changes (410); its events stay readable.
+    public var deleted: Bool
+    /// Why the session's journal cannot be read (segment and offset), when it is damaged.
+    public var damage: String?
 
     enum CodingKeys: String, CodingKey {
-        case id, policy
+        case id, policy, deleted, damage
         case lastSeq = "last_seq"
         case leaseEpoch = "lease_epoch"
         case liveTasks = "live_tasks"
     }
 
-    public init(id: String, policy: String, lastSeq: UInt64, leaseEpoch: UInt64, liveTasks: [String]) {
+    public init(id: String, policy: String, lastSeq: UInt64, leaseEpoch: UInt64, liveTasks: [String], deleted: Bool = false, damage: String? = nil) {
         self.id = id
         self.policy = policy
         self.lastSeq = lastSeq
         self.leaseEpoch = leaseEpoch
         self.liveTasks = liveTasks
+        self.deleted = deleted
+        self.damage = damage
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        id = try c.decode(String.self, forKey: .id)
+        policy = try c.decode(String.self, forKey: .policy)
+        lastSeq = try c.decode(UInt64.self, forKey: .lastSeq)
+        leaseEpoch = try c.decode(UInt64.self, forKey: .leaseEpoch)
+        liveTasks = try c.decode([String].self, forKey: .liveTasks)
+        // Absent from agentd before session deletion existed.
+        deleted = try c.decodeIfPresent(Bool.self, forKey: .deleted) ?? false
+        damage = try c.decodeIfPresent(String.self, forKey: .damage)
+    }
+}
+
+/// `DELETE /v1/sessions/{id}`.
+public struct DeleteSessionResponse: Codable, Sendable, Equatable {
+    public var session: String
+    /// The seq of the `session.deleted` event (the earlier one when it was already deleted).
+    public var deletedSeq: UInt64
+
+    enum CodingKeys: String, CodingKey {
+        case session
+        case deletedSeq = "deleted_seq"
+    }
+
+    public init(session: String, deletedSeq: UInt64) {
+        self.session = session
+        self.deletedSeq = deletedSeq
     }
 }
 

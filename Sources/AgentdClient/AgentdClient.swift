@@ -72,9 +72,9 @@ public struct AgentdClient: Sendable {
     /// `POST path` with a typed body, decoded as `Response`.
     /// - Throws: `AgentdClientError` as `get(_:as:timeout:)`.
     public func post<Body: APIRequestBody, Response: Decodable>(
-        _ path: String, _ body: Body, as type: Response.Type, timeout: Duration = .seconds(300)
+        _ path: String, _ body: Body, as type: Response.Type, method: String = "POST", timeout: Duration = .seconds(300)
     ) async throws -> Response {
-        let request = HTTPRequest(method: "POST", target: path, body: .bytes(APIBody.encode(body), contentType: "application/json"), timeout: timeout)
+        let request = HTTPRequest(method: method, target: path, body: .bytes(APIBody.encode(body), contentType: "application/json"), timeout: timeout)
         return try decode(type, try await send(request, path: path), path: path)
     }
 
@@ -328,6 +328,13 @@ extension AgentdClient {
     public func endTask(_ id: String, task: String = "main", epoch: UInt64? = nil) async throws -> TaskEndResponse {
         try await post(
             Self.sessionPath(id) + "/tasks/\(Self.pathComponent(task))/end", TaskEndRequest(epoch: epoch), as: TaskEndResponse.self, timeout: .seconds(120))
+    }
+
+    /// Deletes a session: its sandboxes and workspaces are removed and `session.deleted` is
+    /// journaled; its events stay readable. Deleting a deleted session answers the same seq.
+    /// - Throws: `AgentdClientError` (404 for an unknown session, 409 for a stale epoch).
+    public func deleteSession(_ id: String, epoch: UInt64? = nil) async throws -> DeleteSessionResponse {
+        try await post(Self.sessionPath(id), DeleteSessionRequest(epoch: epoch), as: DeleteSessionResponse.self, method: "DELETE", timeout: .seconds(300))
     }
 
     /// Whether agentd is up, with its sessions, sandboxes and policy errors.

@@ -123,6 +123,12 @@ public struct API: Sendable {
         if let p = try match("GET", "v1/sessions/:id") {
             return JSON.ok(Self.info(try await runtime.summary(try Self.session(p))))
         }
+        if let p = try match("DELETE", "v1/sessions/:id") {
+            let id = try Self.session(p)
+            let body = try JSON.decode(DeleteSessionRequest.self, r)
+            let seq = try await runtime.deleteSession(id, epoch: body.epoch)
+            return JSON.ok(DeleteSessionResponse(session: id, deletedSeq: seq))
+        }
         if let p = try match("GET", "v1/sessions/:id/events", query: ["after", "follow"]) {
             let id = try Self.session(p)
             let after = try APIParameters.after(r.query["after"])
@@ -135,8 +141,10 @@ public struct API: Sendable {
             let body = try JSON.decode(ExecuteRequest.self, r)
             let key = try APIParameters.idempotencyKey(body: body.idempotencyKey, header: r.header("idempotency-key"))
             let started = ContinuousClock.now
-            let outcome = try await runtime.execute(
-                session: id, task: body.task ?? "main", tool: body.tool, input: Array(body.input.data), epoch: body.epoch, idempotencyKey: key)
+            // The input is decoded once, here, into the typed call that is journaled and run.
+            let call: ToolCall
+            do { call = try ToolCall.decode(name: body.tool, input: body.input) } catch let e as HandsError { throw BadRequest(message: e.message) }
+            let outcome = try await runtime.execute(session: id, task: body.task ?? "main", call: call, epoch: body.epoch, idempotencyKey: key)
             metrics.observeExecute(seconds: (ContinuousClock.now - started).seconds, isError: outcome.result.isError)
             let result = ExecuteResponse.Result(output: outcome.result.output, isError: outcome.result.isError, exitCode: outcome.result.exitCode)
             return JSON.ok(ExecuteResponse(result: result, intentSeq: outcome.intent_seq, resultSeq: outcome.result_seq, replayed: outcome.replayed))
@@ -313,7 +321,8 @@ public struct API: Sendable {
     }
 
     static func info(_ s: SessionSummary) -> SessionInfo {
-        SessionInfo(id: s.id, policy: s.policy, lastSeq: s.last_seq, leaseEpoch: s.lease_epoch, liveTasks: s.live_tasks)
+        SessionInfo(
+            id: s.id, policy: s.policy, lastSeq: s.last_seq, leaseEpoch: s.lease_epoch, liveTasks: s.live_tasks, deleted: s.deleted, damage: s.damage)
     }
 
     static func info(_ e: Event) -> EventInfo {

@@ -122,7 +122,8 @@ func fenced(_ id: String, epoch: UInt64?, _ body: () async throws -> Void) async
 
 struct SessionCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "session", abstract: "Create, list and inspect sessions.", subcommands: [Create.self, List.self, Show.self, Events.self])
+        commandName: "session", abstract: "Create, list, inspect and delete sessions.",
+        subcommands: [Create.self, List.self, Show.self, Events.self, Delete.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a session (no sandbox yet: Hands come with the first tool call).")
@@ -173,6 +174,30 @@ struct SessionCommand: AsyncParsableCommand {
                 print("events      \(session.lastSeq)")
                 print("lease epoch \(session.leaseEpoch)")
                 print("live tasks  \(session.liveTasks.isEmpty ? "none" : session.liveTasks.joined(separator: ", "))")
+                if session.deleted { print("deleted     yes (events stay readable; changes are refused)") }
+                if let damage = session.damage { print("DAMAGED     \(damage)") }
+            }
+        }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete a session: its sandboxes, workspaces and slices are removed.",
+            discussion: """
+                The journal stays append-only: `session.deleted` is recorded and the session's events and \
+                verify keep working, while execute, wake, checkpoint and task end are refused (410). \
+                `agentd --retention DURATION` deletes idle sessions the same way.
+                """)
+        @OptionGroup var options: ClientOptions
+        @Argument(help: "Session id.") var id: String
+        @Option(help: "Lease epoch; when given it must be the current one (default: $AGENTD_EPOCH).") var epoch: UInt64?
+
+        func run() async throws {
+            let epoch = try leaseEpoch(epoch)
+            try await guarded {
+                let deleted = try await options.client.deleteSession(id, epoch: epoch)
+                if options.json { return printJSON(deleted) }
+                print("session \(deleted.session) deleted (event \(deleted.deletedSeq))")
             }
         }
     }
