@@ -143,8 +143,9 @@ let package = Package(
         .testTarget(
             name: "AgentdTests",
             dependencies: [
-                "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "TestSupport",
+                "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "SessionLog", "TestSupport",
                 .product(name: "Yams", package: "Yams"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -310,34 +310,6 @@ public struct API: Sendable {
         return out
     }
 
-    /// Server-sent events: one `event:`/`id:`/`data:` block per journal event, a comment every
-    /// 15 s so that a gone client is noticed.
-    static func sse(_ events: EventSequence) -> APIResponse {
-        let (stream, continuation) = AsyncStream<[UInt8]>.makeStream(bufferingPolicy: .bufferingNewest(1024))
-        let pump = Task {
-            do {
-                for try await event in events {
-                    let data = String(decoding: JSON.bytes(json(event)), as: UTF8.self)
-                    continuation.yield(Array("id: \(event.seq)\nevent: \(event.type)\ndata: \(data)\n\n".utf8))
-                }
-            } catch {
-                continuation.yield(Array("event: error\ndata: \(String(decoding: JSON.bytes(["message": "\(error)"]), as: UTF8.self))\n\n".utf8))
-            }
-            continuation.finish()
-        }
-        let heartbeat = Task {
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .seconds(15))
-                continuation.yield(Array(": keep-alive\n\n".utf8))
-            }
-        }
-        continuation.onTermination = { _ in
-            pump.cancel()
-            heartbeat.cancel()
-        }
-        return APIResponse(status: 200, headers: [("content-type", "text/event-stream"), ("cache-control", "no-cache")], body: .stream(stream))
-    }
-
     static func json(_ s: SessionSummary) -> [String: Any] {
         ["id": s.id, "policy": s.policy, "last_seq": s.last_seq, "lease_epoch": s.lease_epoch, "live_tasks": s.live_tasks]
     }
