@@ -91,14 +91,7 @@ struct HTTPLimitsTests {
     @Test("a live follow whose reader reads nothing while 3000 events are appended gets every one of them, in order")
     func slowReaderGetsEverything() async throws {
         try await TestServer.with(limits: HTTPServer.Limits(writeTimeout: .seconds(600))) { server in
-            let socket = try RawSocket.unix(server.socket)
-            defer { socket.close() }
-            socket.sendIgnoringErrors("GET /events?after=0 HTTP/1.1\r\nHost: agentd\r\n\r\n")
-            var reader = SSEReader(socket)
-            // The stream is live: the session's first event arrived.
-            #expect(try await reader.next(within: .seconds(30))?.seq == 1)
-            // Far more than the socket buffers hold, appended while the client reads nothing.
-            try await server.appendEvents(3000)
+            var reader = try await Self.followWhileStalled(server)
             var seqs: [UInt64] = [1]
             while seqs.last != 3001, let event = try await reader.next(within: .seconds(60)) {
                 #expect(event.type != "gap", "\(event.data)")
@@ -111,12 +104,7 @@ struct HTTPLimitsTests {
     @Test("a live follow whose reader stays stalled past the write timeout ends with a gap block naming the last seq sent; ?after= resumes without a hole")
     func stalledReaderGetsGap() async throws {
         try await TestServer.with(limits: HTTPServer.Limits(writeTimeout: .seconds(3))) { server in
-            let socket = try RawSocket.unix(server.socket)
-            defer { socket.close() }
-            socket.sendIgnoringErrors("GET /events?after=0 HTTP/1.1\r\nHost: agentd\r\n\r\n")
-            var reader = SSEReader(socket)
-            #expect(try await reader.next(within: .seconds(30))?.seq == 1)
-            try await server.appendEvents(3000)
+            var reader = try await Self.followWhileStalled(server)
             // The server gives up on this reader (it says so in its log) and keeps the notice for
             // it one more write timeout. What the reader then finds: events without a hole, then
             // the gap.
@@ -136,12 +124,9 @@ struct HTTPLimitsTests {
             #expect(last == UInt64(seqs.count))
             #expect(last < 3001)
             #expect(found["resume"] as? String == "/v1/sessions/\(server.session.rawValue)/events?follow=true&after=\(last)")
-            #expect(try await socket.waitForClose(within: .seconds(30)), "the stream did not end after the gap")
+            #expect(try await reader.socket.waitForClose(within: .seconds(30)), "the stream did not end after the gap")
             // Resuming where the gap said gets the rest.
-            let resumed = try RawSocket.unix(server.socket)
-            defer { resumed.close() }
-            resumed.sendIgnoringErrors("GET /events?after=\(last) HTTP/1.1\r\nHost: agentd\r\n\r\n")
-            var rest = SSEReader(resumed)
+            var rest = try server.follow(after: last)
             var next = last + 1
             while next <= 3001, let event = try await rest.next(within: .seconds(30)) {
                 #expect(event.seq == next, "expected seq \(next), got \(event.seq) (\(event.type))")
@@ -150,6 +135,15 @@ struct HTTPLimitsTests {
             }
             #expect(next == 3002)
         }
+    }
+
+    /// Opens a live follow from the start and reads its first event, then appends 3000 events
+    /// of about 1 KiB (far more than the socket buffers hold) while reading nothing.
+    static func followWhileStalled(_ server: TestServer) async throws -> SSEReader {
+        var reader = try server.follow(after: 0)
+        #expect(try await reader.next(within: .seconds(30))?.seq == 1, "the stream is not live")
+        try await server.appendEvents(3000)
+        return reader
     }
 
     static func firstHole(_ seqs: [UInt64]) -> UInt64? {
@@ -246,6 +240,13 @@ final class TestServer: Sendable {
         }
     }
 
+    /// A live follow of the session after `after`, on a new unix-socket connection.
+    func follow(after: UInt64) throws -> SSEReader {
+        let socket = try RawSocket.unix(self.socket)
+        socket.sendIgnoringErrors("GET /events?after=\(after) HTTP/1.1\r\nHost: agentd\r\n\r\n")
+        return SSEReader(socket)
+    }
+
     /// Waits until the server logs a message containing `text`.
     func waitForLog(_ text: String, within bound: Duration) async throws {
         try await logs.wait(for: text, within: bound)
@@ -329,8 +330,6 @@ final class RawSocket: Sendable {
     struct Failure: Error, CustomStringConvertible { let description: String }
 
     static func unix(_ path: String) throws -> RawSocket {
-        let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw Failure(description: "socket: errno \(errno)") }
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
@@ -338,29 +337,28 @@ final class RawSocket: Sendable {
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
             for (i, b) in bytes.enumerated() { raw[i] = b }
         }
-        let r = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard r == 0 else {
-            Glibc.close(fd)
-            throw Failure(description: "connect(\(path)): errno \(errno)")
-        }
-        return RawSocket(fd: fd)
+        return try connected(AF_UNIX, address, path)
     }
 
     static func tcp(port: Int) throws -> RawSocket {
-        let fd = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw Failure(description: "socket: errno \(errno)") }
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = in_port_t(UInt16(clamping: port)).bigEndian
         address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        return try connected(AF_INET, address, "127.0.0.1:\(port)")
+    }
+
+    /// A stream socket of `family` connected to `address` (a `sockaddr_*`).
+    private static func connected<Address>(_ family: Int32, _ address: Address, _ name: String) throws -> RawSocket {
+        let fd = Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw Failure(description: "socket: errno \(errno)") }
+        var address = address
         let r = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<Address>.size)) }
         }
         guard r == 0 else {
             Glibc.close(fd)
-            throw Failure(description: "connect(127.0.0.1:\(port)): errno \(errno)")
+            throw Failure(description: "connect(\(name)): errno \(errno)")
         }
         return RawSocket(fd: fd)
     }
