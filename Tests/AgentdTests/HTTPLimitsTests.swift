@@ -64,6 +64,26 @@ struct HTTPLimitsTests {
         }
     }
 
+    @Test("a body that stops coming and a keep-alive connection left idle are closed by their timeouts")
+    func bodyAndIdleTimeouts() async throws {
+        let limits = HTTPServer.Limits(bodyTimeout: .seconds(1), minBodyBytesPerSecond: 1024, idleTimeout: .seconds(1))
+        try await TestServer.with(limits: limits) { server in
+            // A body announced at 1 MB that sends 10 bytes and stops.
+            let trickle = try RawSocket.unix(server.socket)
+            defer { trickle.close() }
+            trickle.sendIgnoringErrors("POST /v1/sessions HTTP/1.1\r\nHost: agentd\r\nContent-Length: 1000000\r\n\r\n0123456789")
+            // A request answered on a keep-alive connection, then nothing.
+            let idle = try RawSocket.unix(server.socket)
+            defer { idle.close() }
+            idle.sendIgnoringErrors("GET /v1/health HTTP/1.1\r\nHost: agentd\r\n\r\n")
+            let answer = try await idle.readUntilClosed(within: .seconds(30))
+            #expect(answer.hasPrefix("HTTP/1.1 200"), "\(answer.prefix(200))")
+            #expect(answer.lowercased().contains("connection: keep-alive"))
+            #expect(try await trickle.waitForClose(within: .seconds(30)), "the stalled body's connection is still open")
+            #expect(server.handled == 1)
+        }
+    }
+
     @Test("a 100 MB body without the token gets 401 as soon as its head arrives; the body is never read and the handler never runs")
     func unauthorizedAtHead() async throws {
         let limits = HTTPServer.Limits(lingerTimeout: .seconds(1))
