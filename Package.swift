@@ -149,11 +149,11 @@ let package = Package(
         .testTarget(
             name: "AgentdTests",
             dependencies: [
-                "AgentdAPI", "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "TestSupport", "JSONValues",
+                "AgentdAPI", "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "SessionLog", "TestSupport", "JSONValues",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Yams", package: "Yams"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

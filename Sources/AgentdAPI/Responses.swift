@@ -430,3 +430,23 @@ public struct ImageResponse: Codable, Sendable, Equatable {
         self.size = size
     }
 }
+
+/// The data of the `event: gap` block that ends a live follow whose reader fell behind: no
+/// event after `last_seq` was sent, and `resume` continues from there.
+public struct StreamGap: Codable, Sendable, Equatable {
+    public var lastSeq: UInt64
+    /// The path that continues the stream: `/v1/sessions/ID/events?follow=true&after=N`.
+    public var resume: String
+    public var message: String
+
+    enum CodingKeys: String, CodingKey {
+        case resume, message
+        case lastSeq = "last_seq"
+    }
+
+    public init(lastSeq: UInt64, resume: String, message: String) {
+        self.lastSeq = lastSeq
+        self.resume = resume
+        self.message = message
+    }
+}

@@ -1,6 +1,7 @@
 import AgentdAPI
 import CurlHTTP
 import Foundation
+import Synchronization
 import JSONValues
 
 /// A client of agentd's HTTP/JSON API, over its unix socket (or TCP with a bearer token).
@@ -296,10 +297,26 @@ extension AgentdClient {
 
     /// Follows a session's events after `after` as they are appended (server-sent events),
     /// calling `onEvent` with each (and its JSON text), until agentd ends the stream.
+    ///
+    /// A reader that fell behind gets an `event: gap` from agentd naming the last seq it was
+    /// sent; the follow then goes on from there with a new request, so no event is missed.
     public func followEvents(_ id: String, after: UInt64 = 0, onEvent: @escaping @Sendable (EventInfo, String) -> Void) async throws {
-        try await follow(Self.sessionPath(id) + "/events?after=\(after)&follow=true") { _, data in
-            guard let event = try? APIBody.decodeResponse(EventInfo.self, from: Array(data.utf8)) else { return }
-            onEvent(event, data)
+        let position = Mutex<(after: UInt64, gap: Bool)>((after, false))
+        while true {
+            let from = position.withLock { state -> UInt64 in
+                state.gap = false
+                return state.after
+            }
+            try await follow(Self.sessionPath(id) + "/events?after=\(from)&follow=true") { name, data in
+                if name == "gap", let gap = try? APIBody.decodeResponse(StreamGap.self, from: Array(data.utf8)) {
+                    position.withLock { $0 = (max($0.after, gap.lastSeq), true) }
+                    return
+                }
+                guard let event = try? APIBody.decodeResponse(EventInfo.self, from: Array(data.utf8)) else { return }
+                position.withLock { $0.after = max($0.after, event.seq) }
+                onEvent(event, data)
+            }
+            guard position.withLock({ $0.gap }), !Task.isCancelled else { return }
         }
     }
 

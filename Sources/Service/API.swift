@@ -292,34 +292,6 @@ public struct API: Sendable {
         return out
     }
 
-    /// Server-sent events: one `event:`/`id:`/`data:` block per journal event, a comment every
-    /// 15 s so that a gone client is noticed.
-    static func sse(_ events: EventSequence) -> APIResponse {
-        let (stream, continuation) = AsyncStream<[UInt8]>.makeStream(bufferingPolicy: .bufferingNewest(1024))
-        let pump = Task {
-            do {
-                for try await event in events {
-                    let data = String(decoding: APIBody.encode(info(event)), as: UTF8.self)
-                    continuation.yield(Array("id: \(event.seq)\nevent: \(event.type)\ndata: \(data)\n\n".utf8))
-                }
-            } catch {
-                continuation.yield(Array("event: error\ndata: \(String(decoding: APIBody.encode(["message": "\(error)"]), as: UTF8.self))\n\n".utf8))
-            }
-            continuation.finish()
-        }
-        let heartbeat = Task {
-            while !Task.isCancelled {
-                try? await Task.sleep(for: .seconds(15))
-                continuation.yield(Array(": keep-alive\n\n".utf8))
-            }
-        }
-        continuation.onTermination = { _ in
-            pump.cancel()
-            heartbeat.cancel()
-        }
-        return APIResponse(status: 200, headers: [("content-type", "text/event-stream"), ("cache-control", "no-cache")], body: .stream(stream))
-    }
-
     static func info(_ s: SessionSummary) -> SessionInfo {
         SessionInfo(
             id: s.id, policy: s.policy, lastSeq: s.last_seq, leaseEpoch: s.lease_epoch, liveTasks: s.live_tasks, deleted: s.deleted, damage: s.damage)

@@ -33,11 +33,13 @@ public struct PeerCredentials: Sendable, CustomStringConvertible {
     public var description: String { "pid=\(pid) uid=\(uid) gid=\(gid)" }
 }
 
-/// An HTTP response: a body in memory, or a stream of chunks (server-sent events).
+/// An HTTP response: a body in memory, or a stream written as it is produced (server-sent
+/// events).
 public struct APIResponse: Sendable {
     public enum Body: Sendable {
         case bytes([UInt8])
-        case stream(AsyncStream<[UInt8]>)
+        /// Written with backpressure: the producer waits while the client is not reading.
+        case stream(ResponseStream)
     }
     public var status: Int
     public var headers: [(String, String)]
@@ -63,11 +65,61 @@ public enum Listener: Sendable {
 /// A small HTTP/1.1 server on SwiftNIO: unix sockets (also inherited from systemd) and TCP
 /// with a bearer token. It reads each request whole (up to `maxBodyBytes`, else 413), calls
 /// the handler, and writes the response, streaming it when the handler streams.
+///
+/// No client can hold the server: every phase of a connection has a bound (``Limits``), each
+/// listener has its own connection cap (a flood on TCP leaves the unix socket answering), and
+/// a request without the TCP listener's token is refused at its head, before any body is read.
 public final class HTTPServer: Service, Sendable {
     public typealias Handler = @Sendable (APIRequest) async -> APIResponse
 
+    /// How long each phase of a connection may take, and how many connections a listener
+    /// holds. A connection that overruns a bound is closed; the defaults suit a local API that
+    /// also takes multi-gigabyte image uploads.
+    public struct Limits: Sendable {
+        /// A new connection's whole first request head must arrive within this (10 s), so that
+        /// half-open or trickling clients cannot hold connections.
+        public var headerTimeout: Duration
+        /// A request body's first bytes must arrive within this (60 s) after the head…
+        public var bodyTimeout: Duration
+        /// …and the rest at least this fast on average (16 KiB/s): a body may take
+        /// `bodyTimeout + received / minBodyBytesPerSecond`, so a large upload on a slow link
+        /// goes through while a trickle does not.
+        public var minBodyBytesPerSecond: Int
+        /// A keep-alive connection's next request head must arrive within this (60 s).
+        public var idleTimeout: Duration
+        /// A response write the client does not take within this (60 s) ends the connection; a
+        /// live event stream ends with an `event: gap` block saying where to resume.
+        public var writeTimeout: Duration
+        /// How long a refused request's body is read and dropped before the connection closes
+        /// (5 s; also at most `HTTPServer.maxDrainBytes`), so that the client reads the refusal
+        /// instead of a reset.
+        public var lingerTimeout: Duration
+        /// Open connections per TCP listener (256); more are closed at once.
+        public var maxTCPConnections: Int
+        /// Open connections per unix-socket listener, inherited ones too (1024); more are
+        /// closed at once.
+        public var maxUnixConnections: Int
+
+        /// Limits with the documented defaults, any of them overridden.
+        public init(
+            headerTimeout: Duration = .seconds(10), bodyTimeout: Duration = .seconds(60), minBodyBytesPerSecond: Int = 16 << 10,
+            idleTimeout: Duration = .seconds(60), writeTimeout: Duration = .seconds(60), lingerTimeout: Duration = .seconds(5),
+            maxTCPConnections: Int = 256, maxUnixConnections: Int = 1024
+        ) {
+            self.headerTimeout = headerTimeout
+            self.bodyTimeout = bodyTimeout
+            self.minBodyBytesPerSecond = minBodyBytesPerSecond
+            self.idleTimeout = idleTimeout
+            self.writeTimeout = writeTimeout
+            self.lingerTimeout = lingerTimeout
+            self.maxTCPConnections = maxTCPConnections
+            self.maxUnixConnections = maxUnixConnections
+        }
+    }
+
     private let listeners: [Listener]
     private let maxBodyBytes: Int
+    private let limits: Limits
     private let handler: Handler
     private let logger: Logger
     private let ready: NIOLockedValueBox<[CheckedContinuation<Void, Never>]?> = .init([])
@@ -75,15 +127,31 @@ public final class HTTPServer: Service, Sendable {
     /// shutdown can close idle keep-alive connections (and streams) at once while requests in
     /// flight finish.
     private let connections = ConnectionRegistry()
+    /// The TCP listeners' ports once bound (port 0 picks a free one).
+    let boundTCPPorts = NIOLockedValueBox<[Int]>([])
 
     private let spool: Spool?
     /// How much of a refused upload's body is read and dropped before the connection is closed
     /// anyway.
     static let maxDrainBytes = 64 << 20
+    /// A response body is written in pieces of this size, so that a write timeout measures the
+    /// client's progress rather than the size of the answer.
+    static let writeChunkBytes = 64 << 10
 
-    public init(listeners: [Listener], maxBodyBytes: Int = 8 << 20, spool: Spool? = nil, logger: Logger, handler: @escaping Handler) {
+    /// - Parameters:
+    ///   - listeners: where to listen; each gets its own connection cap.
+    ///   - maxBodyBytes: the largest request body held in memory (8 MiB); larger ones get 413.
+    ///   - limits: timeouts and connection caps (``Limits`` documents the defaults).
+    ///   - spool: which requests are uploads spooled to disk instead.
+    ///   - logger: connection-level events (debug), refusals at the cap (warning).
+    ///   - handler: answers each request.
+    public init(
+        listeners: [Listener], maxBodyBytes: Int = 8 << 20, limits: Limits = Limits(), spool: Spool? = nil, logger: Logger,
+        handler: @escaping Handler
+    ) {
         self.listeners = listeners
         self.maxBodyBytes = maxBodyBytes
+        self.limits = limits
         self.spool = spool
         self.logger = logger
         self.handler = handler
@@ -117,12 +185,14 @@ public final class HTTPServer: Service, Sendable {
         await withCheckedContinuation { continuation in
             let pending = ready.withLockedValue { waiters -> Bool in
                 guard waiters != nil else { return false }
-                waiters!.append(continuation)
+                waiters?.append(continuation)
                 return true
             }
             if !pending { continuation.resume() }
         }
     }
+
+    typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPPart<HTTPResponseHead, IOData>>
 
     public func run() async throws {
         if let spool {
@@ -130,15 +200,30 @@ public final class HTTPServer: Service, Sendable {
             try? FileManager.default.removeItem(atPath: spool.directory)
             try FileManager.default.createDirectory(atPath: spool.directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         }
-        typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPPart<HTTPResponseHead, IOData>>
         let group = MultiThreadedEventLoopGroup.singleton
         var bound: [(NIOAsyncChannel<Connection, Never>, String?)] = []
         for listener in listeners {
+            let name: String, cap: Int
+            switch listener {
+            case .unixSocket(let path, _): (name, cap) = (path, limits.maxUnixConnections)
+            case .inherited(let fd): (name, cap) = ("fd \(fd)", limits.maxUnixConnections)
+            case .tcp(let host, let port, _): (name, cap) = ("\(host):\(port)", limits.maxTCPConnections)
+            }
+            // NIO's ServerBootstrap already backs accepting off for a second when the process is
+            // out of file descriptors (AcceptBackoffHandler); the cap keeps one listener from
+            // taking them all, counted here where connections are accepted, before any task
+            // or buffer is spent on them.
+            let gate = ConnectionGate(listener: name, limit: cap, logger: logger)
             let bootstrap = ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 256)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             let initializer: @Sendable (Channel) -> EventLoopFuture<Connection> = { child in
-                child.eventLoop.makeCompletedFuture {
+                guard gate.admit() else {
+                    child.close(promise: nil)
+                    return child.eventLoop.makeFailedFuture(ConnectionGate.Full())
+                }
+                child.closeFuture.whenComplete { _ in gate.release() }
+                return child.eventLoop.makeCompletedFuture {
                     try child.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     return try Connection(wrappingChannelSynchronously: child)
                 }
@@ -147,15 +232,17 @@ public final class HTTPServer: Service, Sendable {
             case .unixSocket(let path, let mode):
                 let server = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true, childChannelInitializer: initializer)
                 chmod(path, mode)
-                logger.info("listening", metadata: ["socket": "\(path)", "mode": "\(String(mode, radix: 8))"])
+                logger.info("listening", metadata: ["socket": "\(path)", "mode": "\(String(mode, radix: 8))", "max-connections": "\(cap)"])
                 bound.append((server, nil))
             case .inherited(let fd):
                 let server = try await bootstrap.bind(fd, childChannelInitializer: initializer)
-                logger.info("listening on the socket systemd passed", metadata: ["fd": "\(fd)"])
+                logger.info("listening on the socket systemd passed", metadata: ["fd": "\(fd)", "max-connections": "\(cap)"])
                 bound.append((server, nil))
             case .tcp(let host, let port, let token):
                 let server = try await bootstrap.bind(host: host, port: port, childChannelInitializer: initializer)
-                logger.info("listening", metadata: ["tcp": "\(host):\(port)", "auth": "bearer token"])
+                let actual = server.channel.localAddress?.port ?? port
+                boundTCPPorts.withLockedValue { $0.append(actual) }
+                logger.info("listening", metadata: ["tcp": "\(host):\(actual)", "auth": "bearer token", "max-connections": "\(cap)"])
                 bound.append((server, token))
             }
         }
@@ -184,11 +271,14 @@ public final class HTTPServer: Service, Sendable {
         }
     }
 
-    private func serve(_ connection: NIOAsyncChannel<HTTPServerRequestPart, HTTPPart<HTTPResponseHead, IOData>>, token: String?) async {
+    private func serve(_ connection: Connection, token: String?) async {
         let peer = await Self.peerCredentials(connection.channel)
         if let peer { logger.debug("connection", metadata: ["peer": "\(peer)"]) }
         let id = connections.register(connection.channel)
         defer { connections.remove(id) }
+        let deadline = ConnectionDeadline(channel: connection.channel)
+        defer { deadline.clear() }
+        deadline.set(after: limits.headerTimeout, "the request head did not arrive within \(limits.headerTimeout)")
         do {
             try await connection.executeThenClose { inbound, outbound in
                 var head: HTTPRequestHead?
@@ -196,9 +286,12 @@ public final class HTTPServer: Service, Sendable {
                 var tooLarge = false
                 var upload: SpoolFile?
                 defer { upload?.remove() }
-                // An upload refused before its body: what still comes is read and dropped.
+                // A request refused at its head: what still comes is read and dropped.
                 var refused = false
                 var drained = 0
+                // The body's progress, for its deadline.
+                var bodyStarted = NIODeadline.now()
+                var received = 0
                 for try await part in inbound {
                     switch part {
                     case .head(let h):
@@ -206,28 +299,40 @@ public final class HTTPServer: Service, Sendable {
                         head = h
                         body.removeAll(keepingCapacity: true)
                         tooLarge = false
-                        guard let spool, spool.matches(h.method.rawValue, String(h.uri.split(separator: "?").first ?? "")) else { continue }
-                        // A spooled upload: refuse it before its body comes, or open its file.
+                        bodyStarted = .now()
+                        received = 0
+                        deadline.set(after: limits.bodyTimeout, "the request body did not arrive within \(limits.bodyTimeout)")
+                        let path = String(h.uri.split(separator: "?").first ?? "")
+                        let spooled = spool.map { $0.matches(h.method.rawValue, path) } ?? false
+                        // Refuse what can be refused before its body comes: no token first (an
+                        // unauthenticated client gets nothing read on its behalf), then an
+                        // upload's own checks, then a body too large to hold.
                         var refusal: APIResponse?
                         if let token, !Self.authorized(h.headers["authorization"].first, token: token) {
                             refusal = APIError.response(401, "unauthorized", "this listener needs `Authorization: Bearer <token>`")
-                        } else if let answer = spool.preflight(Self.request(h, body: [], peer: peer)) {
-                            refusal = answer
-                        } else {
-                            do {
-                                upload = try SpoolFile(directory: spool.directory, maxBytes: spool.maxBytes)
-                            } catch {
-                                refusal = APIError.response(507, "storage", "cannot store the upload: \(error)")
+                        } else if spooled, let spool {
+                            if let answer = spool.preflight(Self.request(h, body: [], peer: peer)) {
+                                refusal = answer
+                            } else {
+                                do {
+                                    upload = try SpoolFile(directory: spool.directory, maxBytes: spool.maxBytes)
+                                } catch {
+                                    refusal = APIError.response(507, "storage", "cannot store the upload: \(error)")
+                                }
                             }
+                        } else if let length = h.headers["content-length"].first.flatMap({ Int($0) }), length > maxBodyBytes {
+                            refusal = Self.tooLarge(maxBodyBytes)
                         }
                         if let refusal {
                             // Answer now. A client that waited for `100 Continue` sends nothing
                             // more; one that did not is drained before the close (a "lingering
-                            // close"), since closing on unread bytes resets the connection and
-                            // can destroy the answer before the client reads it.
-                            try await write(refusal, keepAlive: false, version: h.version, connection: id, channel: connection.channel, to: outbound)
+                            // close", bounded in bytes and time), since closing on unread bytes
+                            // resets the connection and can destroy the answer before the client
+                            // reads it.
+                            try await write(refusal, keepAlive: false, version: h.version, connection: id, channel: connection.channel, deadline: deadline, to: outbound)
                             refused = true
                             connections.setBusy(id, false)
+                            deadline.set(after: limits.lingerTimeout, "lingering close after a refusal")
                             continue
                         }
                         if h.headers["expect"].first?.lowercased() == "100-continue" {
@@ -239,6 +344,10 @@ public final class HTTPServer: Service, Sendable {
                             if drained > Self.maxDrainBytes { return }
                             continue
                         }
+                        received += buffer.readableBytes
+                        deadline.set(
+                            at: bodyStarted + timeAmount(limits.bodyTimeout) + Self.allowance(for: received, rate: limits.minBodyBytesPerSecond),
+                            "the request body came slower than \(limits.minBodyBytesPerSecond) bytes/s")
                         if let file = upload {
                             // Off the cooperative threads (a write may block on a busy disk);
                             // awaiting it also slows the reading, which slows the sender.
@@ -251,13 +360,13 @@ public final class HTTPServer: Service, Sendable {
                     case .end:
                         if refused { return }
                         guard let h = head else { continue }
+                        // The handler may take as long as the request needs (a long command).
+                        deadline.clear()
                         let response: APIResponse
-                        if let token, !Self.authorized(h.headers["authorization"].first, token: token) {
-                            response = APIError.response(401, "unauthorized", "this listener needs `Authorization: Bearer <token>`")
-                        } else if let file = upload, let failure = file.failure {
+                        if let file = upload, let failure = file.failure {
                             response = failure
                         } else if tooLarge {
-                            response = APIError.response(413, "too-large", "the request body is larger than \(maxBodyBytes) bytes")
+                            response = Self.tooLarge(maxBodyBytes)
                         } else {
                             var request = Self.request(h, body: body, peer: peer)
                             request.bodyFile = upload?.close()
@@ -266,9 +375,10 @@ public final class HTTPServer: Service, Sendable {
                         upload?.remove()
                         upload = nil
                         let keepAlive = h.isKeepAlive && !connections.isShuttingDown
-                        try await write(response, keepAlive: keepAlive, version: h.version, connection: id, channel: connection.channel, to: outbound)
-                        if !keepAlive { return }
+                        try await write(response, keepAlive: keepAlive, version: h.version, connection: id, channel: connection.channel, deadline: deadline, to: outbound)
+                        if !keepAlive || !connection.channel.isActive { return }
                         connections.setBusy(id, false)
+                        deadline.set(after: limits.idleTimeout, "no new request within \(limits.idleTimeout)")
                         head = nil
                     }
                 }
@@ -276,36 +386,57 @@ public final class HTTPServer: Service, Sendable {
         } catch {
             logger.debug("connection ended", metadata: ["error": "\(error)"])
         }
+        if let reason = deadline.expired { logger.debug("connection closed", metadata: ["reason": "\(reason)"]) }
+    }
+
+    private static func tooLarge(_ max: Int) -> APIResponse {
+        APIError.response(413, "too-large", "the request body is larger than \(max) bytes")
+    }
+
+    /// The time `bytes` may take at `rate` bytes per second (saturating, for any input).
+    static func allowance(for bytes: Int, rate: Int) -> TimeAmount {
+        guard rate > 0 else { return .hours(24 * 365) }
+        let (nanos, overflow) = (bytes / rate).multipliedReportingOverflow(by: 1_000_000_000)
+        return overflow ? .hours(24 * 365) : .nanoseconds(Int64(clamping: nanos))
     }
 
     private func write(
-        _ response: APIResponse, keepAlive: Bool, version: HTTPVersion, connection id: Int, channel: Channel,
+        _ response: APIResponse, keepAlive: Bool, version: HTTPVersion, connection id: Int, channel: Channel, deadline: ConnectionDeadline,
         to outbound: NIOAsyncChannelOutboundWriter<HTTPPart<HTTPResponseHead, IOData>>
     ) async throws {
         var headers = HTTPHeaders(response.headers)
         if case .bytes(let bytes) = response.body { headers.replaceOrAdd(name: "content-length", value: String(bytes.count)) }
         headers.replaceOrAdd(name: "connection", value: keepAlive ? "keep-alive" : "close")
+        // Each write must be taken within the write timeout; the deadline closes the connection
+        // of a client that stopped reading.
+        let stalled = "the client took nothing of the response for \(limits.writeTimeout)"
+        deadline.set(after: limits.writeTimeout, stalled)
         try await outbound.write(.head(HTTPResponseHead(version: version, status: .init(statusCode: response.status), headers: headers)))
         switch response.body {
         case .bytes(let bytes):
-            if !bytes.isEmpty { try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: bytes)))) }
-        case .stream(let chunks):
-            // A stream may last forever: a graceful shutdown closes it like an idle connection,
-            // and a closed connection (the client went away, or that shutdown) ends it at once,
-            // not at its next chunk (which may be a heartbeat 15 s away).
+            var offset = 0
+            while offset < bytes.count {
+                let end = min(offset + Self.writeChunkBytes, bytes.count)
+                deadline.set(after: limits.writeTimeout, stalled)
+                try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: bytes[offset..<end]))))
+                offset = end
+            }
+        case .stream(let stream):
+            // A stream may last forever and be quiet for long: its writer bounds each write
+            // itself. A graceful shutdown closes it like an idle connection, and a closed
+            // connection (the client went away, or that shutdown) ends it at once, not at its
+            // next write (which may be a heartbeat 15 s away).
+            deadline.clear()
             connections.setBusy(id, false)
             let connections = connections
-            let pump = Task {
-                for await chunk in chunks {
-                    if connections.isShuttingDown { break }
-                    try await outbound.write(.body(.byteBuffer(ByteBuffer(bytes: chunk))))
-                }
-            }
-            // Cancelling the iteration ends the stream (its producer is told through
-            // `onTermination`); cancelling a finished pump does nothing.
+            let writer = ResponseStreamWriter(
+                outbound: outbound, channel: channel, writeTimeout: limits.writeTimeout, logger: logger, isShuttingDown: { connections.isShuttingDown })
+            let pump = Task { await stream.produce(writer) }
             channel.closeFuture.whenComplete { _ in pump.cancel() }
-            try await pump.value
-            if !channel.isActive { return }
+            await withTaskCancellationHandler { await pump.value } onCancel: { pump.cancel() }
+            // A stream that ended itself (a slow reader's notice) closed the connection.
+            if writer.isFinished || !channel.isActive { return }
+            deadline.set(after: limits.writeTimeout, stalled)
         }
         try await outbound.write(.end(nil))
     }
@@ -391,6 +522,231 @@ final class ConnectionRegistry: Sendable {
         }
         for channel in idle { channel.close(promise: nil) }
     }
+}
+
+/// A streamed response body: `produce` writes it through the writer it is given, which waits
+/// while the client is not reading, so that nothing is dropped and nothing piles up in memory.
+public struct ResponseStream: Sendable {
+    /// Writes the body; returning ends the response. Cancelled when the connection closes.
+    public var produce: @Sendable (ResponseStreamWriter) async -> Void
+
+    public init(_ produce: @escaping @Sendable (ResponseStreamWriter) async -> Void) {
+        self.produce = produce
+    }
+}
+
+/// Why a streamed response cannot take more bytes.
+public enum ResponseStreamError: Error, Sendable, CustomStringConvertible {
+    /// The client took nothing for this long; the bytes of that write were not sent.
+    case stalled(Duration)
+    /// The connection is closed (the client went away, or the server is shutting down).
+    case closed
+
+    public var description: String {
+        switch self {
+        case .stalled(let bound): "the client read nothing for \(bound)"
+        case .closed: "the connection is closed"
+        }
+    }
+}
+
+/// Where a ``ResponseStream`` writes: each write waits until the connection takes the bytes
+/// (NIO's outbound buffer is below its high-water mark), at most the server's write timeout.
+public struct ResponseStreamWriter: Sendable {
+    let outbound: NIOAsyncChannelOutboundWriter<HTTPPart<HTTPResponseHead, IOData>>
+    let channel: Channel
+    let writeTimeout: Duration
+    let logger: Logger
+    let isShuttingDown: @Sendable () -> Bool
+    private let finished = NIOLockedValueBox(false)
+
+    init(
+        outbound: NIOAsyncChannelOutboundWriter<HTTPPart<HTTPResponseHead, IOData>>, channel: Channel, writeTimeout: Duration,
+        logger: Logger, isShuttingDown: @escaping @Sendable () -> Bool
+    ) {
+        self.outbound = outbound
+        self.channel = channel
+        self.writeTimeout = writeTimeout
+        self.logger = logger
+        self.isShuttingDown = isShuttingDown
+    }
+
+    /// Whether `finish(with:)` ended the response.
+    var isFinished: Bool { finished.withLockedValue { $0 } }
+
+    private enum Outcome: Sendable { case written, timedOut, failed }
+
+    /// Writes `bytes` as the next piece of the body, waiting while the client is not reading.
+    /// - Throws: ``ResponseStreamError/stalled(_:)`` when the client took nothing within the
+    ///   write timeout (the bytes were not sent, and nothing after them will be unless the
+    ///   producer calls `finish(with:)`); ``ResponseStreamError/closed`` when the connection is
+    ///   gone or the server is shutting down.
+    public func write(_ bytes: [UInt8]) async throws {
+        guard !isShuttingDown(), !isFinished, channel.isActive else { throw ResponseStreamError.closed }
+        let part = HTTPPart<HTTPResponseHead, IOData>.body(.byteBuffer(ByteBuffer(bytes: bytes)))
+        let (outbound, timeout) = (self.outbound, writeTimeout)
+        let outcome = await withTaskGroup(of: Outcome.self) { group -> Outcome in
+            group.addTask {
+                do { try await outbound.write(part) } catch { return .failed }
+                return .written
+            }
+            group.addTask {
+                do { try await Task.sleep(for: timeout) } catch { return .failed }
+                return .timedOut
+            }
+            let first = await group.next() ?? .failed
+            group.cancelAll()
+            guard first == .timedOut else { return first }
+            // The timer fired: the write was cancelled (NIO then drops its bytes) unless it got
+            // through in the meantime.
+            return await group.next() == .written ? .written : .timedOut
+        }
+        switch outcome {
+        case .written: return
+        case .timedOut: throw channel.isActive ? ResponseStreamError.stalled(timeout) : .closed
+        case .failed: throw ResponseStreamError.closed
+        }
+    }
+
+    /// Ends the response with `bytes` (a notice such as "you read too slowly; resume from
+    /// here") queued past the backpressure, since the client may not be reading, then closes the
+    /// connection once they are sent or after the write timeout: a client that reads again
+    /// within it gets the notice, one that does not sees the stream end after the last whole
+    /// piece it was sent. Later writes throw `closed`.
+    public func finish(with bytes: [UInt8]) async {
+        finished.withLockedValue { $0 = true }
+        logger.info("a streamed response ends early: its client read nothing within the write timeout", metadata: ["write-timeout": "\(writeTimeout)"])
+        // These go after every piece already handed to the channel: writes on one channel keep
+        // their order, and a write cancelled by `stalled` was never handed over.
+        channel.write(HTTPPart<HTTPResponseHead, IOData>.body(.byteBuffer(ByteBuffer(bytes: bytes))), promise: nil)
+        let sent = channel.eventLoop.makePromise(of: Void.self)
+        channel.writeAndFlush(HTTPPart<HTTPResponseHead, IOData>.end(nil), promise: sent)
+        let channel = channel
+        let timer = channel.eventLoop.scheduleTask(in: timeAmount(writeTimeout)) { channel.close(promise: nil) }
+        try? await sent.futureResult.get()
+        timer.cancel()
+        try? await channel.close()
+    }
+}
+
+/// A connection's current deadline: when it passes, the connection is closed. Every phase sets
+/// its own (head, body, idle, each write); the scheduled check re-arms itself when the deadline
+/// moved later, so that moving it on every body chunk costs a lock, not a timer.
+final class ConnectionDeadline: Sendable {
+    private struct State {
+        var deadline: NIODeadline?
+        var reason = ""
+        var scheduled: Scheduled<Void>?
+        var scheduledFor: NIODeadline?
+        var expired: String?
+    }
+    private let state = NIOLockedValueBox(State())
+    private let channel: Channel
+
+    init(channel: Channel) {
+        self.channel = channel
+    }
+
+    /// Why the deadline closed the connection, if it did.
+    var expired: String? { state.withLockedValue { $0.expired } }
+
+    func set(after duration: Duration, _ reason: @autoclosure () -> String) {
+        set(at: .now() + timeAmount(duration), reason())
+    }
+
+    func set(at deadline: NIODeadline, _ reason: String) {
+        let stale = state.withLockedValue { s -> Scheduled<Void>? in
+            s.deadline = deadline
+            s.reason = reason
+            if let at = s.scheduledFor, at <= deadline { return nil }
+            let old = s.scheduled
+            s.scheduledFor = deadline
+            s.scheduled = channel.eventLoop.scheduleTask(deadline: deadline) { [weak self] in self?.check() }
+            return old
+        }
+        stale?.cancel()
+    }
+
+    /// No deadline until the next `set`.
+    func clear() {
+        let stale = state.withLockedValue { s -> Scheduled<Void>? in
+            s.deadline = nil
+            s.scheduledFor = nil
+            defer { s.scheduled = nil }
+            return s.scheduled
+        }
+        stale?.cancel()
+    }
+
+    private func check() {
+        let close = state.withLockedValue { s -> Bool in
+            s.scheduled = nil
+            s.scheduledFor = nil
+            guard let deadline = s.deadline else { return false }
+            if deadline > .now() {
+                s.scheduledFor = deadline
+                s.scheduled = channel.eventLoop.scheduleTask(deadline: deadline) { [weak self] in self?.check() }
+                return false
+            }
+            s.expired = s.reason
+            return true
+        }
+        if close { channel.close(promise: nil) }
+    }
+}
+
+/// Counts one listener's open connections and refuses those beyond its cap. Refusals are
+/// logged at most once a minute, with how many there were.
+final class ConnectionGate: Sendable {
+    struct Full: Error {}
+    private struct State {
+        var open = 0
+        var refused = 0
+        var lastWarning: NIODeadline?
+    }
+    private let state = NIOLockedValueBox(State())
+    private let listener: String
+    private let limit: Int
+    private let logger: Logger
+
+    init(listener: String, limit: Int, logger: Logger) {
+        self.listener = listener
+        self.limit = limit
+        self.logger = logger
+    }
+
+    /// Whether one more connection may open; if so, `release` must follow when it closes.
+    func admit() -> Bool {
+        let (admitted, warn) = state.withLockedValue { s -> (Bool, Int?) in
+            if s.open < limit {
+                s.open += 1
+                return (true, nil)
+            }
+            s.refused += 1
+            let now = NIODeadline.now()
+            if let last = s.lastWarning, now - last < .minutes(1) { return (false, nil) }
+            s.lastWarning = now
+            defer { s.refused = 0 }
+            return (false, s.refused)
+        }
+        if let warn {
+            logger.warning(
+                "connection cap reached: closing new connections until some close",
+                metadata: ["listener": "\(listener)", "max-connections": "\(limit)", "refused": "\(warn)"])
+        }
+        return admitted
+    }
+
+    func release() { state.withLockedValue { $0.open -= 1 } }
+}
+
+/// `duration` as NIO's `TimeAmount`, saturating.
+func timeAmount(_ duration: Duration) -> TimeAmount {
+    let (seconds, attoseconds) = duration.components
+    let (nanos, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+    if overflow { return .nanoseconds(seconds < 0 ? .min : .max) }
+    let (total, overflow2) = nanos.addingReportingOverflow(attoseconds / 1_000_000_000)
+    return .nanoseconds(overflow2 ? .max : total)
 }
 
 /// The file an upload is spooled into. Writes go straight to the file (page cache), never to

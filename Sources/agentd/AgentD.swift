@@ -67,6 +67,7 @@ struct AgentD: AsyncParsableCommand {
         }
         let logger = Logger(label: "agentd")
         let environment = ProcessInfo.processInfo.environment
+        Self.raiseDescriptorLimit(logger: logger)
 
         let retentionPeriod = try retention.map(Self.parseRetention)
         // State directory (private to agentd, whatever the umask) and this installation's
@@ -204,6 +205,21 @@ struct AgentD: AsyncParsableCommand {
             throw ValidationError("--retention takes a positive whole number and a unit s, m, h or d (e.g. 30d), not '\(text)'")
         }
         return .seconds(n * factor)
+    }
+
+    /// Raises the soft limit on open files towards the hard one (at most 65536). Every
+    /// connection is a descriptor, and the usual soft limit of 1024 is below the server's
+    /// connection caps (`HTTPServer.Limits`: 256 on TCP, 1024 on the unix socket) plus what the
+    /// journal and the engine client hold; a listener at its cap must not starve the others.
+    static func raiseDescriptorLimit(logger: Logger) {
+        var limit = rlimit()
+        guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+        let wanted = min(limit.rlim_max, 65536)
+        guard limit.rlim_cur < wanted else { return }
+        limit.rlim_cur = wanted
+        if setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) != 0 {
+            logger.warning("cannot raise the open-file limit", metadata: ["errno": "\(errno)", "soft": "\(limit.rlim_cur)"])
+        }
     }
 
     /// The instance id kept in the state directory: sandboxes are labelled with it, so that a
