@@ -122,7 +122,21 @@ public final class HTTPServer: Service, Sendable {
     private let limits: Limits
     private let handler: Handler
     private let logger: Logger
-    private let ready: NIOLockedValueBox<[CheckedContinuation<Void, Never>]?> = .init([])
+    private let ready: NIOLockedValueBox<Readiness> = .init(.waiting([]))
+
+    /// Whether the listeners are bound yet: who waits for it, or how it ended.
+    private enum Readiness {
+        case waiting([CheckedContinuation<Void, any Error>])
+        case listening
+        case failed(ListenFailure)
+    }
+
+    /// The server could not bind its listeners: `waitUntilListening` throws it, so that what
+    /// waits for the server (readiness, the start-up trim) ends and agentd exits with the
+    /// reason instead of hanging.
+    public struct ListenFailure: Error, CustomStringConvertible {
+        public let description: String
+    }
     /// Open connections and whether each is between requests (idle) — so that a graceful
     /// shutdown can close idle keep-alive connections (and streams) at once while requests in
     /// flight finish.
@@ -181,14 +195,31 @@ public final class HTTPServer: Service, Sendable {
     }
 
     /// Returns once every listener is bound (immediately if they already are).
-    public func waitUntilListening() async {
-        await withCheckedContinuation { continuation in
-            let pending = ready.withLockedValue { waiters -> Bool in
-                guard waiters != nil else { return false }
-                waiters?.append(continuation)
-                return true
+    /// - Throws: `ListenFailure` when binding failed (the address is taken, no permission).
+    public func waitUntilListening() async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let outcome = ready.withLockedValue { state -> Result<Void, ListenFailure>? in
+                switch state {
+                case .waiting(let waiters):
+                    state = .waiting(waiters + [continuation])
+                    return nil
+                case .listening: return .success(())
+                case .failed(let failure): return .failure(failure)
+                }
             }
-            if !pending { continuation.resume() }
+            if let outcome { continuation.resume(with: outcome) }
+        }
+    }
+
+    /// Settles readiness once: every waiter resumes (or throws `failure`).
+    private func settle(_ failure: ListenFailure?) {
+        let waiters = ready.withLockedValue { state -> [CheckedContinuation<Void, any Error>] in
+            guard case .waiting(let waiters) = state else { return [] }
+            state = failure.map { .failed($0) } ?? .listening
+            return waiters
+        }
+        for waiter in waiters {
+            if let failure { waiter.resume(throwing: failure) } else { waiter.resume() }
         }
     }
 
@@ -202,6 +233,7 @@ public final class HTTPServer: Service, Sendable {
         }
         let group = MultiThreadedEventLoopGroup.singleton
         var bound: [(NIOAsyncChannel<Connection, Never>, String?)] = []
+        do {
         for listener in listeners {
             let name: String, cap: Int
             switch listener {
@@ -246,10 +278,14 @@ public final class HTTPServer: Service, Sendable {
                 bound.append((server, token))
             }
         }
-        ready.withLockedValue { waiters in
-            waiters?.forEach { $0.resume() }
-            waiters = nil
+        } catch {
+            // One listener that cannot bind stops the server: close those already bound, and
+            // let whoever waits for readiness know instead of waiting forever.
+            for (server, _) in bound { try? await server.channel.close() }
+            settle(ListenFailure(description: "cannot listen: \(error)"))
+            throw error
         }
+        settle(nil)
         let servers = bound
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in

@@ -86,7 +86,7 @@ public struct SystemdReadiness: Service {
     public func run() async throws {
         // A service may only end with the group: without systemd, just wait for shutdown.
         guard notifier.isEnabled else { return try await gracefulShutdown() }
-        await server.waitUntilListening()
+        try await server.waitUntilListening()
         _ = try? notifier.ready(status: status)
         logger.info("told systemd we are ready")
         await cancelWhenGracefulShutdown { await notifier.runWatchdog() }

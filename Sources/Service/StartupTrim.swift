@@ -82,7 +82,7 @@ public struct StartupTrimService: Service {
     }
 
     public func run() async throws {
-        await server.waitUntilListening()
+        try await server.waitUntilListening()
         // Let the first burst of start-up work (pool refills, reconcile) settle first.
         try? await Task.sleep(for: .milliseconds(500))
         let (mappings, bytes) = StartupTrim.run()

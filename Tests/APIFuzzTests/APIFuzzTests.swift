@@ -110,7 +110,7 @@ struct FuzzServer {
         ) { await api.handle($0) }
         let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: logger))
         let running = Task { try await group.run() }
-        await server.waitUntilListening()
+        try await server.waitUntilListening()
         do {
             try await body(FuzzServer(socket: socket))
         } catch {

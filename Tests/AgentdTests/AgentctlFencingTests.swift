@@ -29,7 +29,7 @@ struct AgentctlFencingTests {
         }
         let group = ServiceGroup(configuration: .init(services: [.init(service: server)], logger: logger))
         let running = Task { try await group.run() }
-        await server.waitUntilListening()
+        try await server.waitUntilListening()
         defer { running.cancel() }
         do {
             try await body(socket, seen)

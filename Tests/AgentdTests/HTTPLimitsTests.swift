@@ -225,7 +225,7 @@ final class TestServer: Sendable {
             return APIResponse(status: 200, headers: [("content-type", "application/json")], body: .bytes(Array("{}".utf8)))
         }
         let running = Task { try await server.run() }
-        await server.waitUntilListening()
+        try await server.waitUntilListening()
         guard let port = server.boundTCPPorts.withLockedValue({ $0.first }) else {
             running.cancel()
             throw RawSocket.Failure(description: "the TCP listener did not bind")
