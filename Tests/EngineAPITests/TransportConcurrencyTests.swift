@@ -103,4 +103,17 @@ struct TransportConcurrencyTests {
             #expect(codes.allSatisfy { $0 == .cancelled })
         }
     }
+
+    @Test("a request the server never answers ends with .timeout after its timeout, naming the endpoint")
+    func unansweredRequestTimesOut() async throws {
+        CurlTransport.globalInit()
+        let server = try StubServer()
+        defer { server.stop() }
+        let transport = CurlTransport(endpoint: .unixSocket(path: server.path))
+        let error = await #expect(throws: HTTPClientError.self) {
+            _ = try await transport.send(HTTPRequest(method: "GET", target: "/hang", timeout: .milliseconds(300)))
+        }
+        #expect(error?.code == .timeout)
+        #expect(error?.message.contains(server.path) == true)
+    }
 }
