@@ -71,12 +71,17 @@ final class StubServer: @unchecked Sendable {
 /// one of 32 pool threads, so 32 slow answers stalled every other caller).
 @Suite("CurlTransport under many slow requests")
 struct TransportConcurrencyTests {
-    @Test("64 requests that the server never answers: another request is answered meanwhile, and cancelling them throws .cancelled")
-    func slowRequestsHoldNoThread() async throws {
+    /// A started stub server and a transport to it; the caller stops the server.
+    static func stub() throws -> (StubServer, CurlTransport) {
         CurlTransport.globalInit()
         let server = try StubServer()
+        return (server, CurlTransport(endpoint: .unixSocket(path: server.path)))
+    }
+
+    @Test("64 requests that the server never answers: another request is answered meanwhile, and cancelling them throws .cancelled")
+    func slowRequestsHoldNoThread() async throws {
+        let (server, transport) = try Self.stub()
         defer { server.stop() }
-        let transport = CurlTransport(endpoint: .unixSocket(path: server.path))
         try await withThrowingTaskGroup(of: HTTPClientError.Code?.self) { group in
             for _ in 0..<64 {
                 group.addTask {
@@ -106,10 +111,8 @@ struct TransportConcurrencyTests {
 
     @Test("a request the server never answers ends with .timeout after its timeout, naming the endpoint")
     func unansweredRequestTimesOut() async throws {
-        CurlTransport.globalInit()
-        let server = try StubServer()
+        let (server, transport) = try Self.stub()
         defer { server.stop() }
-        let transport = CurlTransport(endpoint: .unixSocket(path: server.path))
         let error = await #expect(throws: HTTPClientError.self) {
             _ = try await transport.send(HTTPRequest(method: "GET", target: "/hang", timeout: .milliseconds(300)))
         }
