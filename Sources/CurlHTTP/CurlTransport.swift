@@ -86,8 +86,10 @@ final class CurlLoop: @unchecked Sendable {
 
     private init(multi: UnsafeMutableRawPointer) {
         self.multi = multi
-        // Keep enough idle connections for a burst of parallel requests to one engine.
-        _ = ccurl_multi_setopt_long(multi, CURLMOPT_MAXCONNECTS, 64)
+        // Idle connections kept for reuse, across every endpoint (the oldest closes first): as
+        // many as the 16 idle easy handles kept before, so that a burst of parallel requests
+        // leaves a bounded number of sockets open behind it, here and in the server.
+        _ = ccurl_multi_setopt_long(multi, CURLMOPT_MAXCONNECTS, 16)
     }
 
     /// Queues `command` for the loop thread and wakes it.

@@ -29,7 +29,8 @@ public struct HTTPRequest: Sendable {
     /// Extra header lines, e.g. `("Authorization", "Bearer …")`.
     public var headers: [(String, String)] = []
     /// When set, the response body is handed over in pieces as it arrives (server-sent events)
-    /// instead of being collected; the call returns when the server ends the response.
+    /// instead of being collected; the call returns when the server ends the response. It is
+    /// called on the transport's loop thread, which serves every request: keep it quick.
     public var onData: (@Sendable ([UInt8]) -> Void)?
     /// When set, called as the request body goes out with (bytes sent, bytes in all), from
     /// libcurl's thread, several times a second at most: progress of a large upload.
