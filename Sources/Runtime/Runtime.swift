@@ -375,6 +375,7 @@ public actor Runtime {
         spec.commandTimeout = h.commandTimeout
         spec.idleTimeout = h.idleTimeout
         spec.outputLimitBytes = h.outputLimitBytes
+        spec.diskBytes = h.diskBytes
         spec.workspace = h.workspace == .session ? .session : .task
         spec.policyName = policy.name
         return spec
