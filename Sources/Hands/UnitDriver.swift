@@ -23,7 +23,8 @@ import SystemdBus
 /// workspace's root, as `User=`/`Group=`; it is written in the slice's description
 /// (`…, uid N, workspace NAME)`) so that a restarted agentd knows it. `DynamicUser=yes` is
 /// not used: it would give every command's unit a uid of its own, and the workspace must keep
-/// one owner across the commands of a task.
+/// one owner across the commands of a task. systemd resolves `User=` through NSS, so the uid
+/// gets a user record while the sandbox lives (`UserRecords`, in `/run/userdb`).
 ///
 /// **Files.** `write_file` and `read_file` run as short units of the same kind, as the
 /// sandbox's user and with the sandbox's own mount view, so that a symlink planted in the
@@ -91,6 +92,10 @@ public struct UnitDriver: HandsDriver {
         let stem = UnitNames.sandboxStem(instance: instance, session: labels[SandboxLabel.session], task: labels[SandboxLabel.task])
         let id = stem + ".slice"
         let workspace = try await workspaces.open(workspaceName(spec, id: id, labels: labels), sizeBytes: spec.diskBytes)
+        do { try UserRecords.write(workspace.uid) } catch {
+            await closeWorkspace(workspace.name, uid: workspace.uid)
+            throw error
+        }
         var allLabels = labels
         allLabels[SandboxLabel.instance] = instance
         allLabels[SandboxLabel.policy] = spec.policyName
@@ -111,7 +116,7 @@ public struct UnitDriver: HandsDriver {
                 ])
         } catch let error as SystemdError {
             sliceWorkspaces.remove(id)
-            await workspaces.close(workspace.name)
+            await closeWorkspace(workspace.name, uid: workspace.uid)
             throw Self.translate(error, doing: "creating the sandbox slice \(sandbox.id)", provisioning: true)
         }
         return sandbox
@@ -281,6 +286,9 @@ public struct UnitDriver: HandsDriver {
             .bool("PrivateIPC", true),
             .string("ProtectProc", "invisible"),
             .string("ProcSubset", "pid"),
+            // systemd gives a unit with its own root an empty, world-writable /run; the host's
+            // /run holds sockets and user records. Either way: an empty, read-only one.
+            UnitProperty("TemporaryFileSystem", .array(elementSignature: "(ss)", [.structure([.string("/run"), .string("ro,mode=0755")])])),
             .bool("NoNewPrivileges", true),
             .systemCallFilter(["@system-service"]),
             UnitProperty("SystemCallErrorNumber", .int32(EPERM)),
@@ -320,7 +328,14 @@ public struct UnitDriver: HandsDriver {
     public func destroy(_ sandbox: SandboxHandle) async throws {
         try await stop(sandbox.id)
         sliceWorkspaces.remove(sandbox.id)
-        if let name = sandbox.workspace { await workspaces.close(name) }
+        if let name = sandbox.workspace { await closeWorkspace(name, uid: sandbox.uid) }
+    }
+
+    /// Closes workspace `name`; once its uid is free, removes the uid's user record.
+    private func closeWorkspace(_ name: String, uid: Int?) async {
+        let held = uid ?? workspaces.uids.uid(of: name)
+        await workspaces.close(name)
+        if let held, workspaces.uids.uid(of: name) == nil { UserRecords.remove(held) }
     }
 
     public func destroy(id: String) async throws {
@@ -328,7 +343,7 @@ public struct UnitDriver: HandsDriver {
         // Only a name of this instance's form, so that no id can name another's workspace.
         guard UnitNames.labels(ofSlice: id, instance: instance) != nil else { return }
         let name = sliceWorkspaces.remove(id) ?? WorkspaceImages.taskName(String(id.dropLast(".slice".count)))
-        await workspaces.close(name)
+        await closeWorkspace(name, uid: nil)
     }
 
     public func removeSessionData(session: String) async throws {

@@ -222,6 +222,9 @@ public actor WorkspaceImages {
             if !isMountPoint(paths.mount) {
                 try command(["/bin/mount", "-o", "loop,nosuid,nodev", paths.image, paths.mount], doing: "mounting the workspace")
             }
+            // mkfs's root-owned lost+found would be the one thing in the workspace its user
+            // cannot touch (e2fsck makes it again if it ever needs it).
+            if made { rmdir(paths.mount + "/lost+found") }
             var st = stat()
             guard stat(paths.mount, &st) == 0 else { throw failure("stat(\(paths.mount))", errno, .provisioning) }
             if Int(st.st_uid) != uid || Int(st.st_gid) != uid {
