@@ -115,7 +115,7 @@ struct ConformanceTests {
     func isolation(_ kind: DriverKind) async throws {
         try await DriverFixture.with(kind) { f in
             let key = TaskKey(session: "s6", task: "t1")
-            let net = await f.manager.execute(key, spec: SandboxSpec(), tool: "bash", input: Input.bash("cat /proc/net/dev"))
+            let net = await f.manager.execute(key, spec: SandboxSpec(), tool: "bash", input: Input.bash("cat /proc/self/net/dev"))
             let interfaces = net.output.split(separator: "\n").compactMap { line -> String? in
                 guard let colon = line.firstIndex(of: ":"), !line.contains("|") else { return nil }
                 return line[..<colon].trimmingCharacters(in: .whitespaces)

@@ -135,7 +135,8 @@ enum TestWorkspaces {
 
     /// Mount points under `directory` that are still mounted (what a leak looks like).
     static func mounted(_ directory: String) -> [String] {
-        let table = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+        // Read to its end: /proc files report a size of 0.
+        let table = String(decoding: FileHandle(forReadingAtPath: "/proc/self/mountinfo")?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
         return table.split(separator: "\n").compactMap { line in
             let fields = line.split(separator: " ")
             guard fields.count > 4, fields[4].hasPrefix(directory + "/") else { return nil }
