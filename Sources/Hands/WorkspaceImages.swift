@@ -281,7 +281,9 @@ public actor WorkspaceImages {
     /// Unmounts (lazily: a sandbox being removed may still hold it) and removes the mount
     /// point, and the image when asked.
     private static func unmount(_ paths: Paths, removeImage: Bool) {
-        if isMountPoint(paths.mount) { _ = try? command(["/bin/umount", "-l", paths.mount], doing: "unmounting the workspace") }
+        // MNT_DETACH: lazily, as `umount -l`; `mount -o loop` set the loop device to detach
+        // itself (autoclear) once the last user of the filesystem is gone.
+        if isMountPoint(paths.mount) { _ = umount2(paths.mount, Int32(MNT_DETACH)) }
         rmdir(paths.mount)
         if removeImage { unlink(paths.image) }
     }
