@@ -133,8 +133,10 @@ struct IsolationTests {
                 input: Input.json(["path": "more.bin", "content": Data(count: 8 << 20).base64EncodedString(), "encoding": "base64"]))
             #expect(write.isError, "\(write.output)")
             #expect(write.output.contains("full") || write.output.contains("No space left"), "\(write.output)")
-            // The task's workspace goes with its sandbox.
+            // The task's workspace goes with its sandbox, and its uid back to the range.
+            #expect(f.workspaces.uids.uid(of: name) != nil)
             await f.manager.endTask(key)
+            #expect(f.workspaces.uids.uid(of: name) == nil)
             #expect(f.workspaces.imageNames() == [])
             #expect(TestWorkspaces.mounted(f.workspaces.directory) == [])
         }
