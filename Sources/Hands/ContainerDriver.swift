@@ -18,7 +18,8 @@ import Foundation
 /// (a fresh random name, `O_EXCL|O_NOFOLLOW`, owned by the sandbox's uid) and copied into
 /// place by an exec as the sandbox's user; a read is an exec of `cat` as that user. So a
 /// write lands only where the sandbox's user may write, and a symlink planted in the workspace
-/// resolves inside the sandbox, never on the host.
+/// resolves inside the sandbox, never on the host. (The staged copy counts against
+/// `hands.disk` until it is copied, so a write needs room for its bytes twice.)
 public struct ContainerDriver: HandsDriver {
     public let engine: EngineClient
     public let instance: String
