@@ -60,18 +60,20 @@ public final class SandboxUIDs: Sendable {
     public func acquire(_ name: String) throws -> Int {
         try state.withLock { state in
             if let uid = state.byName[name] { return uid }
-            let size = range.count
-            guard state.used.count < size else {
-                throw HandsError(
-                    .provisioning,
-                    "all \(size) sandbox uids (\(range.lowerBound)-\(range.upperBound)) are in use; end idle tasks or widen agentd's --sandbox-uids")
-            }
+            // Linear probing from a random start, at most once round the range (uids reserved
+            // by survivors may lie outside it, so the count of used ones does not tell).
             var uid = Int.random(in: range)
-            // Linear probing from a random start: terminates, since one uid is free.
-            while state.used.contains(uid) { uid = uid == range.upperBound ? range.lowerBound : uid + 1 }
-            state.used.insert(uid)
-            state.byName[name] = uid
-            return uid
+            for _ in 0..<range.count {
+                if !state.used.contains(uid) {
+                    state.used.insert(uid)
+                    state.byName[name] = uid
+                    return uid
+                }
+                uid = uid == range.upperBound ? range.lowerBound : uid + 1
+            }
+            throw HandsError(
+                .provisioning,
+                "all \(range.count) sandbox uids (\(range.lowerBound)-\(range.upperBound)) are in use; end idle tasks or widen agentd's --sandbox-uids")
         }
     }
 

@@ -153,8 +153,13 @@ public actor WorkspaceImages {
     ///   cannot be made.
     public nonisolated func stage(_ contents: [UInt8], in name: String, uid: Int) async throws -> String {
         let staged = ".agentd-write-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
-        let path = hostPath(name) + "/" + staged
+        let mount = hostPath(name)
+        let path = mount + "/" + staged
         try await BlockingPool.shared.run {
+            // Never onto the state directory's own disk, should the workspace be gone.
+            guard Self.isMountPoint(mount) else {
+                throw HandsError(.sandboxGone, "the sandbox's workspace \(name) is no longer mounted; a fresh sandbox is needed")
+            }
             let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
             guard fd >= 0 else { throw Self.failure("open(\(staged))", errno, .invalidRequest) }
             defer { Glibc.close(fd) }

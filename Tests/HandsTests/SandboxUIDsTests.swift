@@ -23,6 +23,8 @@ struct SandboxUIDsTests {
     func survivorsKeepTheirUIDs() throws {
         let uids = try SandboxUIDs(range: 700_000...700_001)
         uids.reserve(700_000, for: "t-survivor")
+        // A survivor from a run with another range: recorded, and no reason to loop forever.
+        uids.reserve(123_456, for: "t-from-another-range")
         #expect(try uids.acquire("t-new") == 700_001)
         #expect(throws: HandsError.self) { try uids.acquire("t-another") }
         uids.release("t-survivor")
