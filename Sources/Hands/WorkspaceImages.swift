@@ -310,25 +310,47 @@ public actor WorkspaceImages {
         return st.st_dev != parent.st_dev
     }
 
-    /// Runs a host command (mkfs, mount, chown) to its end.
+    /// Runs a host command (mkfs, mount, chown) to its end, on the calling (blocking) thread.
+    /// posix_spawn and waitpid, not Foundation's `Process`, which leaves descriptors behind in
+    /// a long-lived daemon.
     /// - Throws: `HandsError.provisioning` with its stderr when it fails.
     private static func command(_ argv: [String], doing what: String) throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: argv[0])
-        process.arguments = Array(argv.dropFirst())
-        process.environment = ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"]
-        let stderr = Pipe()
-        process.standardError = stderr
-        process.standardOutput = FileHandle.nullDevice
-        process.standardInput = FileHandle.nullDevice
-        do { try process.run() } catch {
-            throw HandsError(.provisioning, "\(what): cannot start \(argv[0]): \(error.localizedDescription)")
+        // Close-on-exec both ends: only the dup2'd stderr reaches the child.
+        let stderrPipe = try UnitIO.pipe()
+        let pipeFDs = [stderrPipe.read, stderrPipe.write]
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 2)
+        let cArgs = argv.map { strdup($0) } + [nil]
+        let environment: [String] = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C"]
+        let cEnv = environment.map { strdup($0) } + [nil]
+        defer { (cArgs + cEnv).forEach { free($0) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, argv[0], &actions, nil, cArgs, cEnv)
+        Glibc.close(pipeFDs[1])
+        guard rc == 0 else {
+            Glibc.close(pipeFDs[0])
+            throw HandsError(.provisioning, "\(what): cannot start \(argv[0]): \(String(cString: strerror(rc)))")
         }
-        let message = String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            let detail = message.trimmingCharacters(in: .whitespacesAndNewlines)
-            throw HandsError(.provisioning, "\(what): \(argv.joined(separator: " ")) failed with status \(process.terminationStatus)\(detail.isEmpty ? "" : ": " + detail)")
+        var message: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(pipeFDs[0], $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            if message.count < 64 << 10 { message += buffer[0..<n] }
+        }
+        Glibc.close(pipeFDs[0])
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        // WIFEXITED && WEXITSTATUS == 0, spelled out (the macros are not imported).
+        guard status & 0x7f == 0, (status >> 8) & 0xff == 0 else {
+            let detail = String(decoding: message, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            throw HandsError(
+                .provisioning, "\(what): \(argv.joined(separator: " ")) failed (wait status \(status))\(detail.isEmpty ? "" : ": " + detail)")
         }
     }
 
