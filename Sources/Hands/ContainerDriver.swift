@@ -1,36 +1,58 @@
+import Synchronization
 import EngineAPI
 import Foundation
 
 /// Hands as containers, through the container engine's Docker API.
 ///
 /// Every sandbox is hardened by default: no network, read-only root filesystem with a
-/// writable `/workspace` volume and a tmpfs `/tmp`, all capabilities dropped,
-/// `no-new-privileges`, a non-root user, memory (without swap), pids and CPU limits, and
-/// ulimits at or below the host's hard limits.
+/// writable `/workspace` and a tmpfs `/tmp`, all capabilities dropped, `no-new-privileges`,
+/// memory (without swap), pids and CPU limits, and ulimits at or below the host's hard limits.
+///
+/// **User and workspace.** Each sandbox runs as a uid of its own (`SandboxUIDs`, recorded in
+/// its `agentd.uid` label) and its `/workspace` is a filesystem of its own of the policy's
+/// `hands.disk` size (`WorkspaceImages`, a host path bind-mounted with `HostConfig.Binds`;
+/// its name is the `agentd.workspace` label). The engine must run on this host, as root.
+///
+/// **Files.** `write_file` and `read_file` never use the engine's archive API, which acts as
+/// root on the container's whole filesystem: the bytes to write are staged in the workspace
+/// (a fresh random name, `O_EXCL|O_NOFOLLOW`, owned by the sandbox's uid) and copied into
+/// place by an exec as the sandbox's user; a read is an exec of `cat` as that user. So a
+/// write lands only where the sandbox's user may write, and a symlink planted in the workspace
+/// resolves inside the sandbox, never on the host. (The staged copy counts against
+/// `hands.disk` until it is copied, so a write needs room for its bytes twice.)
 public struct ContainerDriver: HandsDriver {
     public let engine: EngineClient
     public let instance: String
+    /// Where workspaces are made and mounted (shared with the unit driver, for one uid range).
+    public let workspaces: WorkspaceImages
     public var kind: String { "container" }
 
     /// The workspace mount point inside every sandbox.
     public static let workspace = "/workspace"
 
-    public init(engine: EngineClient, instance: String) {
+    public init(engine: EngineClient, instance: String, workspaces: WorkspaceImages) {
         self.engine = engine
         self.instance = instance
+        self.workspaces = workspaces
     }
 
     /// The engine's create request for a sandbox of `spec` with `labels` (instance and policy
-    /// labels added): exactly what `provision` sends.
-    public func containerSpec(_ spec: SandboxSpec, labels: [String: String]) -> ContainerSpec {
+    /// labels added) running as `workspace`'s uid with it at `/workspace`: exactly what
+    /// `provision` sends. Without a workspace (benchmarks), `/workspace` is the image's own.
+    public func containerSpec(_ spec: SandboxSpec, labels: [String: String], workspace: WorkspaceImages.Workspace? = nil) -> ContainerSpec {
         var allLabels = labels
         allLabels[SandboxLabel.instance] = instance
         allLabels[SandboxLabel.policy] = spec.policyName
+        if let workspace {
+            allLabels[SandboxLabel.uid] = String(workspace.uid)
+            allLabels[SandboxLabel.workspace] = workspace.name
+        }
+        let uid = workspace?.uid ?? 65534
         var container = ContainerSpec(
             image: spec.image,
             // PID 1 only waits; every command arrives through exec.
             command: ["sleep", "2147483647"],
-            user: spec.user, workingDirectory: Self.workspace, labels: allLabels)
+            user: "\(uid):\(uid)", workingDirectory: Self.workspace, labels: allLabels)
         var host = HostConfig()
         host.NetworkMode = "none"
         host.ReadonlyRootfs = true
@@ -42,15 +64,17 @@ public struct ContainerDriver: HandsDriver {
         host.PidsLimit = spec.pids
         host.Ulimits = HostConfig.Ulimit.withinHostLimits(nofile: spec.nofile, nproc: spec.nproc)
         host.Tmpfs = ["/tmp": "rw,nosuid,nodev,size=\(spec.tmpBytes)"]
-        switch spec.workspace {
-        case .task:
-            container.Volumes = [Self.workspace: EmptyObject()]
-        case .session:
-            let session = labels[SandboxLabel.session] ?? "pool"
-            host.Binds = ["agentd-ws-\(instance)-\(session):\(Self.workspace)"]
-        }
+        if let workspace { host.Binds = ["\(workspace.hostPath):\(Self.workspace):rw,nosuid,nodev"] }
         container.HostConfig = host
         return container
+    }
+
+    /// The name of the workspace a new sandbox of `spec` uses.
+    func workspaceName(_ spec: SandboxSpec, labels: [String: String]) -> String {
+        if spec.workspace == .session, let session = labels[SandboxLabel.session] {
+            return WorkspaceImages.sessionName(instance: instance, session: session)
+        }
+        return WorkspaceImages.taskName("c" + String(UInt64.random(in: 0...UInt64.max), radix: 36))
     }
 
     /// The argv an exec of `argv` runs: killed inside the sandbox at `timeout`.
@@ -60,7 +84,8 @@ public struct ContainerDriver: HandsDriver {
     }
 
     public func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
-        let container = containerSpec(spec, labels: labels)
+        let workspace = try await workspaces.open(workspaceName(spec, labels: labels), sizeBytes: spec.diskBytes)
+        let container = containerSpec(spec, labels: labels, workspace: workspace)
         let allLabels = container.Labels ?? [:]
         let id: String
         do {
@@ -69,12 +94,14 @@ public struct ContainerDriver: HandsDriver {
             }
             id = try await engine.createContainer(container, name: name)
         } catch let error as EngineError {
+            await workspaces.close(workspace.name)
             throw Self.translate(error, doing: "provisioning a sandbox from image \(spec.image)", provisioning: true)
         }
         do {
             try await engine.startContainer(id)
         } catch let error as EngineError {
-            _ = try? await engine.removeContainer(id)
+            _ = try? await engine.removeContainer(id, force: true)
+            await workspaces.close(workspace.name)
             throw Self.translate(error, doing: "starting a sandbox from image \(spec.image)", provisioning: true)
         }
         return SandboxHandle(id: id, spec: spec, labels: allLabels)
@@ -219,35 +246,46 @@ public struct ContainerDriver: HandsDriver {
 
     public func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {
         let absolute = Self.absolute(path)
-        let directory = EngineClient.split(absolute).directory
-        if directory != Self.workspace && directory != "/" {
-            let made = try await run(["mkdir", "-p", "--", directory], in: sandbox, workingDirectory: nil, timeout: .seconds(30))
-            guard made.exitCode == 0 else {
-                throw HandsError(.invalidRequest, "cannot create directory \(directory): \(String(decoding: made.stderr, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))")
-            }
+        guard let name = sandbox.workspace, let uid = sandbox.uid else {
+            throw HandsError(.sandboxGone, "the sandbox has no workspace label (made by an older agentd?); a fresh one is needed")
         }
-        do {
-            try await engine.putFile(
-                sandbox.id, path: absolute, contents: contents, mode: 0o644, uid: sandbox.spec.uid, gid: sandbox.spec.gid)
-        } catch let error as EngineError {
-            throw await diagnose(error, sandbox: sandbox, doing: "writing \(absolute)")
+        let staged = try await workspaces.stage(contents, in: name, uid: uid)
+        let out = try await run(
+            ["sh", "-c", SandboxFiles.copyScript, "sh", Self.workspace + "/" + staged, absolute], in: sandbox, workingDirectory: nil,
+            timeout: .seconds(120))
+        guard out.exitCode == 0 else {
+            throw HandsError(.invalidRequest, "cannot write \(absolute): \(SandboxFiles.text(out.stderr))")
         }
     }
 
     public func readFile(_ path: String, in sandbox: SandboxHandle) async throws -> [UInt8] {
         let absolute = Self.absolute(path)
+        let limit = sandbox.spec.fileLimitBytes
+        let result: ExecResult
         do {
-            return try await engine.getFile(sandbox.id, path: absolute, maxBytes: sandbox.spec.fileLimitBytes)
+            result = try await engine.exec(
+                sandbox.id, command: Self.wrapped(["sh", "-c", SandboxFiles.readScript(limit: limit), "sh", absolute], timeout: .seconds(120)),
+                workingDirectory: Self.workspace, timeout: .seconds(130), maxOutputBytes: limit + 1)
         } catch let error as EngineError {
             throw await diagnose(error, sandbox: sandbox, doing: "reading \(absolute)")
         }
+        let out = CommandOutput(stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode, truncated: result.truncated)
+        return try SandboxFiles.checkedRead(out, path: absolute, limit: limit)
     }
 
     public func destroy(_ sandbox: SandboxHandle) async throws {
-        try await destroy(id: sandbox.id)
+        try await remove(sandbox.id)
+        if let name = sandbox.workspace { await workspaces.close(name) }
     }
 
     public func destroy(id: String) async throws {
+        // Known only by id (reconcile): its labels name its workspace.
+        let name = (try? await engine.inspectContainer(id))?.Config?.Labels?[SandboxLabel.workspace]
+        try await remove(id)
+        if let name { await workspaces.close(name) }
+    }
+
+    private func remove(_ id: String) async throws {
         do {
             try await engine.removeContainer(id, force: true)
         } catch let error as EngineError {
@@ -255,9 +293,20 @@ public struct ContainerDriver: HandsDriver {
         }
     }
 
+    public func removeSessionData(session: String) async throws {
+        try await workspaces.remove(WorkspaceImages.sessionName(instance: instance, session: session))
+    }
+
     public func list(instance: String) async throws -> [(id: String, labels: [String: String])] {
         do {
-            return try await engine.listContainers(labels: [SandboxLabel.instance: instance]).map { ($0.Id, $0.Labels ?? [:]) }
+            let found = try await engine.listContainers(labels: [SandboxLabel.instance: instance]).map { ($0.Id, $0.Labels ?? [:]) }
+            // Sandboxes that outlived a previous run keep their uids until they are removed.
+            for (_, labels) in found {
+                if let name = labels[SandboxLabel.workspace], let uid = labels[SandboxLabel.uid].flatMap({ Int($0) }) {
+                    workspaces.adopt(name, uid: uid)
+                }
+            }
+            return found
         } catch let error as EngineError {
             throw Self.translate(error, doing: "listing sandboxes")
         }

@@ -6,8 +6,9 @@ public struct SandboxSpec: Sendable, Hashable, Codable {
     /// Which driver provisions it: `container` or `unit`.
     public var driver: String = "container"
     public var image: String = "agentd-base:latest"
-    /// `uid:gid` the task's commands run as; never root.
-    public var user: String = "65534:65534"
+    /// Who the task's commands run as: `auto`, the only value, is a uid (and gid) of the
+    /// sandbox's own from `SandboxUIDs` — see `SandboxHandle.uid`.
+    public var user: String = "auto"
     public var memoryBytes: Int = 512 << 20
     public var cpus: Double = 1.0
     public var pids: Int = 256
@@ -26,13 +27,12 @@ public struct SandboxSpec: Sendable, Hashable, Codable {
     /// Most sandboxes one session may hold at once (its policy's `session.maxSandboxes`);
     /// nil for no limit.
     public var maxSandboxesPerSession: Int?
+    /// Size of the workspace's filesystem (`hands.disk`).
+    public var diskBytes: Int = 1 << 30
     /// Name of the policy the spec came from (labelled on every sandbox).
     public var policyName: String = "default"
 
     public init() {}
-
-    public var uid: Int { Int(user.split(separator: ":").first ?? "65534") ?? 65534 }
-    public var gid: Int { Int(user.split(separator: ":").dropFirst().first ?? "65534") ?? 65534 }
 }
 
 /// Which task a sandbox serves.
@@ -59,6 +59,11 @@ public struct SandboxHandle: Sendable, Hashable {
         self.spec = spec
         self.labels = labels
     }
+
+    /// The sandbox's own uid (and gid), recorded in its `agentd.uid` label.
+    public var uid: Int? { labels[SandboxLabel.uid].flatMap { Int($0) } }
+    /// The name of its workspace in `WorkspaceImages`, recorded in its `agentd.workspace` label.
+    public var workspace: String? { labels[SandboxLabel.workspace] }
 }
 
 /// What one command produced.
@@ -100,6 +105,10 @@ public protocol HandsDriver: Sendable {
     func list(instance: String) async throws -> [(id: String, labels: [String: String])]
     /// Removes a sandbox known only by id (reconcile).
     func destroy(id: String) async throws
+    /// Removes what `session` kept between its tasks (its `workspace: session` image), once
+    /// its sandboxes are gone: the session was deleted. Idempotent.
+    /// - Throws: `HandsError.invalidRequest` while a sandbox still uses it.
+    func removeSessionData(session: String) async throws
 }
 
 /// Label keys on everything agentd makes.
@@ -109,6 +118,10 @@ public enum SandboxLabel {
     public static let instance = "agentd.instance"
     public static let policy = "agentd.policy"
     public static let pool = "agentd.pool"
+    /// The sandbox's own uid (see `SandboxUIDs`).
+    public static let uid = "agentd.uid"
+    /// The name of the sandbox's workspace (see `WorkspaceImages`).
+    public static let workspace = "agentd.workspace"
 }
 
 /// Routes each sandbox to the driver its spec names (`container` or `unit`), so that one
@@ -168,6 +181,9 @@ public struct DriverRouter: HandsDriver {
         guard let kind = owners.get(id), let d = drivers[kind] else { return }
         try await d.destroy(id: id)
         owners.remove(id)
+    }
+    public func removeSessionData(session: String) async throws {
+        for d in drivers.values { try await d.removeSessionData(session: session) }
     }
 }
 

@@ -210,6 +210,14 @@ public actor HandsManager {
         for key in live.keys where key.session == session { await endTask(key, reason: "session ended") }
     }
 
+    /// Releases every sandbox of `session` and removes what it kept between tasks (its
+    /// `workspace: session` data): the session is being deleted.
+    /// - Throws: `HandsError` when the data cannot be removed.
+    public func removeSessionData(session: String) async throws {
+        await endSession(session)
+        try await driver.removeSessionData(session: session)
+    }
+
     /// Releases sandboxes idle longer than their spec's idle timeout.
     /// - Returns: how many were released.
     @discardableResult

@@ -6,20 +6,25 @@ import SystemdBus
 /// Hands as transient systemd units (`driver: unit` in a policy).
 ///
 /// A task's sandbox is a transient slice holding the task's limits (`MemoryMax`, `TasksMax`,
-/// `CPUQuota`, shared by all its processes, like a container's cgroup) plus a workspace
-/// directory on the host, `<stateDirectory>/workspaces/<slice stem>`. Every command is one
-/// transient service in that slice (see `UnitNames` for the naming), isolated with
-/// `PrivateNetwork`, `PrivateTmp`, `PrivateDevices`, `ProtectSystem=strict`,
-/// `ProtectHome=tmpfs`, `NoNewPrivileges`, `SystemCallFilter=@system-service`, the workspace
+/// `CPUQuota`, shared by all its processes, like a container's cgroup) plus a workspace of
+/// its own, a filesystem of the policy's `hands.disk` size (`WorkspaceImages`). Every command
+/// is one transient service in that slice (see `UnitNames` for the naming), isolated with
+/// `PrivateNetwork`, `PrivateTmp`, `PrivateDevices`, `PrivateIPC`, `ProtectSystem=strict`,
+/// `ProtectHome=tmpfs`, `ProtectProc=invisible` and `ProcSubset=pid` (no other user's
+/// processes, and nothing but processes, in its `/proc`: neither other sandboxes nor the
+/// host's command lines), `NoNewPrivileges`, `SystemCallFilter=@system-service`, the workspace
 /// bind-mounted at `/workspace` as its only writable path, `RuntimeMaxSec=` the command's
 /// timeout, and optionally `RootDirectory=` an unpacked image (otherwise the host's root,
 /// read-only). Its stdout and stderr reach agentd through pipes passed as
 /// `StandardOutputFileDescriptor`/`StandardErrorFileDescriptor`, the way
 /// `systemd-run --pipe` does.
 ///
-/// **User.** The spec's numeric `uid:gid` becomes `User=`/`Group=` (65534:65534 is `nobody`).
-/// `DynamicUser=yes` is not used: it would give every command's unit a uid of its own, and
-/// the workspace must keep one owner across the commands of a task. A uid of 0 is refused.
+/// **User.** Each sandbox has a uid (and gid) of its own from `SandboxUIDs`, the owner of its
+/// workspace's root, as `User=`/`Group=`; it is written in the slice's description
+/// (`…, uid N, workspace NAME)`) so that a restarted agentd knows it. `DynamicUser=yes` is
+/// not used: it would give every command's unit a uid of its own, and the workspace must keep
+/// one owner across the commands of a task. systemd resolves `User=` through NSS, so the uid
+/// gets a user record while the sandbox lives (`UserRecords`, in `/run/userdb`).
 ///
 /// **Files.** `write_file` and `read_file` run as short units of the same kind, as the
 /// sandbox's user and with the sandbox's own mount view, so that a symlink planted in the
@@ -31,8 +36,13 @@ import SystemdBus
 public struct UnitDriver: HandsDriver {
     public let manager: SystemdManager
     public let instance: String
-    /// Where workspaces (`workspaces/`) and staging files (`tmp/`) live; root-owned.
+    /// Where workspaces (`workspaces/`, unless given) and staging files (`tmp/`) live; root-owned.
     public let stateDirectory: String
+    /// Where workspaces are made and mounted (shared with the container driver, for one uid range).
+    public let workspaces: WorkspaceImages
+    /// Workspace name of each sandbox slice this driver knows (a slice id alone does not say
+    /// whether its workspace is the task's or the session's).
+    private let sliceWorkspaces = SliceWorkspaces()
     /// An unpacked image used as `RootDirectory=`, or nil for the host's root (read-only).
     /// It must be traversable by the sandbox user and hold `/workspace`, `/tmp` and `/bin/sh`.
     public let rootDirectory: String?
@@ -45,8 +55,12 @@ public struct UnitDriver: HandsDriver {
     /// The workspace mount point inside every sandbox (the same as the container driver's).
     public static let workspace = ContainerDriver.workspace
 
+    /// - Parameter workspaces: the store to share with the container driver; by default one
+    ///   under `<stateDirectory>/workspaces`.
     /// - Throws: `HandsError.provisioning` when the state directory cannot be made.
-    public init(manager: SystemdManager, instance: String, stateDirectory: String, rootDirectory: String? = nil) throws {
+    public init(
+        manager: SystemdManager, instance: String, stateDirectory: String, rootDirectory: String? = nil, workspaces: WorkspaceImages? = nil
+    ) throws {
         self.manager = manager
         self.instance = instance
         self.stateDirectory = stateDirectory
@@ -55,48 +69,43 @@ public struct UnitDriver: HandsDriver {
         // point /workspace; systemd would create it at the first command anyway — an empty,
         // root-owned directory. With an image the image provides it.
         let mountPoint = rootDirectory == nil ? [Self.workspace] : []
-        for dir in [stateDirectory, workspaces, staging] + mountPoint {
+        for dir in [stateDirectory, stateDirectory + "/tmp"] + mountPoint {
             do {
                 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             } catch {
                 throw HandsError(.provisioning, "cannot create the unit driver's directory \(dir): \(error.localizedDescription)")
             }
         }
+        self.workspaces = try workspaces ?? WorkspaceImages(directory: stateDirectory + "/workspaces")
     }
 
-    private var workspaces: String { stateDirectory + "/workspaces" }
     private var staging: String { stateDirectory + "/tmp" }
 
-    private func workspacePath(_ sandbox: SandboxHandle) -> String {
-        switch sandbox.spec.workspace {
-        case .task:
-            return workspaces + "/" + String(sandbox.id.dropLast(".slice".count))
-        case .session:
-            let session = sandbox.labels[SandboxLabel.session].map(UnitNames.escape) ?? "pool"
-            return workspaces + "/agentd-\(UnitNames.escape(instance))-\(session)"
+    /// The workspace name of a new sandbox slice `id`.
+    private func workspaceName(_ spec: SandboxSpec, id: String, labels: [String: String]) -> String {
+        if spec.workspace == .session, let session = labels[SandboxLabel.session] {
+            return WorkspaceImages.sessionName(instance: instance, session: session)
         }
+        return WorkspaceImages.taskName(String(id.dropLast(".slice".count)))
     }
 
     // MARK: - provisioning
 
     public func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
-        guard spec.uid != 0 else { throw HandsError(.provisioning, "sandboxes never run as root; the policy's user is \(spec.user)") }
         let stem = UnitNames.sandboxStem(instance: instance, session: labels[SandboxLabel.session], task: labels[SandboxLabel.task])
+        let id = stem + ".slice"
+        let workspace = try await workspaces.open(workspaceName(spec, id: id, labels: labels), sizeBytes: spec.diskBytes)
+        do { try UserRecords.write(workspace.uid) } catch {
+            await closeWorkspace(workspace.name, uid: workspace.uid)
+            throw error
+        }
         var allLabels = labels
         allLabels[SandboxLabel.instance] = instance
         allLabels[SandboxLabel.policy] = spec.policyName
-        let sandbox = SandboxHandle(id: stem + ".slice", spec: spec, labels: allLabels)
-        let workspace = workspacePath(sandbox)
-        do {
-            try FileManager.default.createDirectory(atPath: workspace, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        } catch {
-            throw HandsError(.provisioning, "cannot create the workspace \(workspace): \(error.localizedDescription)")
-        }
-        guard chown(workspace, uid_t(spec.uid), gid_t(spec.gid)) == 0 else {
-            let e = errno
-            try? FileManager.default.removeItem(atPath: workspace)
-            throw HandsError(.provisioning, "chown(\(workspace), \(spec.user)) failed: \(String(cString: strerror(e))) (errno \(e))")
-        }
+        allLabels[SandboxLabel.uid] = String(workspace.uid)
+        allLabels[SandboxLabel.workspace] = workspace.name
+        let sandbox = SandboxHandle(id: id, spec: spec, labels: allLabels)
+        sliceWorkspaces.set(id, workspace.name)
         let parent = UnitNames.sessionSlice(ofSlice: sandbox.id, instance: instance)
         if let parent { await sessionSlices.lock(parent) }
         defer { if let parent { sessionSlices.unlock(parent) } }
@@ -104,16 +113,32 @@ public struct UnitDriver: HandsDriver {
             try await manager.startSlice(
                 sandbox.id,
                 properties: [
-                    .string("Description", "agentd sandbox \(labels[SandboxLabel.session] ?? "pool")/\(labels[SandboxLabel.task] ?? "-") (policy \(spec.policyName))"),
+                    .string(
+                        "Description",
+                        "agentd sandbox \(labels[SandboxLabel.session] ?? "pool")/\(labels[SandboxLabel.task] ?? "-") (policy \(spec.policyName)\(Self.descriptionSuffix(workspace)))"),
                     .uint64("MemoryMax", UInt64(spec.memoryBytes)),
                     .uint64("TasksMax", UInt64(spec.pids)),
                     .cpuQuota(spec.cpus),
                 ])
         } catch let error as SystemdError {
-            if spec.workspace == .task { try? FileManager.default.removeItem(atPath: workspace) }
+            sliceWorkspaces.remove(id)
+            await closeWorkspace(workspace.name, uid: workspace.uid)
             throw Self.translate(error, doing: "creating the sandbox slice \(sandbox.id)", provisioning: true)
         }
         return sandbox
+    }
+
+    /// `, uid N, workspace NAME`: what a restarted agentd reads back from a slice's description.
+    static func descriptionSuffix(_ workspace: WorkspaceImages.Workspace) -> String {
+        ", uid \(workspace.uid), workspace \(workspace.name)"
+    }
+
+    /// The uid and workspace name a slice's description carries, if it has them.
+    static func parseDescription(_ description: String) -> (uid: Int, workspace: String)? {
+        guard let range = description.range(of: ", uid ", options: .backwards), description.hasSuffix(")") else { return nil }
+        let parts = description[range.upperBound...].dropLast().split(separator: " ")
+        guard parts.count == 3, parts[0].hasSuffix(","), parts[1] == "workspace", let uid = Int(parts[0].dropLast()) else { return nil }
+        return (uid, String(parts[2]))
     }
 
     /// A pooled sandbox keeps its pool name (a slice cannot be renamed); the manager tracks
@@ -130,28 +155,19 @@ public struct UnitDriver: HandsDriver {
         let absolute = ContainerDriver.absolute(path)
         let input = try UnitIO.contentsFile(contents, in: staging)
         defer { close(input) }
-        let script = #"mkdir -p "$(dirname "$1")" && cat > "$1""#
-        let (out, _) = try await runUnit(["/bin/sh", "-c", script, "sh", absolute], in: sandbox, workingDirectory: nil, timeout: .seconds(120), stdin: input, outputLimit: 64 << 10)
+        let (out, _) = try await runUnit(["/bin/sh", "-c", SandboxFiles.writeScript, "sh", absolute], in: sandbox, workingDirectory: nil, timeout: .seconds(120), stdin: input, outputLimit: 64 << 10)
         guard out.exitCode == 0 else {
-            throw HandsError(.invalidRequest, "cannot write \(absolute): \(Self.text(out.stderr))")
+            throw HandsError(.invalidRequest, "cannot write \(absolute): \(SandboxFiles.text(out.stderr))")
         }
     }
 
     public func readFile(_ path: String, in sandbox: SandboxHandle) async throws -> [UInt8] {
         let absolute = ContainerDriver.absolute(path)
         let limit = sandbox.spec.fileLimitBytes
-        let script = """
-            if [ -d "$1" ]; then echo "$1 is a directory" >&2; exit 2; fi
-            size=$(wc -c < "$1") || exit 2
-            if [ "$size" -gt \(limit) ]; then echo "$1 is $size bytes, more than the limit of \(formatBytes(limit))" >&2; exit 3; fi
-            exec cat "$1"
-            """
-        let (out, _) = try await runUnit(["/bin/sh", "-c", script, "sh", absolute], in: sandbox, workingDirectory: nil, timeout: .seconds(120), outputLimit: limit + 1)
-        guard out.exitCode == 0 else {
-            throw HandsError(.invalidRequest, "cannot read \(absolute): \(Self.text(out.stderr))")
-        }
-        guard !out.truncated else { throw HandsError(.invalidRequest, "\(absolute) is larger than the limit of \(formatBytes(limit))") }
-        return out.stdout
+        let (out, _) = try await runUnit(
+            ["/bin/sh", "-c", SandboxFiles.readScript(limit: limit), "sh", absolute], in: sandbox, workingDirectory: nil, timeout: .seconds(120),
+            outputLimit: limit + 1)
+        return try SandboxFiles.checkedRead(out, path: absolute, limit: limit)
     }
 
     /// Runs `argv` as one transient service in the sandbox's slice and collects its output.
@@ -253,6 +269,9 @@ public struct UnitDriver: HandsDriver {
     }
 
     private func commandProperties(_ argv: [String], sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> [UnitProperty] {
+        guard let uid = sandbox.uid, let workspace = sandbox.workspace else {
+            throw HandsError(.sandboxGone, "the sandbox has no uid or workspace (made by an older agentd?); a fresh one is needed")
+        }
         let spec = sandbox.spec
         let command = argv.first?.hasPrefix("/") == true ? argv : ["/bin/sh", "-c", #"exec "$@""#, "sh"] + argv
         let directory = workingDirectory.map { $0.hasPrefix("/") ? $0 : Self.workspace + "/" + $0 } ?? Self.workspace
@@ -260,16 +279,22 @@ public struct UnitDriver: HandsDriver {
             .string("Description", "agentd command in \(sandbox.id)"),
             .execStart(command),
             .string("Slice", sandbox.id),
-            .string("User", String(spec.uid)),
-            .string("Group", String(spec.gid)),
+            .string("User", String(uid)),
+            .string("Group", String(uid)),
             .string("WorkingDirectory", directory),
-            .bindPaths([(workspacePath(sandbox), Self.workspace)]),
+            .bindPaths([(workspaces.hostPath(workspace), Self.workspace)]),
             .strings("ReadWritePaths", [Self.workspace]),
             .string("ProtectSystem", "strict"),
             .string("ProtectHome", "tmpfs"),
             .bool("PrivateNetwork", true),
             .bool("PrivateTmp", true),
             .bool("PrivateDevices", true),
+            .bool("PrivateIPC", true),
+            .string("ProtectProc", "invisible"),
+            .string("ProcSubset", "pid"),
+            // systemd gives a unit with its own root an empty, world-writable /run; the host's
+            // /run holds sockets and user records. Either way: an empty, read-only one.
+            UnitProperty("TemporaryFileSystem", .array(elementSignature: "(ss)", [.structure([.string("/run"), .string("ro,mode=0755")])])),
             .bool("NoNewPrivileges", true),
             .systemCallFilter(["@system-service"]),
             UnitProperty("SystemCallErrorNumber", .int32(EPERM)),
@@ -308,12 +333,27 @@ public struct UnitDriver: HandsDriver {
 
     public func destroy(_ sandbox: SandboxHandle) async throws {
         try await stop(sandbox.id)
-        if sandbox.spec.workspace == .task { removeWorkspace(of: sandbox.id) }
+        sliceWorkspaces.remove(sandbox.id)
+        if let name = sandbox.workspace { await closeWorkspace(name, uid: sandbox.uid) }
+    }
+
+    /// Closes workspace `name`; once its uid is free, removes the uid's user record.
+    private func closeWorkspace(_ name: String, uid: Int?) async {
+        let held = uid ?? workspaces.uids.uid(of: name)
+        await workspaces.close(name)
+        if let held, workspaces.uids.uid(of: name) == nil { UserRecords.remove(held) }
     }
 
     public func destroy(id: String) async throws {
         try await stop(id)
-        removeWorkspace(of: id)
+        // Only a name of this instance's form, so that no id can name another's workspace.
+        guard UnitNames.labels(ofSlice: id, instance: instance) != nil else { return }
+        let name = sliceWorkspaces.remove(id) ?? WorkspaceImages.taskName(String(id.dropLast(".slice".count)))
+        await closeWorkspace(name, uid: nil)
+    }
+
+    public func removeSessionData(session: String) async throws {
+        try await workspaces.remove(WorkspaceImages.sessionName(instance: instance, session: session))
     }
 
     private func stop(_ slice: String) async throws {
@@ -342,17 +382,17 @@ public struct UnitDriver: HandsDriver {
         }
     }
 
-    /// Removes the task workspace of sandbox `id` (only a name of this instance's form, so
-    /// that no id can reach outside `workspaces/`).
-    private func removeWorkspace(of id: String) {
-        guard UnitNames.labels(ofSlice: id, instance: instance) != nil, !id.contains("/") else { return }
-        try? FileManager.default.removeItem(atPath: workspaces + "/" + String(id.dropLast(".slice".count)))
-    }
-
     public func list(instance: String) async throws -> [(id: String, labels: [String: String])] {
         do {
             return try await manager.listUnits(matching: [UnitNames.pattern(instance: instance)]).compactMap { unit in
-                guard unit.activeState != "inactive", let labels = UnitNames.labels(ofSlice: unit.name, instance: instance) else { return nil }
+                guard unit.activeState != "inactive", var labels = UnitNames.labels(ofSlice: unit.name, instance: instance) else { return nil }
+                if let (uid, workspace) = Self.parseDescription(unit.description) {
+                    // A sandbox that outlived a previous run keeps its uid until it is removed.
+                    workspaces.adopt(workspace, uid: uid)
+                    sliceWorkspaces.set(unit.name, workspace)
+                    labels[SandboxLabel.uid] = String(uid)
+                    labels[SandboxLabel.workspace] = workspace
+                }
                 return (unit.name, labels)
             }
         } catch let error as SystemdError {
@@ -373,9 +413,14 @@ public struct UnitDriver: HandsDriver {
         }
     }
 
-    static func text(_ bytes: [UInt8]) -> String {
-        String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-    }
+}
+
+/// Slice id → workspace name, for `destroy(id:)`.
+private final class SliceWorkspaces: Sendable {
+    private let table = Mutex<[String: String]>([:])
+    func set(_ id: String, _ name: String) { table.withLock { $0[id] = name } }
+    @discardableResult
+    func remove(_ id: String) -> String? { table.withLock { $0.removeValue(forKey: id) } }
 }
 
 /// A lock per name, held across suspension points (`lock` waits without blocking a thread).

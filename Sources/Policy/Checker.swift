@@ -13,7 +13,7 @@ struct PolicyChecker {
     static let metadataKeys = ["name", "summary"]
     static let handsKeys = [
         "driver", "image", "memory", "cpus", "pids", "user", "commandTimeout", "idleTimeout", "outputLimit",
-        "workspace", "ulimits",
+        "disk", "workspace", "ulimits",
     ]
     static let ulimitKeys = ["nofile", "nproc"]
     static let poolKeys = ["size"]
@@ -135,8 +135,12 @@ struct PolicyChecker {
             cpus: cpusValue(f, "cpus").or(d.cpus, &ok),
             pids: int(f, "pids", label: "hands.pids", min: 8, max: 4_194_304).or(d.pids, &ok),
             user: checkedString(
-                f, "user", label: "hands.user", isValid: Self.isUser,
-                problem: { _ in "is not a numeric UID or UID:GID (e.g. 65534:65534)" }
+                f, "user", label: "hands.user", isValid: { $0 == HandsPolicy.autoUser },
+                problem: { value in
+                    Self.isUser(value)
+                        ? "is a fixed uid, which every sandbox of this policy would share (one could reach another's files and processes); use auto: agentd gives each sandbox its own uid from --sandbox-uids"
+                        : "is not allowed; use auto (each sandbox gets its own uid from agentd's --sandbox-uids range)"
+                }
             ).or(d.user, &ok),
             commandTimeoutSeconds: duration(f, "commandTimeout", label: "hands.commandTimeout", min: 1, max: 86_400)
                 .or(d.commandTimeoutSeconds, &ok),
@@ -144,6 +148,7 @@ struct PolicyChecker {
                 .or(d.idleTimeoutSeconds, &ok),
             outputLimitBytes: size(f, "outputLimit", label: "hands.outputLimit", min: 1 << 10, max: 1 << 30)
                 .or(d.outputLimitBytes, &ok),
+            diskBytes: size(f, "disk", label: "hands.disk", min: 16 << 20, max: 1 << 40).or(d.diskBytes, &ok),
             workspace: enumValue(
                 f, "workspace", label: "hands.workspace", what: "workspace persistence", as: WorkspacePersistence.self
             ).or(d.workspace, &ok),

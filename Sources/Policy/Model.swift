@@ -98,7 +98,9 @@ public struct HandsPolicy: Sendable, Hashable, Codable {
     public var cpus: Double
     /// Maximum number of processes and threads (`pids.max`).
     public var pids: Int
-    /// `UID[:GID]`, numeric, that commands run as.
+    /// Who commands run as: only `auto`, a uid and gid of their own per sandbox, allocated by
+    /// agentd from its `--sandbox-uids` range. A fixed uid would be shared by every sandbox of
+    /// the policy and let one reach another's files and processes, so the checker refuses it.
     public var user: String
     /// Longest a single tool call may run, in seconds (`hands.commandTimeout`, e.g. `120s`).
     public var commandTimeoutSeconds: Double
@@ -106,14 +108,17 @@ public struct HandsPolicy: Sendable, Hashable, Codable {
     public var idleTimeoutSeconds: Double
     /// Tool output beyond this many bytes is truncated (`hands.outputLimit`).
     public var outputLimitBytes: Int
+    /// Size of the workspace's own filesystem in bytes (`hands.disk`, e.g. `1GiB`): writing
+    /// past it fails with ENOSPC inside the sandbox, never on the host's disk.
+    public var diskBytes: Int
     public var workspace: WorkspacePersistence
     public var ulimits: Ulimits
 
     public init(
         driver: HandsDriverKind = .container, image: String = "agentd-base:latest",
-        memoryBytes: Int = 512 << 20, cpus: Double = 1.0, pids: Int = 256, user: String = "65534:65534",
+        memoryBytes: Int = 512 << 20, cpus: Double = 1.0, pids: Int = 256, user: String = HandsPolicy.autoUser,
         commandTimeoutSeconds: Double = 120, idleTimeoutSeconds: Double = 300,
-        outputLimitBytes: Int = 1 << 20, workspace: WorkspacePersistence = .task, ulimits: Ulimits = Ulimits()
+        outputLimitBytes: Int = 1 << 20, diskBytes: Int = 1 << 30, workspace: WorkspacePersistence = .task, ulimits: Ulimits = Ulimits()
     ) {
         self.driver = driver
         self.image = image
@@ -124,9 +129,13 @@ public struct HandsPolicy: Sendable, Hashable, Codable {
         self.commandTimeoutSeconds = commandTimeoutSeconds
         self.idleTimeoutSeconds = idleTimeoutSeconds
         self.outputLimitBytes = outputLimitBytes
+        self.diskBytes = diskBytes
         self.workspace = workspace
         self.ulimits = ulimits
     }
+
+    /// `hands.user`'s one value: a uid per sandbox, allocated by agentd.
+    public static let autoUser = "auto"
 
     public var commandTimeout: Duration { .seconds(commandTimeoutSeconds) }
     public var idleTimeout: Duration { .seconds(idleTimeoutSeconds) }

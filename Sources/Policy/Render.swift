@@ -22,6 +22,7 @@ extension Policy {
             ("commandTimeout", s(PolicyUnits.formatDuration(seconds: hands.commandTimeoutSeconds))),
             ("idleTimeout", s(PolicyUnits.formatDuration(seconds: hands.idleTimeoutSeconds))),
             ("outputLimit", s(PolicyUnits.formatSize(hands.outputLimitBytes))),
+            ("disk", s(PolicyUnits.formatSize(hands.diskBytes))),
             ("workspace", s(hands.workspace.rawValue)),
         ]
         var ulimitPairs: [(String, Node)] = []

@@ -468,8 +468,17 @@ public actor Runtime {
             await hands.endSession(session.rawValue)
             if sessions[session]?.inFlight ?? 0 > 0 {
                 await withCheckedContinuation { drainWaiters[session, default: []].append($0) }
-                // A call that was in flight may have provisioned a sandbox after the first pass.
-                await hands.endSession(session.rawValue)
+            }
+            // Every sandbox again (a call that was in flight may have provisioned one after the
+            // first pass), then what the session kept between tasks (`workspace: session`).
+            // Only then is the deletion journaled: a failure here leaves the session as it was,
+            // and deleting again retries.
+            do {
+                try await hands.removeSessionData(session: session.rawValue)
+            } catch {
+                throw RuntimeError(
+                    .unavailable, "could not remove the workspace of session \(session): \((error as? HandsError)?.message ?? "\(error)"); delete it again",
+                    cause: error)
             }
             if let seq = sessions[session]?.deletedSeq { return seq }
             let seq = try await append(session, EventType.sessionDeleted, JSONCoding.encode(SessionDeleted(reason: reason)))
@@ -737,6 +746,7 @@ public actor Runtime {
         spec.outputLimitBytes = h.outputLimitBytes
         // A file read is a result: it must fit the output limit and the session's events.
         spec.fileLimitBytes = min(h.outputLimitBytes, policy.session.maxEventBytes)
+        spec.diskBytes = h.diskBytes
         spec.workspace = h.workspace == .session ? .session : .task
         spec.policyName = policy.name
         spec.maxSandboxesPerSession = policy.session.maxSandboxes

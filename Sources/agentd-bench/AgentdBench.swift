@@ -79,7 +79,9 @@ enum AgentdBench {
         let store = try await SessionStore.open(directory: base + "/inprocess")
         let engine = try EngineClient.fromEnvironment()
         let runtime = Runtime(
-            store: store, hands: HandsManager(driver: ContainerDriver(engine: engine, instance: "benchip"), instance: "benchip"),
+            store: store, hands: HandsManager(
+                driver: ContainerDriver(engine: engine, instance: "benchip", workspaces: try WorkspaceImages(directory: base + "/workspaces")),
+                instance: "benchip"),
             policies: PolicyStore(directory: "policies"))
         let session = try await runtime.createSession(policy: nil).id
         var inProcess: [Double] = []

@@ -16,7 +16,8 @@ enum HandsBench {
         guard case .unixSocket(let path) = engine.endpoint else { return }
         let raw = RawUnixHTTP(socketPath: path)
         let instance = "bench" + String(UInt32.random(in: 0...UInt32.max), radix: 36)
-        let driver = ContainerDriver(engine: engine, instance: instance)
+        let workspaces = try WorkspaceImages(directory: NSTemporaryDirectory() + "agentd-bench-workspaces-" + instance)
+        let driver = ContainerDriver(engine: engine, instance: instance, workspaces: workspaces)
         let hands = HandsManager(driver: driver, instance: instance)
         let spec = SandboxSpec()
         let input = Array(#"{"command": "true"}"#.utf8)
@@ -84,7 +85,7 @@ enum HandsBench {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let store = try await SessionStore.open(directory: directory)
         let policies = PolicyStore(directory: "policies")
-        let runtimeHands = HandsManager(driver: ContainerDriver(engine: engine, instance: instance), instance: instance)
+        let runtimeHands = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces), instance: instance)
         let runtime = Runtime(store: store, hands: runtimeHands, policies: policies)
         var onDemand: [Double] = []
         var eager: [Double] = []

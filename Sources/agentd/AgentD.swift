@@ -51,6 +51,12 @@ struct AgentD: AsyncParsableCommand {
     @Option(help: "Most memory the sandboxes' limits may add up to, live and warm alike: a share of the host's RAM (75%), a size (16GiB), or 0 for no limit.")
     var sandboxMemory: String = "75%"
 
+    @Option(help: "Host uids (each also the gid) given to sandboxes, one of its own per sandbox: FIRST-LAST, within 65536-4294967294 and used by nothing else on the host.")
+    var sandboxUids: String = "\(SandboxUIDs.defaultRange.lowerBound)-\(SandboxUIDs.defaultRange.upperBound)"
+
+    @Option(help: "Free space (MiB) kept for the journal on the state directory's disk: a workspace is refused when it would leave less.")
+    var workspaceReserveMib: Int = WorkspaceImages.defaultReserveBytes >> 20
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -101,14 +107,23 @@ struct AgentD: AsyncParsableCommand {
         } catch {
             logger.warning("the container engine does not answer yet; tool calls will return errors until it does", metadata: ["error": "\(error)"])
         }
+        // Workspaces (a filesystem per sandbox, owned by a uid of the sandbox's own), shared by
+        // both drivers so that one range serves them.
+        guard (0...(1 << 30)).contains(workspaceReserveMib) else {
+            throw ValidationError("--workspace-reserve-mib takes 0 to \(1 << 30), not \(workspaceReserveMib)")
+        }
+        let uids: SandboxUIDs
+        do { uids = try SandboxUIDs(range: SandboxUIDs.parseRange(sandboxUids)) } catch { throw ValidationError("--sandbox-uids: \(error)") }
+        let workspaces = try WorkspaceImages(directory: stateDir + "/hands/workspaces", uids: uids, reserveBytes: workspaceReserveMib << 20)
+        let containers = ContainerDriver(engine: client, instance: instance, workspaces: workspaces)
         // Hands as systemd transient units, when a manager is there.
-        var drivers: [any HandsDriver] = [ContainerDriver(engine: client, instance: instance)]
+        var drivers: [any HandsDriver] = [containers]
         let systemdAddress = try systemd.map { try SystemdAddress(parsing: $0) } ?? (try? SystemdAddress.fromEnvironment(environment))
         var manager: SystemdManager?
         if let systemdAddress {
             do {
                 let m = try await SystemdManager.connect(systemdAddress)
-                drivers.append(try UnitDriver(manager: m, instance: instance, stateDirectory: stateDir + "/hands"))
+                drivers.append(try UnitDriver(manager: m, instance: instance, stateDirectory: stateDir + "/hands", workspaces: workspaces))
                 manager = m
             } catch {
                 logger.warning("no systemd manager: policies with `driver: unit` will be refused", metadata: ["error": "\(error)"])
@@ -127,7 +142,7 @@ struct AgentD: AsyncParsableCommand {
             driver: DriverRouter(drivers), instance: instance, limits: limits, logger: Logger(label: "agentd.hands"),
             onEvent: { await recorder.forward($0) })
         let runtime = Runtime(
-            store: store, hands: hands, policies: policyStore, images: ContainerDriver(engine: client, instance: instance),
+            store: store, hands: hands, policies: policyStore, images: containers,
             refreshSecrets: { await registrar.sync(policyStore) }, logger: Logger(label: "agentd.runtime"))
         await recorder.attach(runtime)
         do {

@@ -66,4 +66,28 @@ struct SessionDeleteTests {
             #expect(try await c.session(id).deleted)
         }
     }
+
+    @Test("deleting a session with workspace: session removes its workspace image and mount")
+    func deleteRemovesTheSessionWorkspace() async throws {
+        try await withAgentd { agentd in
+            let c = agentd.client
+            let id = try await c.createSession(policy: "coding-agent").id
+            let wrote = try await c.execute(session: id, tool: "write_file", input: Data(#"{"path": "kept.txt", "content": "kept"}"#.utf8))
+            #expect(!wrote.isError, "\(wrote.output)")
+            _ = try await c.endTask(id)
+            let again = try await c.execute(session: id, tool: "read_file", input: Data(#"{"path": "kept.txt"}"#.utf8))
+            #expect(again.output == "kept", "a session workspace outlives its task")
+            // Workspace files are named after the session with its `-` escaped: match the
+            // random part of its id, in the images and the mount points alike.
+            let directory = agentd.stateDir + "/hands/workspaces"
+            let unique = String(id.dropFirst(2))
+            let images = { (FileManager.default.subpaths(atPath: directory) ?? []).filter { $0.contains(unique) } }
+            #expect(!images().isEmpty, "the session's workspace lives in \(directory)")
+
+            _ = try await c.deleteSession(id)
+            #expect(images().isEmpty, "the workspace image is removed with the session: \(images())")
+            let mounts = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+            #expect(!mounts.contains(unique), "no mount of the deleted session is left")
+        }
+    }
 }

@@ -13,7 +13,10 @@ struct ConformanceTests {
             let key = TaskKey(session: "s1", task: "t1")
             #expect(await f.count(session: "s1") == 0)
             let result = await f.manager.execute(key, spec: SandboxSpec(), tool: "bash", input: Input.bash("echo hello; id -u"))
-            #expect(result == ToolResult(output: "hello\n65534\n", isError: false, exitCode: 0))
+            // The sandbox's own uid, from the range, recorded on the sandbox.
+            let uid = try #require(await f.manager.sandbox(of: key)?.uid)
+            #expect(SandboxUIDs.defaultRange.contains(uid))
+            #expect(result == ToolResult(output: "hello\n\(uid)\n", isError: false, exitCode: 0))
             #expect(await f.count(session: "s1") == 1)
             _ = await f.manager.execute(key, spec: SandboxSpec(), tool: "bash", input: Input.bash("true"))
             #expect(await f.count(session: "s1") == 1)
@@ -112,7 +115,7 @@ struct ConformanceTests {
     func isolation(_ kind: DriverKind) async throws {
         try await DriverFixture.with(kind) { f in
             let key = TaskKey(session: "s6", task: "t1")
-            let net = await f.manager.execute(key, spec: SandboxSpec(), tool: "bash", input: Input.bash("cat /proc/net/dev"))
+            let net = await f.manager.execute(key, spec: SandboxSpec(), tool: "bash", input: Input.bash("cat /proc/self/net/dev"))
             let interfaces = net.output.split(separator: "\n").compactMap { line -> String? in
                 guard let colon = line.firstIndex(of: ":"), !line.contains("|") else { return nil }
                 return line[..<colon].trimmingCharacters(in: .whitespaces)
@@ -124,7 +127,8 @@ struct ConformanceTests {
             #expect(fs.output.components(separatedBy: "Read-only file system").count == 3, "\(fs.output)")
             #expect(fs.output.contains("writable"))
             let who = await f.manager.execute(key, spec: SandboxSpec(), tool: "bash", input: Input.bash("id -u; id -g; grep CapEff /proc/self/status"))
-            #expect(who.output == "65534\n65534\nCapEff:\t0000000000000000\n", "\(who.output)")
+            let uid = try #require(await f.manager.sandbox(of: key)?.uid)
+            #expect(who.output == "\(uid)\n\(uid)\nCapEff:\t0000000000000000\n", "\(who.output)")
         }
     }
 }

@@ -20,7 +20,9 @@ struct DriverFixture {
     let driver: any HandsDriver
     let instance: String
     let systemd: SystemdManager?
-    let stateDirectory: String?
+    let stateDirectory: String
+    /// The driver's workspaces (and through them its uids).
+    let workspaces: WorkspaceImages
 
     static func with<T>(_ kind: DriverKind, _ body: (DriverFixture) async throws -> T) async throws -> T {
         let fixture = try await make(kind)
@@ -39,23 +41,26 @@ struct DriverFixture {
         switch kind {
         case .container:
             let engine = try await Components.engine()
-            let driver = ContainerDriver(engine: engine, instance: instance)
+            let state = "/tmp/agentd-container-test-\(instance)"
+            let driver = ContainerDriver(engine: engine, instance: instance, workspaces: try WorkspaceImages(directory: state + "/workspaces"))
             return DriverFixture(
-                kind: kind, manager: HandsManager(driver: driver, instance: instance), driver: driver, instance: instance, systemd: nil, stateDirectory: nil)
+                kind: kind, manager: HandsManager(driver: driver, instance: instance), driver: driver, instance: instance, systemd: nil,
+                stateDirectory: state, workspaces: driver.workspaces)
         case .unit:
             let systemd = try await Components.systemd()
             let state = "/tmp/agentd-unit-test-\(instance)"
             let driver = try UnitDriver(manager: systemd, instance: instance, stateDirectory: state, rootDirectory: try UnitRootfs.path())
             return DriverFixture(
                 kind: kind, manager: HandsManager(driver: driver, instance: instance), driver: driver, instance: instance, systemd: systemd,
-                stateDirectory: state)
+                stateDirectory: state, workspaces: driver.workspaces)
         }
     }
 
     func tearDown() async {
         await manager.shutdown()
         for (id, _) in (try? await driver.list(instance: instance)) ?? [] { try? await driver.destroy(id: id) }
-        if let stateDirectory { try? FileManager.default.removeItem(atPath: stateDirectory) }
+        TestWorkspaces.remove(stateDirectory + "/workspaces")
+        try? FileManager.default.removeItem(atPath: stateDirectory)
         // The per-session slices systemd made implicitly go with the instance's slice.
         _ = try? await systemd?.stopUnitAndWait("agentd-\(instance).slice")
         systemd?.close()
@@ -110,4 +115,32 @@ enum Input {
 struct FixtureMissing: Error, CustomStringConvertible {
     let description: String
     init(_ description: String) { self.description = description }
+}
+
+/// Workspace stores of tests: made in a directory of their own, and removed with whatever a
+/// failed test left mounted in them.
+enum TestWorkspaces {
+    static func make(_ instance: String) throws -> (workspaces: WorkspaceImages, directory: String) {
+        let directory = "/tmp/agentd-workspaces-test-\(instance)"
+        return (try WorkspaceImages(directory: directory), directory)
+    }
+
+    /// Unmounts (lazily) what is still mounted under `directory` and removes it.
+    static func remove(_ directory: String) {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory + "/mnt")) ?? [] {
+            (try? ChildProcess.spawn(["/bin/umount", "-l", directory + "/mnt/" + name], environment: [:]))?.wait()
+        }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    /// Mount points under `directory` that are still mounted (what a leak looks like).
+    static func mounted(_ directory: String) -> [String] {
+        // Read to its end: /proc files report a size of 0.
+        let table = String(decoding: FileHandle(forReadingAtPath: "/proc/self/mountinfo")?.readDataToEndOfFile() ?? Data(), as: UTF8.self)
+        return table.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ")
+            guard fields.count > 4, fields[4].hasPrefix(directory + "/") else { return nil }
+            return String(fields[4])
+        }
+    }
 }

@@ -15,13 +15,16 @@ struct ContainerHandsTests {
         let engine: EngineClient
         if let given { engine = given } else { engine = try await Components.engine() }
         let instance = "t" + Components.testID()
-        let manager = HandsManager(driver: ContainerDriver(engine: engine, instance: instance), instance: instance)
+        let (workspaces, directory) = try TestWorkspaces.make(instance)
+        let manager = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces), instance: instance)
         do {
             let result = try await body(manager, engine, instance)
             await cleanup(manager, engine, instance)
+            TestWorkspaces.remove(directory)
             return result
         } catch {
             await cleanup(manager, engine, instance)
+            TestWorkspaces.remove(directory)
             throw error
         }
     }
@@ -52,7 +55,8 @@ struct ContainerHandsTests {
             let key = TaskKey(session: "s1", task: "t1")
             #expect(await self.count(engine, instance, session: "s1") == 0)
             let result = await manager.execute(key, spec: SandboxSpec(), tool: "bash", input: bash("echo hello; id -u"))
-            #expect(result == ToolResult(output: "hello\n65534\n", isError: false, exitCode: 0))
+            let uid = try #require(await manager.sandbox(of: key)?.uid)
+            #expect(result == ToolResult(output: "hello\n\(uid)\n", isError: false, exitCode: 0))
             #expect(await self.count(engine, instance, session: "s1") == 1)
             _ = await manager.execute(key, spec: SandboxSpec(), tool: "bash", input: bash("true"))
             #expect(await self.count(engine, instance, session: "s1") == 1)
@@ -85,7 +89,8 @@ struct ContainerHandsTests {
             #expect(host.NanoCpus == 500_000_000)
             #expect(host.PidsLimit == 64)
             #expect(host.Ulimits?.contains { $0.Name.lowercased().hasSuffix("nofile") } == true)
-            #expect(inspect.Config?.User == "65534:65534")
+            #expect(inspect.Config?.User == "\(try #require(sandbox.uid)):\(try #require(sandbox.uid))")
+            #expect(host.Binds?.first?.contains(":/workspace") == true)
             let labels = try #require(inspect.Config?.Labels)
             #expect(labels[SandboxLabel.session] == "s2")
             #expect(labels[SandboxLabel.task] == "t1")
@@ -256,17 +261,26 @@ struct ContainerHandsTests {
         }
     }
 
-    @Test("after a crash of its owner, reconcile removes the instance's orphaned sandboxes")
+    @Test("after a crash of its owner, reconcile removes the instance's orphaned sandboxes, their mounts and their images")
     func reconcileOrphans() async throws {
-        try await withManager { manager, engine, instance in
-            let crashed = HandsManager(driver: ContainerDriver(engine: engine, instance: instance), instance: instance)
-            for t in 1...2 { _ = await crashed.execute(TaskKey(session: "s11", task: "t\(t)"), spec: SandboxSpec(), tool: "bash", input: bash("true")) }
-            #expect(await self.count(engine, instance, session: "s11") == 2)
-            // A new owner of the same instance (agentd after kill -9 and restart) knows none of them.
-            let removed = try await manager.reconcile()
-            #expect(removed.count == 2)
-            #expect(await self.count(engine, instance, session: "s11") == 0)
-        }
+        let engine = try await Components.engine()
+        let instance = "t" + Components.testID()
+        let (workspaces, directory) = try TestWorkspaces.make(instance)
+        defer { TestWorkspaces.remove(directory) }
+        let crashed = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces), instance: instance)
+        for t in 1...2 { _ = await crashed.execute(TaskKey(session: "s11", task: "t\(t)"), spec: SandboxSpec(), tool: "bash", input: bash("true")) }
+        #expect(await self.count(engine, instance, session: "s11") == 2)
+        #expect(TestWorkspaces.mounted(directory).count == 2)
+        // A new owner of the same instance and state directory (agentd after kill -9 and
+        // restart) knows none of them.
+        let restarted = HandsManager(
+            driver: ContainerDriver(engine: engine, instance: instance, workspaces: try WorkspaceImages(directory: directory)), instance: instance)
+        let removed = try await restarted.reconcile()
+        await cleanup(restarted, engine, instance)
+        #expect(removed.count == 2)
+        #expect(await self.count(engine, instance, session: "s11") == 0)
+        #expect(TestWorkspaces.mounted(directory) == [])
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory + "/images") == [])
     }
 
     @Test("a warm pool hands out a started sandbox, renamed for its task, and refills")

@@ -114,15 +114,16 @@ struct UnitLimitsTests {
             }
             #expect(active.count == 1, "the long command's unit should be running")
             #expect(await f.count(session: "r1") == 2)
-            let workspaces = try FileManager.default.contentsOfDirectory(atPath: try #require(f.stateDirectory) + "/workspaces")
-            #expect(workspaces.count == 2)
+            #expect(f.workspaces.imageNames().count == 2)
+            #expect(TestWorkspaces.mounted(f.workspaces.directory).count == 2)
 
             let removed = try await f.manager.reconcile()
             #expect(removed.count == 2)
             #expect(await f.count(session: "r1") == 0)
             let left = try await systemd.listUnits(matching: ["agentd-\(f.instance)-*"], states: ["active", "activating", "deactivating"])
             #expect(left.filter { !$0.name.hasSuffix("r1.slice") }.isEmpty, "still running: \(left.map(\.name))")
-            #expect(try FileManager.default.contentsOfDirectory(atPath: try #require(f.stateDirectory) + "/workspaces").isEmpty)
+            #expect(f.workspaces.imageNames().isEmpty)
+            #expect(TestWorkspaces.mounted(f.workspaces.directory).isEmpty)
             let interrupted = await running.value
             #expect(interrupted.isError, "\(interrupted.output)")
         }

@@ -14,7 +14,8 @@ import Testing
         #expect(p.hands.memoryBytes == 512 * 1024 * 1024)
         #expect(p.hands.cpus == 1.0)
         #expect(p.hands.pids == 256)
-        #expect(p.hands.user == "65534:65534")
+        #expect(p.hands.user == "auto")
+        #expect(p.hands.diskBytes == 1 << 30)
         #expect(p.hands.commandTimeout == .seconds(120))
         #expect(p.hands.idleTimeout == .seconds(300))
         #expect(p.hands.outputLimitBytes == 1024 * 1024)
@@ -38,7 +39,8 @@ import Testing
                   memory: 1.5GiB
                   cpus: 0.5
                   pids: 64
-                  user: "1000:1000"
+                  user: auto
+                  disk: 2GiB
                   commandTimeout: 1m30s
                   idleTimeout: 1h30m
                   outputLimit: 64KiB
@@ -66,6 +68,7 @@ import Testing
         #expect(p.hands.driver == .unit)
         #expect(p.hands.memoryBytes == 3 << 29)
         #expect(p.hands.cpus == 0.5)
+        #expect(p.hands.diskBytes == 2 << 30)
         #expect(p.hands.commandTimeoutSeconds == 90)
         #expect(p.hands.idleTimeoutSeconds == 5400)
         #expect(p.hands.ulimits == Ulimits(nofile: 2048, nproc: 100))
@@ -80,6 +83,16 @@ import Testing
     }
 
     // MARK: - Each kind of error, with its exact location
+
+    @Test func aFixedUserOrABadDiskIsAnErrorAtItsLine() {
+        #expect(
+            errors(minimal("hands:\n  user: \"1000:1000\"\n  disk: 12 potatoes\n"))
+                == [
+                    "t.yaml:6:9: hands.user: '1000:1000' is a fixed uid, which every sandbox of this policy would share (one could reach another's files and processes); use auto: agentd gives each sandbox its own uid from --sandbox-uids",
+                    "t.yaml:7:9: hands.disk: '12 potatoes' is not a size (use e.g. 256MiB, 1GiB)",
+                ])
+        #expect(errors(minimal("hands:\n  disk: 1MiB\n")).first?.contains("hands.disk") == true)
+    }
 
     @Test func unknownKeysSuggestTheNearestKnownOne() {
         #expect(

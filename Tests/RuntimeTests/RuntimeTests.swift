@@ -310,6 +310,7 @@ struct RuntimeTests {
             #expect(await f.hands.liveTasks(session: id) == ["main"])
             let seq = try await f.runtime.deleteSession(id, epoch: nil)
             #expect(await f.hands.liveTasks(session: id).isEmpty && f.driver.destroyed == 1)
+            #expect(f.driver.removedSessions == [id], "the session's workspace data is removed with it")
             #expect(try await f.runtime.deleteSession(id, epoch: nil) == seq, "deleting again does nothing")
             for code in [
                 await runtimeErrorCode { _ = try await f.runtime.execute(session: id, tool: "bash", input: bash("echo after")) },

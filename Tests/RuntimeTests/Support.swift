@@ -24,6 +24,7 @@ final class FakeDriver: HandsDriver {
         var held: [CheckedContinuation<Void, Never>] = []
         var holding: [CheckedContinuation<Void, Never>] = []
         var released = false
+        var removedSessions: [String] = []
     }
     private let state = Mutex(State())
     private let counter = Atomic<Int>(0)
@@ -60,6 +61,13 @@ final class FakeDriver: HandsDriver {
     }
 
     func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws {}
+
+    /// Sessions whose data the runtime asked to remove (deleted sessions).
+    var removedSessions: [String] { state.withLock { $0.removedSessions } }
+
+    func removeSessionData(session: String) async throws {
+        state.withLock { $0.removedSessions.append(session) }
+    }
 
     func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
         let command = argv.last ?? ""
