@@ -274,6 +274,23 @@ extension AgentdClient {
             output: response.result.output, isError: response.result.isError, exitCode: response.result.exitCode, response: response, reply: reply)
     }
 
+    /// How long to wait for agentd's answer to an execute with `input` in `session`: as long
+    /// as the command may run — the input's `timeout_s`, else the session policy's command
+    /// timeout (`GET /v1/policies`), else 240 s — plus a minute for provisioning and
+    /// journaling. A fixed wait would give up on long commands that are still running, or wait
+    /// minutes for a short one whose answer was lost.
+    public func answerTimeout(forInput input: JSONValue, session: String) async -> Duration {
+        let margin: Duration = .seconds(60)
+        if case .number(let seconds)? = input["timeout_s"], seconds > 0, seconds <= 86400 { return .milliseconds(Int64(seconds * 1000)) + margin }
+        if let policy = try? await self.session(session).policy,
+            let seconds = try? await policies().policies.first(where: { $0.name == policy })?.commandTimeoutSeconds,
+            seconds > 0, seconds <= 86400
+        {
+            return .milliseconds(Int64(seconds * 1000)) + margin
+        }
+        return .seconds(240) + margin
+    }
+
     /// Creates a session (no sandbox yet).
     /// - Parameters:
     ///   - policy: the policy's name; agentd's `default` when nil.

@@ -245,9 +245,6 @@ struct Exec: AsyncParsableCommand {
     @Option(help: "Lease epoch from `wake` (default: $AGENTD_EPOCH); a stale one is refused.") var epoch: UInt64?
     @Option(help: "Idempotency key: a retried call with the same key returns the first result.") var idempotencyKey: String?
 
-    /// Beyond the command's own timeout: provisioning a sandbox and journaling.
-    static let margin: Duration = .seconds(60)
-
     func run() async throws {
         guard let value = try? JSONValue(data: Data(input.utf8)), case .object = value else {
             throw ValidationError(#"INPUT must be a JSON object, e.g. '{"command": "ls"}'"#)
@@ -256,7 +253,7 @@ struct Exec: AsyncParsableCommand {
         var failed = false
         try await fenced(id, epoch: epoch) {
             let client = options.client
-            let timeout = await Self.commandTimeout(value, session: id, client: client) + Self.margin
+            let timeout = await client.answerTimeout(forInput: value, session: id)
             let result = try await client.execute(
                 session: id, tool: tool, input: Data(input.utf8), task: task, epoch: epoch, idempotencyKey: idempotencyKey, timeout: timeout)
             failed = result.isError
@@ -266,18 +263,6 @@ struct Exec: AsyncParsableCommand {
         if failed { throw ExitCode.failure }
     }
 
-    /// How long the command may run: the input's `timeout_s`, else the session policy's
-    /// command timeout (`GET /v1/policies`), else 240 s (agentd's largest default).
-    static func commandTimeout(_ input: JSONValue, session: String, client: AgentdClient) async -> Duration {
-        if case .number(let seconds)? = input["timeout_s"], seconds > 0, seconds <= 86400 { return .milliseconds(Int64(seconds * 1000)) }
-        if let policy = try? await client.session(session).policy,
-            let seconds = try? await client.policies().policies.first(where: { $0.name == policy })?.commandTimeoutSeconds,
-            seconds > 0, seconds <= 86400
-        {
-            return .milliseconds(Int64(seconds * 1000))
-        }
-        return .seconds(240)
-    }
 }
 
 struct Wake: AsyncParsableCommand {

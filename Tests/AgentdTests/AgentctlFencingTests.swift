@@ -1,4 +1,7 @@
 import AgentdAPI
+import AgentdClient
+import CurlHTTP
+import JSONValues
 import Foundation
 import Logging
 import NIOConcurrencyHelpers
@@ -84,5 +87,27 @@ struct AgentctlFencingTests {
             #expect(bad.status != 0 && bad.stderr.contains("AGENTD_EPOCH"), "\(bad.stderr)")
             #expect(seen.withLockedValue { $0.count } == before)
         }
+    }
+
+    @Test("agentctl exec waits as long as the command may run: its timeout_s, else its policy's command timeout, plus a minute")
+    func answerTimeoutFollowsTheCommand() async throws {
+        let policies = PolicyList(
+            policies: [
+                .init(name: "long", sha256: "", file: "", driver: "container", commandTimeoutSeconds: 1800, brain: .init(retries: 0, backoffSeconds: 0))
+            ], generation: 1, errors: [])
+        try await Self.withStub({ request in
+            if request.path == "/v1/policies" { return Self.json(200, policies) }
+            return Self.json(200, SessionInfo(id: "s-1", policy: "long", lastSeq: 1, leaseEpoch: 0, liveTasks: []))
+        }) { socket, _ in
+            CurlTransport.globalInit()
+            let client = AgentdClient(socket: socket)
+            // The old fixed 300 s gave up on a 30-minute command that was still running.
+            #expect(await client.answerTimeout(forInput: .object(["command": .string("make")]), session: "s-1") == .seconds(1860))
+            #expect(await client.answerTimeout(forInput: .object(["command": .string("true"), "timeout_s": .number(5)]), session: "s-1") == .seconds(65))
+        }
+        // Without agentd's policies: agentd's largest default.
+        CurlTransport.globalInit()
+        let unreachable = AgentdClient(socket: "/nonexistent/agentd.sock")
+        #expect(await unreachable.answerTimeout(forInput: .object([:]), session: "s-1") == .seconds(300))
     }
 }
