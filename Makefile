@@ -21,16 +21,22 @@ env-down: ## stop exactly what `make env` started
 build: ## debug build of everything
 	$(SWIFT) build
 
+# Runs a build quietly: its output goes to a log, a one-line summary to stderr, and the log's
+# tail when it fails.
+QUIET_BUILD = quiet_build() { log=$$1; shift; mkdir -p .build; echo "building: $$* (log: $$log)" >&2; \
+	if "$$@" >"$$log" 2>&1; then echo "built: $$(grep -E '^(Build complete|Compiling|Building)' "$$log" | tail -n 1)" >&2; \
+	else tail -n 30 "$$log" >&2; echo "build failed; the whole log: $$log" >&2; return 1; fi; }; quiet_build
+
 test: ## run every test against the real engine and systemd manager
 	@scripts/env-up >/dev/null
-	$(WITH_ENV) $(SWIFT) build --build-tests
-	$(WITH_ENV) scripts/test
+	@$(QUIET_BUILD) .build/test-build.log $(SWIFT) build --build-tests
+	@$(WITH_ENV) scripts/test
 
 bench: ## print benchmark figures (`name value unit`), baselines first; AREAS="agentd journal" for some
 	@scripts/env-up >/dev/null
-	$(SWIFT) build -c release --product agentd
-	$(SWIFT) build -c release --product agentd-bench
-	$(WITH_ENV) .build/release/agentd-bench $(AREAS)
+	@$(QUIET_BUILD) .build/bench-build.log $(SWIFT) build -c release --product agentd
+	@$(QUIET_BUILD) .build/bench-build-tool.log $(SWIFT) build -c release --product agentd-bench
+	@$(WITH_ENV) .build/release/agentd-bench $(AREAS)
 
 soak: ## the journal crash test with 1000 kill -9 cycles
 	$(SWIFT) build --build-tests
