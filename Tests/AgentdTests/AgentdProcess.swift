@@ -52,7 +52,10 @@ final class AgentdProcess: @unchecked Sendable {
         child = try ChildProcess.spawn(
             [binary, "--state-dir", stateDir, "--socket", socket, "--policies", policies] + extraArguments,
             environment: ProcessInfo.processInfo.environment.merging(extraEnvironment) { $1 }, output: logPath)
-        for _ in 0..<200 {
+        // Start-up includes recovery and reconcile, which after a kill -9 removes every sandbox
+        // the dead agentd left: on a loaded 2-core machine that can take many seconds.
+        let deadline = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < deadline {
             if (try? await client.get("/v1/health", timeout: .seconds(1))) != nil { return }
             if let status = child?.exitStatusIfExited() {
                 child = nil
@@ -60,7 +63,7 @@ final class AgentdProcess: @unchecked Sendable {
             }
             try await Task.sleep(for: .milliseconds(50))
         }
-        throw Components.Missing(description: "agentd did not answer on \(socket); its log: \(log)")
+        throw Components.Missing(description: "agentd did not answer on \(socket) within 60 s; its log: \(log)")
     }
 
     /// SIGKILL, as a crash.

@@ -86,8 +86,14 @@ struct UnitLimitsTests {
             _ = await f.manager.execute(key, spec: SandboxSpec(), tool: "bash", input: Input.bash("true"))
             let first = try #require(await f.manager.sandbox(of: key))
             async let long = f.manager.execute(key, spec: SandboxSpec(), tool: "bash", input: Input.bash("sleep 60"))
-            try await Task.sleep(for: .milliseconds(800))
-            try await #require(f.systemd).stopUnit(first.id)
+            // Stop the sandbox once the command's unit runs in it (not after a fixed pause,
+            // which on a loaded machine may come before the command has started).
+            let systemd = try #require(f.systemd)
+            let running = try await eventually(.seconds(30)) {
+                !(try await systemd.listUnits(matching: ["agentd-\(f.instance)-*.service"], states: ["active"])).isEmpty
+            }
+            #expect(running, "the long command's unit should be running")
+            try await systemd.stopUnit(first.id)
             let result = await long
             #expect(result.isError)
             #expect(result.output.contains("fresh sandbox"), "\(result.output)")
