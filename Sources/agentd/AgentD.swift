@@ -73,9 +73,10 @@ struct AgentD: AsyncParsableCommand {
         }
         let logger = Logger(label: "agentd")
         let environment = ProcessInfo.processInfo.environment
-        Self.raiseDescriptorLimit(logger: logger)
+        ProcessLimits.raiseOpenFiles(logger: logger)
 
-        let retentionPeriod = try retention.map(Self.parseRetention)
+        let retentionPeriod: Duration?
+        do { retentionPeriod = try retention.map(RetentionService.parsePeriod) } catch { throw ValidationError("--retention: \(error)") }
         // State directory (private to agentd, whatever the umask) and this installation's
         // instance id (labels its sandboxes).
         try FileManager.default.createDirectory(atPath: stateDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
@@ -213,30 +214,6 @@ struct AgentD: AsyncParsableCommand {
         if let failure { throw failure }
     }
 
-    /// `30d`, `12h`, `90m`, `45s`: a whole number and a unit.
-    static func parseRetention(_ text: String) throws -> Duration {
-        let units: [Character: Int64] = ["s": 1, "m": 60, "h": 3600, "d": 86_400]
-        guard let unit = text.last, let factor = units[unit], let n = Int64(text.dropLast()), n > 0, n <= 36_500 * 86_400 / factor else {
-            throw ValidationError("--retention takes a positive whole number and a unit s, m, h or d (e.g. 30d), not '\(text)'")
-        }
-        return .seconds(n * factor)
-    }
-
-    /// Raises the soft limit on open files towards the hard one (at most 65536). Every
-    /// connection is a descriptor, and the usual soft limit of 1024 is below the server's
-    /// connection caps (`HTTPServer.Limits`: 256 on TCP, 1024 on the unix socket) plus what the
-    /// journal and the engine client hold; a listener at its cap must not starve the others.
-    static func raiseDescriptorLimit(logger: Logger) {
-        var limit = rlimit()
-        guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
-        let wanted = min(limit.rlim_max, 65536)
-        guard limit.rlim_cur < wanted else { return }
-        limit.rlim_cur = wanted
-        if setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) != 0 {
-            logger.warning("cannot raise the open-file limit", metadata: ["errno": "\(errno)", "soft": "\(limit.rlim_cur)"])
-        }
-    }
-
     /// The instance id kept in the state directory: sandboxes are labelled with it, so that a
     /// restarted agentd finds (and removes) what its predecessor left.
     static func instanceID(stateDir: String) throws -> String {
@@ -248,25 +225,6 @@ struct AgentD: AsyncParsableCommand {
         let id = String(UInt64.random(in: 0...UInt64.max), radix: 36)
         try id.write(toFile: path, atomically: true, encoding: .utf8)
         return id
-    }
-}
-
-/// Deletes sessions idle longer than `idle` (`--retention`): once at start, then every
-/// minute (or every tenth of `idle` when that is shorter), until shutdown.
-struct RetentionService: Service {
-    let runtime: Runtime
-    let idle: Duration
-    let logger: Logger
-
-    func run() async throws {
-        let every = min(Duration.seconds(60), idle / 10)
-        await cancelWhenGracefulShutdown {
-            while !Task.isCancelled {
-                let deleted = await runtime.deleteIdleSessions(idleLongerThan: idle)
-                if !deleted.isEmpty { logger.info("retention deleted idle sessions", metadata: ["count": "\(deleted.count)"]) }
-                try? await Task.sleep(for: every)
-            }
-        }
     }
 }
 
