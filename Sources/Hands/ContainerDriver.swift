@@ -122,7 +122,19 @@ public struct ContainerDriver: HandsDriver {
         "agentd-\(key.session)-\(key.task)-\(String(UInt32.random(in: 0...UInt32.max), radix: 36))"
     }
 
-    public func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
+    public func run(
+        _ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration, output: OutputSink?
+    ) async throws -> CommandOutput {
+        let result = try await runExec(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout)
+        // The engine's exec answers at the end: the sink sees everything at once.
+        if let output {
+            if !result.stdout.isEmpty { output(.stdout, result.stdout) }
+            if !result.stderr.isEmpty { output(.stderr, result.stderr) }
+        }
+        return result
+    }
+
+    private func runExec(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
         // The command is killed inside the sandbox at its timeout; the request's own timeout is
         // a backstop a few seconds later, after which the whole sandbox is discarded.
         let wrapped = Self.wrapped(argv, timeout: timeout)

@@ -84,6 +84,14 @@ public struct CommandOutput: Sendable, Equatable {
     }
 }
 
+/// Which of a command's streams a chunk of output came from.
+public enum OutputStream: String, Sendable, Codable { case stdout, stderr }
+
+/// Receives a command's output as it is produced, in order, before `run` returns. A driver
+/// that cannot stream calls it once per stream with everything at the end. What it is given
+/// is at most the command's output limit in total; the final `CommandOutput` still holds it all.
+public typealias OutputSink = @Sendable (OutputStream, [UInt8]) -> Void
+
 /// A driver provisions sandboxes and runs commands and file actions in them. It knows
 /// nothing of sessions beyond the labels it is given. Failures are `HandsError`s, whose kind
 /// tells the manager whether the sandbox can be used again.
@@ -95,8 +103,10 @@ public protocol HandsDriver: Sendable {
     func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle
     /// Gives a pooled sandbox its task's name (so that the engine's own listing shows it).
     func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws
-    /// Runs `argv` in the sandbox.
-    func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput
+    /// Runs `argv` in the sandbox; `output`, when given, sees the output as it is produced.
+    func run(
+        _ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration, output: OutputSink?
+    ) async throws -> CommandOutput
     func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws
     func readFile(_ path: String, in sandbox: SandboxHandle) async throws -> [UInt8]
     /// Removes the sandbox and whatever it alone used. Idempotent.
@@ -109,6 +119,13 @@ public protocol HandsDriver: Sendable {
     /// its sandboxes are gone: the session was deleted. Idempotent.
     /// - Throws: `HandsError.invalidRequest` while a sandbox still uses it.
     func removeSessionData(session: String) async throws
+}
+
+extension HandsDriver {
+    /// Runs `argv` in the sandbox without watching its output as it comes.
+    public func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
+        try await run(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout, output: nil)
+    }
 }
 
 /// Label keys on everything agentd makes.
@@ -154,8 +171,10 @@ public struct DriverRouter: HandsDriver {
     public func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws {
         try await driver(sandbox.spec.driver).assign(sandbox, to: key)
     }
-    public func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
-        try await driver(sandbox.spec.driver).run(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout)
+    public func run(
+        _ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration, output: OutputSink?
+    ) async throws -> CommandOutput {
+        try await driver(sandbox.spec.driver).run(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout, output: output)
     }
     public func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {
         try await driver(sandbox.spec.driver).writeFile(path, contents: contents, in: sandbox)

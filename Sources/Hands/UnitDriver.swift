@@ -147,8 +147,16 @@ public struct UnitDriver: HandsDriver {
 
     // MARK: - commands
 
-    public func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
-        try await runUnit(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout, outputLimit: sandbox.spec.outputLimitBytes + 4096).output
+    public func run(
+        _ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration, output: OutputSink?
+    ) async throws -> CommandOutput {
+        let result = try await runUnit(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout, outputLimit: sandbox.spec.outputLimitBytes + 4096).output
+        // Collected at the end: the sink sees everything at once.
+        if let output {
+            if !result.stdout.isEmpty { output(.stdout, result.stdout) }
+            if !result.stderr.isEmpty { output(.stderr, result.stderr) }
+        }
+        return result
     }
 
     public func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {

@@ -22,7 +22,9 @@ final class FakeHands: HandsDriver, @unchecked Sendable {
     func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws {}
     func removeSessionData(session: String) async throws {}
 
-    func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
+    func run(
+        _ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration, output: OutputSink?
+    ) async throws -> CommandOutput {
         CommandOutput(stdout: Array("ran \(argv.count) words\n".utf8), stderr: [], exitCode: argv.last?.contains("false") == true ? 1 : 0)
     }
 

@@ -69,7 +69,9 @@ final class FakeDriver: HandsDriver {
         state.withLock { $0.removedSessions.append(session) }
     }
 
-    func run(_ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> CommandOutput {
+    func run(
+        _ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration, output: OutputSink?
+    ) async throws -> CommandOutput {
         let command = argv.last ?? ""
         state.withLock { $0.runs[command, default: 0] += 1 }
         if command.hasPrefix("hold") {
