@@ -169,6 +169,7 @@ let package = Package(
             ],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
+        .testTarget(name: "TestServerTests", dependencies: ["TestSupport"], swiftSettings: strict),
         .testTarget(
             name: "RuntimeTests", dependencies: ["Runtime", "Hands", "SessionLog", "Policy", "Vault", "JSONValues", "TestSupport"],
             swiftSettings: strict),
