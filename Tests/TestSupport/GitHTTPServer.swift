@@ -145,6 +145,7 @@ public final class GitHTTPServer: @unchecked Sendable {
             error_log \(errorLogPath) info;
             events { worker_connections 256; }
             http {
+                map_hash_bucket_size 512;
                 map $http_authorization $agentd_token {
                     default "-";
                     "Bearer \(token)" "\(tokenID)";
@@ -189,9 +190,11 @@ public final class GitHTTPServer: @unchecked Sendable {
 
             """
         try config.write(toFile: directory + "/nginx.conf", atomically: true, encoding: .utf8)
+        // One fcgiwrap process (no -c): it serves one request at a time, plenty for a test, and
+        // ends on SIGTERM (with -c its preforked children outlive it).
         let env = ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"]
         try lock.withLock {
-            fcgiwrap = try ChildProcess.spawn([fcgiwrapPath, "-f", "-c", "2", "-s", "unix:\(socket)"], environment: env, output: directory + "/fcgiwrap.log")
+            fcgiwrap = try ChildProcess.spawn([fcgiwrapPath, "-f", "-s", "unix:\(socket)"], environment: env, output: directory + "/fcgiwrap.log")
             nginx = try ChildProcess.spawn(
                 [nginxPath, "-p", directory, "-e", errorLogPath, "-c", directory + "/nginx.conf"], environment: env, output: directory + "/nginx.out")
         }
@@ -225,10 +228,7 @@ public final class GitHTTPServer: @unchecked Sendable {
             defer { nginx = nil; fcgiwrap = nil }
             return [nginx, fcgiwrap].compactMap { $0 }
         }
-        for child in children where child.exitStatusIfExited() == nil {
-            child.signal(SIGTERM)
-            child.wait()
-        }
+        for child in children { child.terminate() }
         return !children.isEmpty
     }
 

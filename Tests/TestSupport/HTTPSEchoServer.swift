@@ -42,7 +42,7 @@ public final class HTTPSEchoServer: @unchecked Sendable {
             return port != nil || child.exitStatusIfExited() != nil
         }
         guard let port else {
-            if child.exitStatusIfExited() == nil { child.signal(SIGKILL); child.wait() }
+            child.terminate()
             let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
             try? FileManager.default.removeItem(atPath: directory)
             throw TestCommand.Failed(description: "the HTTPS echo server did not start; its log:\n\(text)")
@@ -63,10 +63,7 @@ public final class HTTPSEchoServer: @unchecked Sendable {
     /// Stops the server (SIGTERM, then waits) and removes its directory.
     public func stop() {
         guard let c = lock.withLock({ () -> ChildProcess? in defer { child = nil }; return child }) else { return }
-        if c.exitStatusIfExited() == nil {
-            c.signal(SIGTERM)
-            c.wait()
-        }
+        c.terminate()
         try? FileManager.default.removeItem(atPath: directory)
     }
 

@@ -98,11 +98,24 @@ public struct ChildProcess: Sendable {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_APPEND, 0o644)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        // The child starts with no signal blocked and default dispositions: the spawning thread
+        // may be one of the concurrency pool's, which block most signals, and a child that
+        // inherited that mask would never see the SIGTERM that stops it.
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var none = sigset_t()
+        sigemptyset(&none)
+        var all = sigset_t()
+        sigfillset(&all)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setsigdefault(&attributes, &all)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         let cArgs = argv.map { strdup($0) } + [nil]
         let cEnv = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer { (cArgs + cEnv).forEach { free($0) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, nil, cArgs, cEnv)
+        let rc = posix_spawn(&pid, argv[0], &actions, &attributes, cArgs, cEnv)
         guard rc == 0 else { throw Components.Missing(description: "cannot start \(argv[0]): \(String(cString: strerror(rc)))") }
         return ChildProcess(pid: pid)
     }
@@ -116,6 +129,21 @@ public struct ChildProcess: Sendable {
         var reaped: pid_t
         repeat { reaped = waitpid(pid, &status, WNOHANG) } while reaped < 0 && errno == EINTR
         return reaped == pid ? status : nil
+    }
+
+    /// Sends SIGTERM and waits for the child to exit; after `grace` it sends SIGKILL. Returns
+    /// the wait status.
+    @discardableResult
+    public func terminate(grace: Duration = .seconds(10)) -> Int32 {
+        if let status = exitStatusIfExited() { return status }
+        signal(SIGTERM)
+        let deadline = ContinuousClock.now + grace
+        while ContinuousClock.now < deadline {
+            if let status = exitStatusIfExited() { return status }
+            usleep(10_000)
+        }
+        signal(SIGKILL)
+        return wait()
     }
 
     /// Waits for the child to exit and returns its wait status.
