@@ -33,6 +33,8 @@ let package = Package(
         // Leaf modules.
         .target(name: "Blocking", swiftSettings: strict),
         .target(name: "JSONValues", swiftSettings: strict),
+        // The sandbox agent's wire protocol, shared by the agent and agentd (no Foundation).
+        .target(name: "SandboxAgentProtocol", exclude: ["README.md"], swiftSettings: strict),
         // Every request and response body of the API, shared by the server and its clients.
         .target(name: "AgentdAPI", dependencies: ["JSONValues"], swiftSettings: strict),
         .target(name: "CurlHTTP", dependencies: ["CCurl", "Blocking"], swiftSettings: strict),
@@ -168,6 +170,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
+        .testTarget(name: "SandboxAgentTests", dependencies: ["SandboxAgentProtocol"], swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(
             name: "RuntimeTests", dependencies: ["Runtime", "Hands", "SessionLog", "Policy", "Vault", "JSONValues", "TestSupport"],
