@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "agentd", targets: ["agentd"]),
         .executable(name: "agentctl", targets: ["agentctl"]),
         .executable(name: "agentd-bench", targets: ["agentd-bench"]),
+        .executable(name: "agentd-sandbox-agent", targets: ["agentd-sandbox-agent"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -35,6 +36,9 @@ let package = Package(
         .target(name: "JSONValues", swiftSettings: strict),
         // The sandbox agent's wire protocol, shared by the agent and agentd (no Foundation).
         .target(name: "SandboxAgentProtocol", exclude: ["README.md"], swiftSettings: strict),
+        // The sandbox agent's logic (Foundation-free, so the agent links statically).
+        .target(name: "CSandboxAgent"),
+        .target(name: "SandboxAgent", dependencies: ["SandboxAgentProtocol", "CSandboxAgent"], swiftSettings: strict),
         // Every request and response body of the API, shared by the server and its clients.
         .target(name: "AgentdAPI", dependencies: ["JSONValues"], swiftSettings: strict),
         .target(name: "CurlHTTP", dependencies: ["CCurl", "Blocking"], swiftSettings: strict),
@@ -132,6 +136,10 @@ let package = Package(
             dependencies: ["AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands"],
             swiftSettings: strict),
         // A tiny Type=notify / socket-activated service for the SystemdBus service tests.
+        // The sandbox agent: a static executable, PID 1 in every sandbox.
+        .executableTarget(
+            name: "agentd-sandbox-agent", dependencies: ["SandboxAgent"], swiftSettings: strict,
+            linkerSettings: [.unsafeFlags(["-static-executable"])]),
         .executableTarget(name: "notify-probe", dependencies: ["SystemdBus"], swiftSettings: strict),
         .executableTarget(
             name: "journal-torture",
