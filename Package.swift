@@ -38,6 +38,15 @@ let package = Package(
         .target(name: "SandboxAgentProtocol", exclude: ["README.md"], swiftSettings: strict),
         // The sandbox agent's logic (Foundation-free, so the agent links statically).
         .target(name: "CSandboxAgent"),
+        // agentd's client of the sandbox agent: bounded frames, deadlines, on a shared NIO event loop group.
+        .target(
+            name: "SandboxAgentClient",
+            dependencies: [
+                "SandboxAgentProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .target(name: "SandboxAgent", dependencies: ["SandboxAgentProtocol", "CSandboxAgent"], swiftSettings: strict),
         // Every request and response body of the API, shared by the server and its clients.
         .target(name: "AgentdAPI", dependencies: ["JSONValues"], swiftSettings: strict),
