@@ -187,7 +187,13 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
-        .testTarget(name: "SandboxAgentTests", dependencies: ["SandboxAgentProtocol"], swiftSettings: strict),
+        // The protocol, the agent binary (run as a host process on a temp socket) and the client,
+        // including a hostile fake agent. The agent is not a dependency: an executable's
+        // -static-executable flag would reach the test bundle's link; `swift build --build-tests`
+        // builds it with every other product.
+        .testTarget(
+            name: "SandboxAgentTests", dependencies: ["SandboxAgentProtocol", "SandboxAgentClient", "TestSupport"],
+            swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(
             name: "RuntimeTests", dependencies: ["Runtime", "Hands", "SessionLog", "Policy", "Vault", "JSONValues", "TestSupport"],

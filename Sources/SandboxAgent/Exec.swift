@@ -284,6 +284,7 @@ private struct ExecLoop {
                     }
                 } else if p.fd == stdin {
                     writeStdin()
+                    if stdinPendingOffset >= stdinPending.count, let outcome = handleBuffered() { return outcome }
                 }
             }
         }
@@ -336,6 +337,12 @@ private struct ExecLoop {
     /// Handles what the host sent: stdin frames, or a hang-up.
     mutating func readHost() -> Outcome? {
         guard connection.receiveAvailable() else { return .hostGone }
+        return handleBuffered()
+    }
+
+    /// Handles the host's frames already read, while no stdin waits to be written (frames stay
+    /// buffered, and the socket unread, until the command takes its stdin).
+    mutating func handleBuffered() -> Outcome? {
         while stdinPendingOffset >= stdinPending.count {
             let message: AgentMessage?
             do {

@@ -26,6 +26,11 @@ final class AgentFrameHandler: ChannelInboundHandler {
     }
 }
 
+/// An error of the caller's own (its chunk sequence or callback threw), passed through unchanged.
+struct PassThrough: Error {
+    let error: any Error
+}
+
 /// Failures raised inside the pipeline, mapped to `SandboxAgentError` by the caller.
 enum ConnectionFailure: Error {
     case violation(String)
@@ -83,6 +88,7 @@ extension SandboxAgentClient {
             }
         } catch {
             if error is CancellationError { throw error }
+            if let own = error as? PassThrough { throw own.error }
             throw fail(error, timeout: timeout)
         }
     }

@@ -124,7 +124,11 @@ public struct SandboxAgentClient: Sendable {
                     guard total <= limit else {
                         throw ConnectionFailure.violation("sent more than the limit of \(limit) bytes for \(path)")
                     }
-                    try await chunk(bytes)
+                    do {
+                        try await chunk(bytes)
+                    } catch {
+                        throw PassThrough(error: error)
+                    }
                 case .fileEnd:
                     return
                 case let other:
@@ -174,7 +178,7 @@ public struct SandboxAgentClient: Sendable {
                 case let other: throw ConnectionFailure.violation("unexpected \(other.type) frame while writing \(path)")
                 }
             } catch {
-                if let source = sourceError.get() { throw source }
+                if let source = sourceError.get() { throw PassThrough(error: source) }
                 throw error
             }
         }
