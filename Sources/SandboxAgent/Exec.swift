@@ -323,7 +323,7 @@ private struct ExecLoop {
     /// Sends what the socket takes now; false when the host is gone.
     mutating func flushSome() -> Bool {
         let n = pending[pendingOffset...].withUnsafeBytes { raw in
-            send(connection.fd, raw.baseAddress!, raw.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+            send(connection.fd, raw.baseAddress!, raw.count, csa_msg_nosignal() | Int32(MSG_DONTWAIT))
         }
         if n < 0 { return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR }
         pendingOffset += n

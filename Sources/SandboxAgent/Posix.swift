@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CSandboxAgent
 
 /// Small POSIX helpers shared by the agent's parts.
 enum Posix {
@@ -51,7 +52,7 @@ enum Posix {
         bytes.withUnsafeBytes { raw in
             var offset = 0
             while offset < raw.count {
-                let n = send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
+                let n = send(fd, raw.baseAddress! + offset, raw.count - offset, csa_msg_nosignal())
                 if n < 0 {
                     if errno == EINTR { continue }
                     return false
