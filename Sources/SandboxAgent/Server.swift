@@ -21,6 +21,9 @@ final class Server: Sendable {
 
     init(umask: mode_t) { self.umask = umask }
 
+    /// Connections being served.
+    var activeConnections: Int { active.load(ordering: .relaxed) }
+
     /// Creates the socket at `path` with mode 0600, replacing a stale socket.
     static func listen(at path: String) throws(AgentStartError) -> Int32 {
         var st = stat()

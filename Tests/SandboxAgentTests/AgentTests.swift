@@ -268,6 +268,55 @@ import TestSupport
         }
     }
 
+    @Test func sigtermIsForwardedToCommandsBeforeTheAgentExits() async throws {
+        let agent = try await RunningAgent()
+        defer { Task { await agent.stop() } }
+        let (lines, continuation) = AsyncStream<String>.makeStream()
+        let run = Task {
+            try await agent.client.exec(shell("trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.05; done")) {
+                _, bytes in continuation.yield(String(decoding: bytes, as: UTF8.self))
+            }
+        }
+        var iterator = lines.makeAsyncIterator()
+        #expect(await iterator.next() == "ready\n")
+        agent.process.signal(SIGTERM)
+        let r = try await run.value
+        #expect(String(decoding: r.stdout, as: UTF8.self) == "ready\ngot TERM\n")
+        #expect(r.exitCode == 3)
+        var status: Int32?
+        #expect(await eventually { status = agent.process.exitStatusIfExited(); return status != nil })
+        #expect(status == 0)
+        #expect(!FileManager.default.fileExists(atPath: agent.socket))
+    }
+
+    @Test func theBridgeSplicesALoopbackPortToAUnixSocket() async throws {
+        // An upstream unix server that answers each connection with a fixed greeting.
+        let upstream = try FakeAgent(script: Array("upstream says hi".utf8), hold: false)
+        defer { upstream.stop() }
+        let port = Int.random(in: 20_000..<60_000)
+        let agent = try await RunningAgent(arguments: ["--bridge", "127.0.0.1:\(port)=\(upstream.socket)"])
+        defer { Task { await agent.stop() } }
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = UInt16(port).bigEndian
+        address.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        let rc = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        #expect(rc == 0)
+        _ = write(fd, "hello", 5)
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 1024)
+        while true {
+            let n = read(fd, &buffer, buffer.count)
+            if n <= 0 { break }
+            received += buffer[0..<n]
+        }
+        #expect(String(decoding: received, as: UTF8.self) == "upstream says hi")
+    }
+
     @Test func helpExplainsTheOptions() throws {
         let dir = try RunningAgent.temporaryDirectory("agentd-agent-help")
         let child = try ChildProcess.spawn([try RunningAgent.binary, "--help"], environment: [:], output: dir + "/out")
