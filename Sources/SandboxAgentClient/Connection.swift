@@ -53,10 +53,11 @@ extension SandboxAgentClient {
         }
     }
 
-    /// Connects, exchanges hellos, and runs `body` with the connection; the whole exchange is
-    /// bounded by `timeout` (connecting by `connectTimeout` too).
+    /// Connects, sends the hello and `request` together, and runs `body` with the connection
+    /// (which reads the agent's hello first); the whole exchange is bounded by `timeout`
+    /// (connecting by `connectTimeout` too).
     func withConnection<Result: Sendable>(
-        timeout: Duration, _ body: (inout NIOAsyncChannelInboundStream<AgentMessage>.AsyncIterator, NIOAsyncChannelOutboundWriter<ByteBuffer>, Channel) async throws -> Result
+        timeout: Duration, request: AgentMessage, _ body: (inout NIOAsyncChannelInboundStream<AgentMessage>.AsyncIterator, NIOAsyncChannelOutboundWriter<ByteBuffer>, Channel) async throws -> Result
     ) async throws -> Result {
         let channel: NIOAsyncChannel<AgentMessage, ByteBuffer>
         do {
@@ -82,7 +83,14 @@ extension SandboxAgentClient {
         do {
             return try await channel.executeThenClose { inbound, outbound in
                 var iterator = inbound.makeAsyncIterator()
-                try await outbound.write(Self.buffer(.hello(AgentHello(software: "agentd"))))
+                do {
+                    try await outbound.write(ByteBuffer(bytes: AgentMessage.hello(AgentHello(software: "agentd")).frame() + request.frame()))
+                } catch {
+                    // The channel failed before the request was out: the reason (a violation, the
+                    // deadline) is in the inbound stream.
+                    while try await iterator.next() != nil {}
+                    throw error
+                }
                 let result = try await body(&iterator, outbound, raw)
                 return result
             }

@@ -21,8 +21,7 @@ public struct SandboxAgentClient: Sendable {
     }
 
     public func health(timeout: Duration = .seconds(5)) async throws -> AgentHealth {
-        try await withConnection(timeout: timeout) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.healthRequest))
+        try await withConnection(timeout: timeout, request: .healthRequest) { inbound, _, _ in
             try await Self.expectHello(&inbound)
             switch try await Self.next(&inbound, expecting: "the health answer") {
             case .health(let health): return health
@@ -32,8 +31,7 @@ public struct SandboxAgentClient: Sendable {
     }
 
     public func limits(timeout: Duration = .seconds(5)) async throws -> AgentLimits {
-        try await withConnection(timeout: timeout) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.limitsRequest))
+        try await withConnection(timeout: timeout, request: .limitsRequest) { inbound, _, _ in
             try await Self.expectHello(&inbound)
             switch try await Self.next(&inbound, expecting: "the limits answer") {
             case .limits(let limits): return limits
@@ -53,8 +51,8 @@ public struct SandboxAgentClient: Sendable {
             timeoutMilliseconds: UInt64((Self.nanoseconds(request.timeout) + 999_999) / 1_000_000),
             outputLimit: UInt64(max(request.outputLimit, 0)))
         let limit = max(request.outputLimit, 0)
-        return try await withConnection(timeout: request.timeout + Self.execGrace) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.execRequest(message)))
+        return try await withConnection(timeout: request.timeout + Self.execGrace, request: .execRequest(message)) {
+            inbound, outbound, _ in
             // stdin is written beside the reading: a command that writes before it reads must not
             // wait on a host that writes before it reads.
             let writer = stdin.isEmpty ? nil : Task {
@@ -107,8 +105,8 @@ public struct SandboxAgentClient: Sendable {
     public func readFile(
         _ path: String, limit: Int, timeout: Duration, chunk: @Sendable ([UInt8]) async throws -> Void
     ) async throws {
-        try await withConnection(timeout: timeout) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.readFileRequest(path: path, limit: UInt64(max(limit, 0)))))
+        try await withConnection(timeout: timeout, request: .readFileRequest(path: path, limit: UInt64(max(limit, 0)))) {
+            inbound, _, _ in
             try await Self.expectHello(&inbound)
             guard case .fileInfo(let info) = try await Self.next(&inbound, expecting: "the file") else {
                 throw ConnectionFailure.violation("expected fileInfo first when reading \(path)")
@@ -149,8 +147,7 @@ public struct SandboxAgentClient: Sendable {
         _ path: String, chunks: S, mode: UInt32?, timeout: Duration
     ) async throws where S.Element == [UInt8] {
         let sourceError = Locked<(any Error)?>(nil)
-        try await withConnection(timeout: timeout) { inbound, outbound, channel in
-            try await outbound.write(Self.buffer(.writeFileRequest(path: path, mode: mode)))
+        try await withConnection(timeout: timeout, request: .writeFileRequest(path: path, mode: mode)) { inbound, outbound, channel in
             let writer = Task {
                 do {
                     for try await piece in chunks {
@@ -187,8 +184,7 @@ public struct SandboxAgentClient: Sendable {
     /// Lists a directory (not recursively), sorted by name; more than `maximumEntries` entries
     /// is an error rather than an unbounded answer.
     public func list(_ path: String, timeout: Duration, maximumEntries: Int = 100_000) async throws -> [AgentFileEntry] {
-        try await withConnection(timeout: timeout) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.listRequest(path: path)))
+        try await withConnection(timeout: timeout, request: .listRequest(path: path)) { inbound, _, _ in
             try await Self.expectHello(&inbound)
             var entries: [AgentFileEntry] = []
             while true {

@@ -82,6 +82,20 @@ import TestSupport
         }
     }
 
+    @Test func aBackgroundProcessHoldingThePipesDoesNotHoldTheResult() async throws {
+        try await RunningAgent.with { agent in
+            // The background sleep keeps stdout and stderr open for 30 s; the result comes once
+            // the shell exits (after a brief drain), and the background process keeps running.
+            let r = try await agent.client.exec(shell("sleep 30 & echo $!; echo done"), output: nil)
+            let lines = String(decoding: r.stdout, as: UTF8.self).split(separator: "\n")
+            #expect(lines.last == "done")
+            #expect(r.exitCode == 0)
+            let background = try #require(lines.first.flatMap { pid_t($0) })
+            #expect(processRuns(background), "the result waited for the background process")
+            kill(background, SIGKILL)
+        }
+    }
+
     @Test func outputOverTheLimitIsCutAndCounted() async throws {
         try await RunningAgent.with { agent in
             let delivered = Mutex(0)

@@ -85,13 +85,11 @@ final class Locked: @unchecked Sendable {
         try await RunningAgent.with { agent in
             let path = agent.directory + "/large.bin"
             let chunk = randomBytes(1 << 20, seed: 7)
-            let chunks = AsyncStream<[UInt8]> { continuation in
-                for i in 0..<(size >> 20) {
-                    var c = chunk
-                    c[0] = UInt8(truncatingIfNeeded: i)
-                    continuation.yield(c)
-                }
-                continuation.finish()
+            // Generated one at a time as the client asks: the test itself never holds the file.
+            let chunks = GeneratedChunks(count: size >> 20) { i in
+                var c = chunk
+                c[0] = UInt8(truncatingIfNeeded: i)
+                return c
             }
             let before = currentMemory()
             resetPeakMemory()
@@ -135,4 +133,20 @@ final class Locked: @unchecked Sendable {
         #expect(currentMemory() - before < 32 << 20, "RSS grew by \(currentMemory() - before) bytes")
     }
 
+}
+
+/// `count` chunks made on demand by `make`.
+struct GeneratedChunks: AsyncSequence, Sendable {
+    let count: Int
+    let make: @Sendable (Int) -> [UInt8]
+    struct AsyncIterator: AsyncIteratorProtocol {
+        let sequence: GeneratedChunks
+        var index = 0
+        mutating func next() async -> [UInt8]? {
+            guard index < sequence.count else { return nil }
+            defer { index += 1 }
+            return sequence.make(index)
+        }
+    }
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(sequence: self) }
 }
