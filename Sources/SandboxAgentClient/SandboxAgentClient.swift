@@ -21,22 +21,24 @@ public struct SandboxAgentClient: Sendable {
     }
 
     public func health(timeout: Duration = .seconds(5)) async throws -> AgentHealth {
-        try await withConnection(timeout: timeout, request: .healthRequest) { inbound, _, _ in
-            try await Self.expectHello(&inbound)
-            switch try await Self.next(&inbound, expecting: "the health answer") {
-            case .health(let health): return health
-            case let other: throw ConnectionFailure.violation("expected health, got \(other.type)")
-            }
-        }
+        try await single(.healthRequest, timeout: timeout) { if case .health(let h) = $0 { h } else { nil } }
     }
 
     public func limits(timeout: Duration = .seconds(5)) async throws -> AgentLimits {
-        try await withConnection(timeout: timeout, request: .limitsRequest) { inbound, _, _ in
+        try await single(.limitsRequest, timeout: timeout) { if case .limits(let l) = $0 { l } else { nil } }
+    }
+
+    /// A request answered by one message, which `answer` extracts (nil: the wrong message).
+    private func single<T: Sendable>(
+        _ request: AgentMessage, timeout: Duration, _ answer: @Sendable (AgentMessage) -> T?
+    ) async throws -> T {
+        try await withConnection(timeout: timeout, request: request) { inbound, _, _ in
             try await Self.expectHello(&inbound)
-            switch try await Self.next(&inbound, expecting: "the limits answer") {
-            case .limits(let limits): return limits
-            case let other: throw ConnectionFailure.violation("expected limits, got \(other.type)")
+            let message = try await Self.next(&inbound, expecting: "the answer to \(request.type)")
+            guard let value = answer(message) else {
+                throw ConnectionFailure.violation("unexpected \(message.type) frame in answer to \(request.type)")
             }
+            return value
         }
     }
 
