@@ -40,7 +40,7 @@ import TestSupport
     }
 
     @Test func anUnexpectedAnswerIsAProtocolViolation() async throws {
-        try await expectFailure(FakeAgent.hello + AgentMessage.listEnd.frame(), kind: .protocolViolation, containing: "expected health")
+        try await expectFailure(FakeAgent.hello + AgentMessage.listEnd.frame(), kind: .protocolViolation, containing: "unexpected listEnd frame in answer to healthRequest")
     }
 
     @Test func anAgentThatNeverAnswersTimesOut() async throws {
