@@ -22,7 +22,8 @@ import TestSupport
             #expect(error.kind == kind, "\(error)", sourceLocation: sourceLocation)
             #expect(error.message.contains(text), "\(error)", sourceLocation: sourceLocation)
         }
-        #expect(ContinuousClock.now - started < timeout + .seconds(2), sourceLocation: sourceLocation)
+        // Ends by the deadline (with room for a loaded machine), not when the agent pleases.
+        #expect(ContinuousClock.now - started < timeout + .seconds(10), sourceLocation: sourceLocation)
     }
 
     @Test func anOversizedFrameIsRefusedFromItsHeader() async throws {
