@@ -90,21 +90,28 @@ public struct AgentdClient: Sendable {
     }
 
     private func send(_ request: HTTPRequest, path: String) async throws -> Reply {
+        let response = try await exchange(request)
+        guard (200..<300).contains(response.status) else { throw Self.refusal(response.status, response.body) }
+        return Reply(status: response.status, body: response.body)
+    }
+
+    /// Sends `request` with the bearer token (when there is one), whatever the answer's status.
+    /// - Throws: `AgentdClientError` when no HTTP answer came.
+    private func exchange(_ request: HTTPRequest) async throws -> HTTPResponse {
         var request = request
         if let token { request.headers.append(("Authorization", "Bearer \(token)")) }
-        let response: HTTPResponse
         do {
-            response = try await transport.send(request)
+            return try await transport.send(request)
         } catch let error as HTTPClientError {
             throw AgentdClientError.transport(error, endpoint: endpoint)
         }
-        guard (200..<300).contains(response.status) else {
-            let error = try? APIBody.decodeResponse(ErrorResponse.self, from: response.body)
-            throw AgentdClientError(
-                status: response.status, code: error?.error.code ?? "http",
-                message: error?.error.message ?? String(decoding: response.body.prefix(500), as: UTF8.self))
-        }
-        return Reply(status: response.status, body: response.body)
+    }
+
+    /// agentd's refusal `body` (an `ErrorResponse`) as an error, with its own code and message.
+    static func refusal(_ status: Int, _ body: [UInt8]) -> AgentdClientError {
+        let error = try? APIBody.decodeResponse(ErrorResponse.self, from: body)
+        return AgentdClientError(
+            status: status, code: error?.error.code ?? "http", message: error?.error.message ?? String(decoding: body.prefix(500), as: UTF8.self))
     }
 
     /// The body of `GET path` as text (`/metrics`).
@@ -306,7 +313,6 @@ extension AgentdClient {
         let path = Self.sessionPath(session) + "/execute?stream=true"
         var request = HTTPRequest(method: "POST", target: path, body: .bytes(APIBody.encode(body), contentType: "application/json"), timeout: timeout)
         request.headers.append(("Accept", "text/event-stream"))
-        if let token { request.headers.append(("Authorization", "Bearer \(token)")) }
         let end = Mutex<(result: [UInt8]?, error: ErrorResponse?)>((nil, nil))
         // A refusal is a plain JSON body, not events: its first bytes are kept to read it.
         let raw = Mutex<[UInt8]>([])
@@ -332,19 +338,8 @@ extension AgentdClient {
             raw.withLock { kept in if kept.count < 64 << 10 { kept += bytes.prefix((64 << 10) - kept.count) } }
             parser.feed(bytes)
         }
-        let response: HTTPResponse
-        do {
-            response = try await transport.send(request)
-        } catch let error as HTTPClientError {
-            throw AgentdClientError.transport(error, endpoint: endpoint)
-        }
-        guard (200..<300).contains(response.status) else {
-            let kept = raw.withLock { $0 }
-            let error = try? APIBody.decodeResponse(ErrorResponse.self, from: kept)
-            throw AgentdClientError(
-                status: response.status, code: error?.error.code ?? "http",
-                message: error?.error.message ?? String(decoding: kept.prefix(500), as: UTF8.self))
-        }
+        let response = try await exchange(request)
+        guard (200..<300).contains(response.status) else { throw Self.refusal(response.status, raw.withLock { $0 }) }
         let (resultBytes, failure) = end.withLock { ($0.result, $0.error) }
         if let failure {
             throw AgentdClientError(status: response.status, code: failure.error.code, message: failure.error.message)
