@@ -198,6 +198,15 @@ let package = Package(
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "TestServerTests", dependencies: ["TestSupport"], swiftSettings: strict),
+        // Streaming execute through the real server and client, over a driver that streams.
+        .testTarget(
+            name: "StreamingTests",
+            dependencies: [
+                "AgentdAPI", "AgentdClient", "Service", "Runtime", "Hands", "Policy", "SessionLog",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
         .testTarget(
             name: "RuntimeTests", dependencies: ["Runtime", "Hands", "SessionLog", "Policy", "Vault", "JSONValues", "TestSupport"],
             swiftSettings: strict),

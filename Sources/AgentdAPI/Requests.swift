@@ -158,11 +158,15 @@ public enum APIParameters {
 
     /// `follow=` of `GET …/events`: true, false, 1 or 0 (false when absent).
     /// - Throws: `APIRequestError` for any other value.
-    public static func follow(_ text: String?) throws -> Bool {
+    public static func follow(_ text: String?) throws -> Bool { try flag(text, name: "follow") }
+
+    /// A yes/no query parameter (`follow=`, `stream=`): true, false, 1 or 0 (false when absent).
+    /// - Throws: `APIRequestError` for any other value.
+    public static func flag(_ text: String?, name: String) throws -> Bool {
         switch text {
         case nil, "false", "0": return false
         case "true", "1": return true
-        case let other?: throw APIRequestError("query parameter follow='\(APIBody.short(other))' must be true, false, 1 or 0")
+        case let other?: throw APIRequestError("query parameter \(name)='\(APIBody.short(other))' must be true, false, 1 or 0")
         }
     }
 

@@ -152,6 +152,64 @@ public struct ExecuteResponse: Codable, Sendable, Equatable {
     }
 }
 
+/// The server-sent events of `POST /v1/sessions/{id}/execute?stream=true`, in order: any
+/// number of `output` (and `dropped`) events while the command runs, then exactly one
+/// `result` (an `ExecuteResponse`, the body the call answers without `stream`) or `error` (an
+/// `ErrorResponse`, the body of the same failure without `stream`). A refusal before anything
+/// runs (unknown session, stale epoch, bad input) is a plain HTTP error, not a stream.
+public enum ExecuteStreamEvent {
+    /// `ExecuteOutputEvent`: a piece of the command's output.
+    public static let output = "output"
+    /// `ExecuteDroppedEvent`: output the client did not read in time was left out here.
+    public static let dropped = "dropped"
+    /// `ExecuteResponse`: the result, as journaled; the last event.
+    public static let result = "result"
+    /// `ErrorResponse`: the call failed after it was accepted; the last event.
+    public static let error = "error"
+}
+
+/// `event: output` of a streaming execute: a piece of a command's stdout or stderr as it is
+/// produced, redacted like the result, no more in all than the policy's output limit. The
+/// bytes are in `data` as text when they are UTF-8 (a character split between two pieces is
+/// kept whole in the later one), else in `base64`; exactly one of the two is present.
+public struct ExecuteOutputEvent: Codable, Sendable, Equatable {
+    /// `stdout` or `stderr`.
+    public var stream: String
+    /// The bytes as UTF-8 text.
+    public var data: String?
+    /// The bytes in base64, when they are not UTF-8 text.
+    public var base64: String?
+
+    /// The event for `bytes`: as text when they are UTF-8, else in base64.
+    public init(stream: String, bytes: [UInt8]) {
+        self.stream = stream
+        if let text = String(validating: bytes, as: UTF8.self) {
+            data = text
+        } else {
+            base64 = Data(bytes).base64EncodedString()
+        }
+    }
+
+    /// The bytes, whichever way they were carried.
+    public var bytes: [UInt8] {
+        if let data { return Array(data.utf8) }
+        return base64.flatMap { Data(base64Encoded: $0) }.map { Array($0) } ?? []
+    }
+}
+
+/// `event: dropped` of a streaming execute: the client read more slowly than the command wrote,
+/// agentd's buffer for the stream was full, and `bytes` of output were left out at this point
+/// (the result still has them, up to the output limit).
+public struct ExecuteDroppedEvent: Codable, Sendable, Equatable {
+    public var bytes: Int
+    public var message: String
+
+    public init(bytes: Int, message: String) {
+        self.bytes = bytes
+        self.message = message
+    }
+}
+
 /// `POST /v1/sessions/{id}/wake`: the new lease.
 public struct WakeResponse: Codable, Sendable, Equatable {
     public var session: String

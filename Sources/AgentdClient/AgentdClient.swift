@@ -90,21 +90,28 @@ public struct AgentdClient: Sendable {
     }
 
     private func send(_ request: HTTPRequest, path: String) async throws -> Reply {
+        let response = try await exchange(request)
+        guard (200..<300).contains(response.status) else { throw Self.refusal(response.status, response.body) }
+        return Reply(status: response.status, body: response.body)
+    }
+
+    /// Sends `request` with the bearer token (when there is one), whatever the answer's status.
+    /// - Throws: `AgentdClientError` when no HTTP answer came.
+    private func exchange(_ request: HTTPRequest) async throws -> HTTPResponse {
         var request = request
         if let token { request.headers.append(("Authorization", "Bearer \(token)")) }
-        let response: HTTPResponse
         do {
-            response = try await transport.send(request)
+            return try await transport.send(request)
         } catch let error as HTTPClientError {
             throw AgentdClientError.transport(error, endpoint: endpoint)
         }
-        guard (200..<300).contains(response.status) else {
-            let error = try? APIBody.decodeResponse(ErrorResponse.self, from: response.body)
-            throw AgentdClientError(
-                status: response.status, code: error?.error.code ?? "http",
-                message: error?.error.message ?? String(decoding: response.body.prefix(500), as: UTF8.self))
-        }
-        return Reply(status: response.status, body: response.body)
+    }
+
+    /// agentd's refusal `body` (an `ErrorResponse`) as an error, with its own code and message.
+    static func refusal(_ status: Int, _ body: [UInt8]) -> AgentdClientError {
+        let error = try? APIBody.decodeResponse(ErrorResponse.self, from: body)
+        return AgentdClientError(
+            status: status, code: error?.error.code ?? "http", message: error?.error.message ?? String(decoding: body.prefix(500), as: UTF8.self))
     }
 
     /// The body of `GET path` as text (`/metrics`).
@@ -180,11 +187,16 @@ final class SSEParser: @unchecked Sendable {
 
     init(onEvent: @escaping @Sendable (String, String) -> Void) { self.onEvent = onEvent }
 
+    /// How far `buffer` was searched for a block's end (so that a large block arriving in
+    /// many pieces is not searched from its start for each).
+    private var searched = 0
+
     func feed(_ bytes: [UInt8]) {
         buffer += bytes
-        while let end = buffer.firstRange(of: [10, 10]) {
-            let block = String(decoding: buffer[..<end.lowerBound], as: UTF8.self)
-            buffer.removeSubrange(..<end.upperBound)
+        while let end = blockEnd() {
+            let block = String(decoding: buffer[..<end], as: UTF8.self)
+            buffer.removeSubrange(..<(end + 2))
+            searched = 0
             var type = "message"
             var data: [String] = []
             for line in block.split(separator: "\n", omittingEmptySubsequences: false) {
@@ -193,6 +205,21 @@ final class SSEParser: @unchecked Sendable {
             }
             if !data.isEmpty { onEvent(type, data.joined(separator: "\n")) }
         }
+    }
+
+    /// Where the first blank line (`\n\n`) of `buffer` begins, searching only what was not
+    /// searched before.
+    private func blockEnd() -> Int? {
+        let found = buffer.withUnsafeBufferPointer { b -> Int? in
+            var i = max(0, searched - 1)
+            while i + 1 < b.count {
+                if b[i] == 10 && b[i + 1] == 10 { return i }
+                i += 1
+            }
+            return nil
+        }
+        if found == nil { searched = buffer.count }
+        return found
     }
 }
 
@@ -253,6 +280,82 @@ extension AgentdClient {
         session: String, tool: String, input: Data, task: String = "main", epoch: UInt64? = nil, idempotencyKey: String? = nil,
         timeout: Duration = .seconds(300)
     ) async throws -> ExecuteResult {
+        let body = try executeRequest(tool: tool, input: input, task: task, epoch: epoch, idempotencyKey: idempotencyKey)
+        let path = Self.sessionPath(session) + "/execute"
+        let request = HTTPRequest(method: "POST", target: path, body: .bytes(APIBody.encode(body), contentType: "application/json"), timeout: timeout)
+        let reply = try await send(request, path: path)
+        let response = try decode(ExecuteResponse.self, reply, path: path)
+        return ExecuteResult(
+            output: response.result.output, isError: response.result.isError, exitCode: response.result.exitCode, response: response, reply: reply)
+    }
+
+    /// What a streaming execute reports while its command runs.
+    public enum ExecuteUpdate: Sendable, Equatable {
+        /// A piece of the command's output (`stdout` or `stderr`), as it was produced.
+        case output(stream: String, bytes: [UInt8])
+        /// agentd left out `bytes` of output here because this client read too slowly (the
+        /// result still has them).
+        case dropped(bytes: Int, message: String)
+    }
+
+    /// `execute` with the command's output streamed (`POST …/execute?stream=true`):
+    /// `onUpdate` sees each piece of output as agentd receives it, on the transport's thread
+    /// (keep it quick), before the call returns the result — the same result as `execute`'s.
+    /// A replay of a completed idempotency key streams nothing but the result.
+    /// - Throws: `AgentdClientError` as `execute`: a refusal before the call ran is agentd's
+    ///   plain error; a failure after it was accepted (`event: error`) carries the same code
+    ///   and message.
+    public func executeStreaming(
+        session: String, tool: String, input: Data, task: String = "main", epoch: UInt64? = nil, idempotencyKey: String? = nil,
+        timeout: Duration = .seconds(300), onUpdate: @escaping @Sendable (ExecuteUpdate) -> Void
+    ) async throws -> ExecuteResult {
+        let body = try executeRequest(tool: tool, input: input, task: task, epoch: epoch, idempotencyKey: idempotencyKey)
+        let path = Self.sessionPath(session) + "/execute?stream=true"
+        var request = HTTPRequest(method: "POST", target: path, body: .bytes(APIBody.encode(body), contentType: "application/json"), timeout: timeout)
+        request.headers.append(("Accept", "text/event-stream"))
+        let end = Mutex<(result: [UInt8]?, error: ErrorResponse?)>((nil, nil))
+        // A refusal is a plain JSON body, not events: its first bytes are kept to read it.
+        let raw = Mutex<[UInt8]>([])
+        let parser = SSEParser { name, data in
+            switch name {
+            case ExecuteStreamEvent.output:
+                if let event = try? APIBody.decodeResponse(ExecuteOutputEvent.self, from: Array(data.utf8)) {
+                    onUpdate(.output(stream: event.stream, bytes: event.bytes))
+                }
+            case ExecuteStreamEvent.dropped:
+                if let event = try? APIBody.decodeResponse(ExecuteDroppedEvent.self, from: Array(data.utf8)) {
+                    onUpdate(.dropped(bytes: event.bytes, message: event.message))
+                }
+            case ExecuteStreamEvent.result:
+                end.withLock { $0.result = Array(data.utf8) }
+            case ExecuteStreamEvent.error:
+                end.withLock { $0.error = try? APIBody.decodeResponse(ErrorResponse.self, from: Array(data.utf8)) }
+            default:
+                break
+            }
+        }
+        request.onData = { bytes in
+            raw.withLock { kept in if kept.count < 64 << 10 { kept += bytes.prefix((64 << 10) - kept.count) } }
+            parser.feed(bytes)
+        }
+        let response = try await exchange(request)
+        guard (200..<300).contains(response.status) else { throw Self.refusal(response.status, raw.withLock { $0 }) }
+        let (resultBytes, failure) = end.withLock { ($0.result, $0.error) }
+        if let failure {
+            throw AgentdClientError(status: response.status, code: failure.error.code, message: failure.error.message)
+        }
+        guard let resultBytes else {
+            throw AgentdClientError(
+                status: response.status, code: "incomplete",
+                message: "agentd's stream for \(path) ended without a result; the call may have run: read the session's events, or repeat it with the same idempotency key")
+        }
+        let reply = Reply(status: response.status, body: resultBytes)
+        let result = try decode(ExecuteResponse.self, reply, path: path)
+        return ExecuteResult(output: result.result.output, isError: result.result.isError, exitCode: result.result.exitCode, response: result, reply: reply)
+    }
+
+    /// The body of an execute, checked as agentd will check it.
+    private func executeRequest(tool: String, input: Data, task: String, epoch: UInt64?, idempotencyKey: String?) throws -> ExecuteRequest {
         let value: JSONValue
         do {
             value = try JSONValue(data: input)
@@ -260,18 +363,11 @@ extension AgentdClient {
             throw AgentdClientError(
                 status: 0, code: "invalid-argument", message: #"the input of \#(tool) is not valid JSON; give a JSON object, e.g. {"command": "ls"}"#)
         }
-        let body: ExecuteRequest
         do {
-            body = try ExecuteRequest(tool: tool, input: value, task: task, epoch: epoch, idempotencyKey: idempotencyKey)
+            return try ExecuteRequest(tool: tool, input: value, task: task, epoch: epoch, idempotencyKey: idempotencyKey)
         } catch let error as APIRequestError {
             throw AgentdClientError(status: 0, code: "invalid-argument", message: error.message)
         }
-        let path = Self.sessionPath(session) + "/execute"
-        let request = HTTPRequest(method: "POST", target: path, body: .bytes(APIBody.encode(body), contentType: "application/json"), timeout: timeout)
-        let reply = try await send(request, path: path)
-        let response = try decode(ExecuteResponse.self, reply, path: path)
-        return ExecuteResult(
-            output: response.result.output, isError: response.result.isError, exitCode: response.result.exitCode, response: response, reply: reply)
     }
 
     /// How long to wait for agentd's answer to an execute with `input` in `session`: as long

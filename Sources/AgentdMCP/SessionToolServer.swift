@@ -75,7 +75,7 @@ public struct SessionToolServer: Sendable {
             }
         }
         await server.withMethodHandler(CallTool.self) { call in
-            try await self.call(call, epoch: epoch, catalog: catalog)
+            try await self.call(call, epoch: epoch, catalog: catalog, server: server)
         }
         do {
             try await server.start(transport: transport)
@@ -89,8 +89,11 @@ public struct SessionToolServer: Sendable {
         await server.stop()
     }
 
-    /// One `tools/call` as one `execute`.
-    private func call(_ call: CallTool.Parameters, epoch: UInt64, catalog: Catalog) async throws -> CallTool.Result {
+    /// One `tools/call` as one `execute`. When the call's `_meta` carries a `progressToken`,
+    /// the command's output is streamed and each piece is sent as it comes as a
+    /// `notifications/progress` with that token: `progress` is the bytes of output so far
+    /// (no `total`: it is not known), `message` the piece as text.
+    private func call(_ call: CallTool.Parameters, epoch: UInt64, catalog: Catalog, server: Server) async throws -> CallTool.Result {
         do {
             let names = try await catalog.tools().map(\.name)
             guard names.contains(call.name) else {
@@ -99,8 +102,38 @@ public struct SessionToolServer: Sendable {
             let input = try JSONEncoder().encode(call.arguments ?? [:])
             // Unique per call: a call is never retried from here, and a key keeps a retry by
             // agentd's client (after a lost answer) from running the tool twice.
-            let result = try await client.execute(
-                session: session, tool: call.name, input: input, task: task, epoch: epoch, idempotencyKey: "mcp-\(UUID().uuidString)")
+            let key = "mcp-\(UUID().uuidString)"
+            let result: ExecuteResult
+            if let token = call._meta?.progressToken {
+                // The client's thread hands pieces over; one task sends them in order. At most
+                // 256 pieces wait: a client slower than that misses the oldest (the result has
+                // everything).
+                let (pieces, feed) = AsyncStream.makeStream(of: [UInt8].self, bufferingPolicy: .bufferingNewest(256))
+                let sender = Task {
+                    var sent = 0
+                    for await piece in pieces {
+                        sent += piece.count
+                        let progress = ProgressNotification.Parameters(
+                            progressToken: token, progress: Double(sent), message: String(decoding: piece, as: UTF8.self))
+                        try? await server.notify(ProgressNotification.message(progress))
+                    }
+                }
+                defer { sender.cancel() }
+                do {
+                    result = try await client.executeStreaming(
+                        session: session, tool: call.name, input: input, task: task, epoch: epoch, idempotencyKey: key,
+                        onUpdate: { update in
+                            if case .output(_, let bytes) = update { feed.yield(bytes) }
+                        })
+                    feed.finish()
+                    await sender.value
+                } catch {
+                    feed.finish()
+                    throw error
+                }
+            } else {
+                result = try await client.execute(session: session, tool: call.name, input: input, task: task, epoch: epoch, idempotencyKey: key)
+            }
             logger.info(
                 "tool call", metadata: ["session.id": "\(session)", "tool": "\(call.name)", "is_error": "\(result.isError)"])
             return CallTool.Result(content: [.text(text: result.output, annotations: nil, _meta: nil)], isError: result.isError)

@@ -2,6 +2,7 @@ import AgentdClient
 import Foundation
 import JSONValues
 import Logging
+import Synchronization
 
 /// The harness loop of a Brain: asks the model, runs the tool calls it asks for through
 /// agentd's `execute`, sends the results back, until the model gives its answer.
@@ -27,17 +28,25 @@ public struct Harness: Sendable {
     private let model: any Model
     private let tools: [ToolDescription]
     private let logger: Logger
+    private let outputLine: (@Sendable (String) -> Void)?
 
     /// - Parameters:
     ///   - epoch: the lease from `wake`; every call to agentd carries it.
     ///   - tools: what the model may call (`AgentdClient.tools()`).
-    public init(client: AgentdClient, session: String, epoch: UInt64, model: any Model, tools: [ToolDescription], logger: Logger) {
+    ///   - outputLine: when given, tool calls stream their output (`executeStreaming`) and
+    ///     each line of it is handed here as it comes (a progress display); the model still
+    ///     gets the whole result.
+    public init(
+        client: AgentdClient, session: String, epoch: UInt64, model: any Model, tools: [ToolDescription], logger: Logger,
+        outputLine: (@Sendable (String) -> Void)? = nil
+    ) {
         self.client = client
         self.session = session
         self.epoch = epoch
         self.model = model
         self.tools = tools
         self.logger = logger
+        self.outputLine = outputLine
     }
 
     /// What a finished run gives.
@@ -85,7 +94,15 @@ public struct Harness: Sendable {
     private func execute(_ call: (id: String, name: String, input: JSONValue)) async throws -> ContentBlock {
         let result: (output: String, isError: Bool)
         do {
-            let executed = try await client.execute(session: session, tool: call.name, input: call.input.data, epoch: epoch, idempotencyKey: call.id)
+            let executed: ExecuteResult
+            if let outputLine {
+                let lines = LineSplitter(outputLine)
+                executed = try await client.executeStreaming(
+                    session: session, tool: call.name, input: call.input.data, epoch: epoch, idempotencyKey: call.id, onUpdate: lines.take)
+                lines.finish()
+            } else {
+                executed = try await client.execute(session: session, tool: call.name, input: call.input.data, epoch: epoch, idempotencyKey: call.id)
+            }
             result = (executed.output, executed.isError)
             let replayed = (executed.reply["replayed"] as? Bool) == true
             logger.info("\(call.name) \(Self.short(call.input)) → \(result.isError ? "error" : "ok")\(replayed ? " (already done; agentd's journal answered)" : "")")
@@ -112,5 +129,44 @@ public struct Harness: Sendable {
     static func short(_ input: JSONValue) -> String {
         let text = String(decoding: input.data, as: UTF8.self).replacingOccurrences(of: "\n", with: "\\n")
         return text.count <= 80 ? text : text.prefix(79) + "…"
+    }
+}
+
+/// Cuts streamed output into lines (stdout and stderr alike) and hands each whole one on;
+/// a line longer than 4 KiB is handed on in pieces of that size.
+final class LineSplitter: Sendable {
+    private let partial = Mutex<[UInt8]>([])
+    private let emit: @Sendable (String) -> Void
+
+    init(_ emit: @escaping @Sendable (String) -> Void) { self.emit = emit }
+
+    func take(_ update: AgentdClient.ExecuteUpdate) {
+        guard case .output(_, let bytes) = update else { return }
+        let lines = partial.withLock { buffer -> [[UInt8]] in
+            var out: [[UInt8]] = []
+            for b in bytes {
+                if b == 10 {
+                    out.append(buffer)
+                    buffer = []
+                } else {
+                    buffer.append(b)
+                    if buffer.count >= 4096 {
+                        out.append(buffer)
+                        buffer = []
+                    }
+                }
+            }
+            return out
+        }
+        for line in lines { emit(String(decoding: line, as: UTF8.self)) }
+    }
+
+    /// Hands on the last line, when it had no newline.
+    func finish() {
+        let rest = partial.withLock { b -> [UInt8] in
+            defer { b = [] }
+            return b
+        }
+        if !rest.isEmpty { emit(String(decoding: rest, as: UTF8.self)) }
     }
 }

@@ -65,7 +65,9 @@ public actor HandsManager {
     }
 
     /// Runs the decoded `call` in the sandbox of `key`, provisioning it on first use.
-    public func execute(_ key: TaskKey, spec: SandboxSpec, call: ToolCall) async -> ToolResult {
+    /// `output`, when given, sees a `bash` command's output as it is produced (as the driver
+    /// gives it: neither cut nor redacted; the caller does both).
+    public func execute(_ key: TaskKey, spec: SandboxSpec, call: ToolCall, output: OutputSink? = nil) async -> ToolResult {
         let sandbox: SandboxHandle
         do {
             sandbox = try await sandboxFor(key, spec: spec)
@@ -81,7 +83,7 @@ public actor HandsManager {
             live[key]?.lastUsed = .now
         }
         do {
-            return try await ToolRunner.run(call, on: sandbox, driver: driver)
+            return try await ToolRunner.run(call, on: sandbox, driver: driver, output: output)
         } catch let error as HandsError {
             guard error.discardsSandbox else { return .error(error.message) }
             await discard(key, sandbox: sandbox, error: error)

@@ -251,12 +251,13 @@ public enum ToolCall: Sendable, Equatable {
 
 /// Runs decoded tool calls on a sandbox and renders their results as strings.
 enum ToolRunner {
-    static func run(_ call: ToolCall, on sandbox: SandboxHandle, driver: any HandsDriver) async throws -> ToolResult {
+    /// Runs `call`; `output`, when given, sees a `bash` command's output as it is produced.
+    static func run(_ call: ToolCall, on sandbox: SandboxHandle, driver: any HandsDriver, output: OutputSink? = nil) async throws -> ToolResult {
         let spec = sandbox.spec
         switch call {
         case .bash(let command, let timeout, let cwd):
             let limit = min(timeout ?? spec.commandTimeout, spec.commandTimeout)
-            let out = try await driver.run(["sh", "-c", command], in: sandbox, workingDirectory: cwd, timeout: limit)
+            let out = try await driver.run(["sh", "-c", command], in: sandbox, workingDirectory: cwd, timeout: limit, output: output)
             return render(out, limit: spec.outputLimitBytes, timeout: limit)
         case .readFile(let path, let base64):
             let bytes = try await driver.readFile(path, in: sandbox)

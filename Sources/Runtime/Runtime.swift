@@ -216,7 +216,8 @@ public actor Runtime {
     /// - Throws: `RuntimeError(.invalidArgument)` for an unknown tool or an input that does
     ///   not fit the tool, and as the typed `execute`.
     public func execute(
-        session id: String, task: String = "main", tool: String, input: [UInt8], epoch: UInt64? = nil, idempotencyKey: String? = nil
+        session id: String, task: String = "main", tool: String, input: [UInt8], epoch: UInt64? = nil, idempotencyKey: String? = nil,
+        progress: ExecuteProgressHandler? = nil
     ) async throws -> ExecuteOutcome {
         let call: ToolCall
         do {
@@ -224,7 +225,7 @@ public actor Runtime {
         } catch let error as HandsError {
             throw RuntimeError(.invalidArgument, error.message, cause: error)
         }
-        return try await execute(session: id, task: task, call: call, epoch: epoch, idempotencyKey: idempotencyKey)
+        return try await execute(session: id, task: task, call: call, epoch: epoch, idempotencyKey: idempotencyKey, progress: progress)
     }
 
     /// Runs `call` for `task` of session `id`, on that task's Hands.
@@ -240,12 +241,16 @@ public actor Runtime {
     ///   - call: the decoded tool call.
     ///   - epoch: the caller's lease epoch; required once the session was woken.
     ///   - idempotencyKey: 1–200 bytes naming this call within the session.
+    ///   - progress: when given, told when the call is accepted, then a `bash` command's
+    ///     output as it is produced (see `ExecuteProgress`); a replay reports no output. The
+    ///     journal keeps only the result, as without it.
     /// - Throws: `RuntimeError`: `.notFound`, `.staleLease`/`.unknownEpoch` (fencing),
     ///   `.sessionDeleted`, `.idempotencyConflict` (the key names another call),
     ///   `.invalidArgument` (also when the input does not fit the intent event: nothing ran),
     ///   or a journal failure.
     public func execute(
-        session id: String, task: String = "main", call: ToolCall, epoch: UInt64? = nil, idempotencyKey: String? = nil
+        session id: String, task: String = "main", call: ToolCall, epoch: UInt64? = nil, idempotencyKey: String? = nil,
+        progress: ExecuteProgressHandler? = nil
     ) async throws -> ExecuteOutcome {
         let session = try sessionID(id)
         try Self.validateName(task, what: "task")
@@ -257,15 +262,17 @@ public actor Runtime {
         try checkLease(session, epoch, "execute")
         let requestHash = Self.sha256(call.canonicalEncoding)
         guard let key = idempotencyKey else {
-            return try await perform(session, task: task, call: call, epoch: epoch, key: nil, requestHash: requestHash)
+            return try await perform(session, task: task, call: call, epoch: epoch, key: nil, requestHash: requestHash, progress: progress)
         }
         if let done = state.completed[key] {
             try Self.checkSameCall(done.requestHash, requestHash, key: key, session: session)
+            progress?(.accepted)
             return try await replay(session, done)
         }
         let runningKey = RunningKey(session: session, key: key)
         if let first = running[runningKey] {
             try Self.checkSameCall(first.requestHash, requestHash, key: key, session: session)
+            progress?(.accepted)
             waiting[runningKey, default: 0] += 1
             defer {
                 if let n = waiting[runningKey], n > 1 { waiting[runningKey] = n - 1 } else { waiting[runningKey] = nil }
@@ -275,14 +282,14 @@ public actor Runtime {
             return outcome
         }
         // Registered before the first suspension: a second caller with the key finds it.
-        let work = Task { try await self.perform(session, task: task, call: call, epoch: epoch, key: key, requestHash: requestHash) }
+        let work = Task { try await self.perform(session, task: task, call: call, epoch: epoch, key: key, requestHash: requestHash, progress: progress) }
         running[runningKey] = (requestHash, work)
         return try await work.value
     }
 
     /// Journals the intent, runs the call and journals its result (see `execute`).
     private func perform(
-        _ session: SessionID, task: String, call: ToolCall, epoch: UInt64?, key: String?, requestHash: String
+        _ session: SessionID, task: String, call: ToolCall, epoch: UInt64?, key: String?, requestHash: String, progress: ExecuteProgressHandler?
     ) async throws -> ExecuteOutcome {
         defer {
             if let key { running[RunningKey(session: session, key: key)] = nil }
@@ -315,8 +322,11 @@ public actor Runtime {
             sessions[session]?.tasks[task] = taskState
         }
         let intentSeq = try await append(session, EventType.toolIntent, intentPayload, epoch: epoch)
+        progress?(.accepted)
+        let relay = progress.map { OutputRelay(limit: taskState.spec.outputLimitBytes, redactor: store.redactor, handler: $0) }
         let started = ContinuousClock.now
-        let raw = await hands.execute(TaskKey(session: session.rawValue, task: task), spec: taskState.spec, call: call)
+        let raw = await hands.execute(TaskKey(session: session.rawValue, task: task), spec: taskState.spec, call: call, output: relay?.sink)
+        relay?.finish()
         let elapsed = ContinuousClock.now - started
         let ms = Int(elapsed.components.seconds) * 1000 + Int(elapsed.components.attoseconds / 1_000_000_000_000_000)
         let (payload, stored) = fittedResult(

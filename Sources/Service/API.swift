@@ -14,10 +14,16 @@ enum APIError {
     }
 
     static func response(for error: any Error) -> APIResponse {
-        if let e = error as? RuntimeError { return response(e.code.httpStatus, e.code.rawValue, e.message) }
-        if let e = error as? BadRequest { return response(400, "invalid-argument", e.message) }
-        if let e = error as? APIRequestError { return response(400, "invalid-argument", e.message) }
-        return response(500, "internal", "\(error)")
+        let (status, body) = describe(error)
+        return JSON.ok(body, status: status)
+    }
+
+    /// The status and body that answer `error`.
+    static func describe(_ error: any Error) -> (status: Int, body: ErrorResponse) {
+        if let e = error as? RuntimeError { return (e.code.httpStatus, ErrorResponse(code: e.code.rawValue, message: e.message)) }
+        if let e = error as? BadRequest { return (400, ErrorResponse(code: "invalid-argument", message: e.message)) }
+        if let e = error as? APIRequestError { return (400, ErrorResponse(code: "invalid-argument", message: e.message)) }
+        return (500, ErrorResponse(code: "internal", message: "\(error)"))
     }
 }
 
@@ -136,18 +142,21 @@ public struct API: Sendable {
             let events = try await runtime.events(id, after: after, follow: follow)
             return follow ? Self.sse(events) : JSON.ok(EventList(events: try await collect(events)))
         }
-        if let p = try match("POST", "v1/sessions/:id/execute") {
+        if let p = try match("POST", "v1/sessions/:id/execute", query: ["stream"]) {
             let id = try Self.session(p)
+            let stream = try APIParameters.flag(r.query["stream"], name: "stream")
             let body = try JSON.decode(ExecuteRequest.self, r)
             let key = try APIParameters.idempotencyKey(body: body.idempotencyKey, header: r.header("idempotency-key"))
             let started = ContinuousClock.now
             // The input is decoded once, here, into the typed call that is journaled and run.
             let call: ToolCall
             do { call = try ToolCall.decode(name: body.tool, input: body.input) } catch let e as HandsError { throw BadRequest(message: e.message) }
+            if stream {
+                return try await streamingExecute(session: id, task: body.task ?? "main", call: call, epoch: body.epoch, key: key)
+            }
             let outcome = try await runtime.execute(session: id, task: body.task ?? "main", call: call, epoch: body.epoch, idempotencyKey: key)
             metrics.observeExecute(seconds: (ContinuousClock.now - started).seconds, isError: outcome.result.isError)
-            let result = ExecuteResponse.Result(output: outcome.result.output, isError: outcome.result.isError, exitCode: outcome.result.exitCode)
-            return JSON.ok(ExecuteResponse(result: result, intentSeq: outcome.intent_seq, resultSeq: outcome.result_seq, replayed: outcome.replayed))
+            return Self.executeResponse(outcome)
         }
         if let p = try match("POST", "v1/sessions/:id/wake") {
             let id = try Self.session(p)

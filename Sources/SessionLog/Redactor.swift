@@ -75,6 +75,9 @@ public final class Redactor: Sendable {
         }
     }
 
+    /// Every form of every known secret (for `StreamRedactor`).
+    func allForms() -> [[UInt8]] { secrets.withLock { $0.flatMap(\.forms) } }
+
     /// The names of the secrets known (never the values).
     public var names: [String] { secrets.withLock { $0.map(\.secret.name) } }
 

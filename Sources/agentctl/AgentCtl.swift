@@ -3,6 +3,7 @@ import AgentdClient
 import ArgumentParser
 import CurlHTTP
 import Foundation
+import Synchronization
 import JSONValues
 
 @main
@@ -254,11 +255,19 @@ struct Exec: AsyncParsableCommand {
         try await fenced(id, epoch: epoch) {
             let client = options.client
             let timeout = await client.answerTimeout(forInput: value, session: id)
-            let result = try await client.execute(
-                session: id, tool: tool, input: Data(input.utf8), task: task, epoch: epoch, idempotencyKey: idempotencyKey, timeout: timeout)
+            if options.json {
+                let result = try await client.execute(
+                    session: id, tool: tool, input: Data(input.utf8), task: task, epoch: epoch, idempotencyKey: idempotencyKey, timeout: timeout)
+                failed = result.isError
+                return printJSON(result.response)
+            }
+            // The output as it comes: stdout to stdout, stderr to stderr.
+            let printer = StreamPrinter()
+            let result = try await client.executeStreaming(
+                session: id, tool: tool, input: Data(input.utf8), task: task, epoch: epoch, idempotencyKey: idempotencyKey, timeout: timeout,
+                onUpdate: printer.show)
             failed = result.isError
-            if options.json { return printJSON(result.response) }
-            print(result.output, terminator: result.output.hasSuffix("\n") ? "" : "\n")
+            print(printer.rest(of: result.output), terminator: "")
         }
         if failed { throw ExitCode.failure }
     }
@@ -355,5 +364,36 @@ struct Health: AsyncParsableCommand {
             print("policies   \(health.policies.loaded.joined(separator: ", "))")
             for e in health.policies.errors { print("  error: \(e)") }
         }
+    }
+}
+
+/// Prints a streaming execute's output as it comes, and then what of the result it did not
+/// show yet.
+final class StreamPrinter: Sendable {
+    /// Whether any output was shown, and whether stdout's last byte was a newline.
+    private let state = Mutex((streamed: false, atLineStart: true))
+
+    func show(_ update: AgentdClient.ExecuteUpdate) {
+        switch update {
+        case .output(let stream, let bytes):
+            state.withLock {
+                $0.streamed = true
+                if stream != "stderr", let last = bytes.last { $0.atLineStart = last == 10 }
+            }
+            (stream == "stderr" ? FileHandle.standardError : FileHandle.standardOutput).write(Data(bytes))
+        case .dropped(_, let message):
+            FileHandle.standardError.write(Data("[agentctl: \(message)]\n".utf8))
+        }
+    }
+
+    /// What to print once the result is in: the whole output when nothing was streamed (a
+    /// replay, a tool other than bash, a failure), else only the notes the result ends with
+    /// (`[exit code 2]`, `[output cut: …]`, `[command timed out …]`).
+    func rest(of output: String) -> String {
+        let (streamed, atLineStart) = state.withLock { ($0.streamed, $0.atLineStart) }
+        guard streamed else { return output.isEmpty || output.hasSuffix("\n") ? output : output + "\n" }
+        let lines = output.split(separator: "\n", omittingEmptySubsequences: false)
+        let notes = lines.reversed().prefix { $0.hasPrefix("[") && $0.hasSuffix("]") && !$0.hasPrefix("[stderr]") }.reversed()
+        return notes.isEmpty ? "" : (atLineStart ? "" : "\n") + notes.joined(separator: "\n") + "\n"
     }
 }

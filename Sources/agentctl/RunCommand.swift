@@ -79,7 +79,7 @@ struct Run: AsyncParsableCommand {
             logger.info("session \(brainSession.id) (policy \(brainSession.policy), lease epoch \(brainSession.epoch))")
             let harness = Harness(
                 client: client, session: brainSession.id, epoch: brainSession.epoch, model: makeModel(brainSession.retry),
-                tools: try await client.tools(), logger: logger)
+                tools: try await client.tools(), logger: logger, outputLine: ProgressLogHandler.showOutputLine)
             let outcome = try await harness.run(brainSession.conversation, maxTurns: maxTurns)
             if options.json {
                 printJSON(RunSummary(session: brainSession.id, epoch: brainSession.epoch, turns: outcome.turns, answer: outcome.answer))
@@ -116,6 +116,21 @@ struct ProgressLogHandler: LogHandler {
 
     func log(event: LogEvent) {
         let prefix = event.level >= .warning ? "run: \(event.level): " : "run: "
-        FileHandle.standardError.write(Data((prefix + event.message.description + "\n").utf8))
+        // On a terminal, the line replaces the command's latest output line (see below).
+        FileHandle.standardError.write(Data(((Self.onTerminal ? "\r\u{1B}[K" : "") + prefix + event.message.description + "\n").utf8))
+    }
+
+    static let onTerminal = isatty(STDERR_FILENO) == 1
+
+    /// A tool call's output line as it comes: on a terminal, one progress line showing the
+    /// latest output line (overwritten by the next, and by the call's own line when it ends);
+    /// elsewhere (a log), each line as `run:   │ …`. Lines are cut at 160 characters.
+    @Sendable static func showOutputLine(_ line: String) {
+        let clean = String(line.unicodeScalars.filter { $0.value >= 0x20 && $0.value != 0x7F || $0 == "\t" }.map(Character.init).prefix(160))
+        if onTerminal {
+            FileHandle.standardError.write(Data("\r\u{1B}[Krun:   │ \(clean)".utf8))
+        } else {
+            FileHandle.standardError.write(Data("run:   │ \(clean)\n".utf8))
+        }
     }
 }

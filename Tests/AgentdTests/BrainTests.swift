@@ -53,6 +53,10 @@ struct BrainTests {
                 #expect(!run.stdout.contains(key) && !run.stderr.contains(key), "the key is not printed")
                 #expect(run.stderr.contains("529 overloaded_error"), "the retry is reported: \(run.stderr)")
                 #expect(run.stderr.contains(#"bash {"command":"sh hello.sh the-sandbox"} → ok"#), "\(run.stderr)")
+                // The command's output line was shown as progress as it came, before the call's own line.
+                let progress = try #require(run.stderr.range(of: "run:   │ hello from the-sandbox\n"), "\(run.stderr)")
+                let done = try #require(run.stderr.range(of: #"bash {"command":"sh hello.sh the-sandbox"} → ok"#))
+                #expect(progress.lowerBound < done.lowerBound)
             }
         }
     }

@@ -47,6 +47,25 @@ struct CLITests {
         }
     }
 
+    @Test(
+        "agentctl exec prints a command's output as it comes, stdout to stdout and stderr to stderr, then the result's notes",
+        arguments: ["default", "offline-data"])
+    func execStreams(policy: String) async throws {
+        try await withAgentd { agentd in
+            let s = agentd.socket
+            let id = try #require(try await agentd.client.post("/v1/sessions", ["policy": policy])["id"] as? String)
+            let run = try await runAgentctl(
+                ["exec", id, "bash", #"{"command": "for i in 1 2 3; do echo $i; sleep 0.1; done; echo oops >&2; exit 2"}"#], socket: s)
+            #expect(run.status == 1, "a failing command exits 1: \(run.stderr)")
+            #expect(run.stdout == "1\n2\n3\n[exit code 2]\n", "\(run.stdout.debugDescription)")
+            #expect(run.stderr == "oops\n", "\(run.stderr.debugDescription)")
+            // --json keeps the one result object, with stdout and stderr rendered together.
+            let json = try await runAgentctl(["exec", id, "bash", #"{"command": "echo a; echo b >&2"}"#, "--json"], socket: s)
+            let object = try #require(try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any])
+            #expect((object["result"] as? [String: Any])?["output"] as? String == "a\n[stderr]\nb\n")
+        }
+    }
+
     @Test("session events --follow prints the timeline live, as events happen")
     func liveTimeline() async throws {
         try await withAgentd { agentd in

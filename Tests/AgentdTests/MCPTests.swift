@@ -80,6 +80,33 @@ struct MCPTests {
         }
     }
 
+    @Test("a tools/call with a progressToken gets the command's output as notifications/progress before its result")
+    func progressNotifications() async throws {
+        try await withAgentd { agentd in
+            let id = try #require(try await agentd.client.post("/v1/sessions", [:])["id"] as? String)
+            let mcp = try MCPProcess.start(session: id, socket: agentd.socket)
+            defer { mcp.kill() }
+            _ = try await mcp.initialize()
+            try mcp.send([
+                "jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                "params": ["name": "bash", "arguments": ["command": "for i in 1 2 3; do echo line$i; sleep 0.1; done"], "_meta": ["progressToken": "p-1"]],
+            ])
+            let (notifications, response) = try await mcp.messages(until: 5)
+            #expect(ToolOutcome(response["result"]) == ToolOutcome(text: "line1\nline2\nline3\n", isError: false))
+            let progress = notifications.filter { $0["method"] as? String == "notifications/progress" }.compactMap { $0["params"] as? [String: Any] }
+            #expect(!progress.isEmpty, "progress came before the result: \(notifications)")
+            #expect(progress.allSatisfy { $0["progressToken"] as? String == "p-1" })
+            #expect(progress.compactMap { $0["message"] as? String }.joined() == "line1\nline2\nline3\n", "\(progress)")
+            let values = progress.compactMap { ($0["progress"] as? NSNumber)?.doubleValue }
+            #expect(values == values.sorted() && values.last == 18, "progress counts the bytes so far: \(values)")
+            // Without a token: no notifications.
+            try mcp.send(["jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": ["name": "bash", "arguments": ["command": "echo quiet"]]])
+            let (none, quiet) = try await mcp.messages(until: 6)
+            #expect(ToolOutcome(quiet["result"]) == ToolOutcome(text: "quiet\n", isError: false))
+            #expect(none.isEmpty, "\(none)")
+        }
+    }
+
     @Test("an unknown session, or an --epoch that is not the session's lease, exits 1 with the reason on stderr and nothing on stdout")
     func refusedAtStart() async throws {
         try await withAgentd { agentd in
@@ -194,6 +221,20 @@ final class MCPProcess: @unchecked Sendable {
                 try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], "stdout carries only JSON-RPC, not \(line.debugDescription)")
             #expect(object["jsonrpc"] as? String == "2.0")
             if (object["id"] as? NSNumber)?.intValue == id { return object }
+        }
+    }
+
+    /// The messages on stdout up to the one with `id`: the notifications before it, and it.
+    func messages(until id: Int) async throws -> (notifications: [[String: Any]], response: [String: Any]) {
+        var notifications: [[String: Any]] = []
+        while true {
+            guard let line = await output.nextLine(timeout: Self.timeout) else {
+                throw Components.Missing(description: "agentctl mcp gave no answer to request \(id) within \(Self.timeout); stderr: \(stderr)")
+            }
+            let object = try #require(
+                try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], "stdout carries only JSON-RPC, not \(line.debugDescription)")
+            if (object["id"] as? NSNumber)?.intValue == id { return (notifications, object) }
+            if object["id"] == nil { notifications.append(object) }
         }
     }
 
