@@ -277,36 +277,45 @@ public actor HandsManager {
     private func reconcile(liveTask: LiveTaskResolver?) async throws -> Restored {
         let known = Set(live.values.map(\.sandbox.id) + pool.values.flatMap { $0.map(\.id) })
         var done = Restored(adopted: [], removed: [])
+        // Adoptions first, removals after: a removed sandbox may share its session's workspace
+        // with an adopted one, which must be taken back before the other lets it go.
+        var doomed: [(id: String, key: TaskKey?, reason: String)] = []
         for (id, labels) in try await driver.list(instance: instance) where !known.contains(id) {
             let key = labels[SandboxLabel.session].flatMap { session in labels[SandboxLabel.task].map { TaskKey(session: session, task: $0) } }
             // A sandbox being provisioned, pooled or handed from the pool right now is not known
             // yet; leave those kinds alone while anything is in flight (the next round sees them).
             let inFlight = !provisioning.isEmpty || !refills.isEmpty
             if inFlight && (key != nil || labels[SandboxLabel.pool] != nil) { continue }
-            var reason = "orphaned by a previous run of agentd; reconciled"
-            if let liveTask, let key {
-                if let spec = await liveTask(key) {
-                    // A call may have provisioned the task a sandbox while this one waited.
-                    if live[key] == nil, provisioning[key] == nil, let handle = await driver.adopt(id: id, labels: labels, spec: spec) {
-                        if live[key] == nil && provisioning[key] == nil {
-                            live[key] = Live(sandbox: handle, lastUsed: .now, inFlight: 0)
-                            done.adopted.append(handle)
-                            logger.info("adopted the sandbox of a live task", metadata: ["task": "\(key)", "sandbox": "\(id.prefix(12))"])
-                            await onEvent(.adopted(key, sandbox: id))
-                            continue
-                        }
-                        try? await driver.destroy(handle)
-                        done.removed.append(id)
-                        await onEvent(.released(key, sandbox: id, reason: "the task was given a new sandbox while agentd restarted"))
-                        continue
-                    }
-                    reason = live[key] != nil || provisioning[key] != nil
-                        ? "the task was given a new sandbox while agentd restarted"
-                        : "it did not answer after agentd restarted; the task's next call provisions a fresh one"
-                } else {
-                    reason = "its task is no longer live (ended, or its session was deleted or is unknown); removed after agentd restarted"
-                }
+            guard let liveTask, let key else {
+                doomed.append((id, key, "orphaned by a previous run of agentd; reconciled"))
+                continue
             }
+            guard let spec = await liveTask(key) else {
+                doomed.append((id, key, "its task is no longer live (ended, or its session was deleted or is unknown); removed after agentd restarted"))
+                continue
+            }
+            let replaced = "the task was given a new sandbox while agentd restarted"
+            // A call may have provisioned the task a sandbox while this one waited.
+            guard live[key] == nil, provisioning[key] == nil else {
+                doomed.append((id, key, replaced))
+                continue
+            }
+            guard let handle = await driver.adopt(id: id, labels: labels, spec: spec) else {
+                doomed.append((id, key, "it did not answer after agentd restarted; the task's next call provisions a fresh one"))
+                continue
+            }
+            guard live[key] == nil, provisioning[key] == nil else {
+                try? await driver.destroy(handle)
+                done.removed.append(id)
+                await onEvent(.released(key, sandbox: id, reason: replaced))
+                continue
+            }
+            live[key] = Live(sandbox: handle, lastUsed: .now, inFlight: 0)
+            done.adopted.append(handle)
+            logger.info("adopted the sandbox of a live task", metadata: ["task": "\(key)", "sandbox": "\(id.prefix(12))"])
+            await onEvent(.adopted(key, sandbox: id))
+        }
+        for (id, key, reason) in doomed {
             try? await driver.destroy(id: id)
             done.removed.append(id)
             if let key { await onEvent(.released(key, sandbox: id, reason: reason)) }

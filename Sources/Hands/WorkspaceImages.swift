@@ -42,6 +42,8 @@ public actor WorkspaceImages {
     public nonisolated let reserveBytes: Int
     /// Sandboxes using each mounted workspace.
     private var users: [String: Int] = [:]
+    /// Workspaces taken back for sandboxes adopted after a restart (`attach`), until unused.
+    private var attached: Set<String> = []
     /// Names with an operation under way, and who waits for each (one operation per name).
     private var busy: Set<String> = []
     private var waiters: [String: [CheckedContinuation<Void, Never>]] = [:]
@@ -113,6 +115,7 @@ public actor WorkspaceImages {
         let left = max(0, users[name, default: 0] - 1)
         users[name] = left == 0 ? nil : left
         guard left == 0 else { return }
+        attached.remove(name)
         uids.release(name)
         let paths = Paths(directory: directory, name: name)
         _ = try? await BlockingPool.shared.run { Self.unmount(paths, removeImage: name.hasPrefix("t-")) }
@@ -127,6 +130,7 @@ public actor WorkspaceImages {
         guard users[name, default: 0] == 0 else {
             throw HandsError(.invalidRequest, "workspace \(name) is still used by \(users[name, default: 0]) sandbox(es); end the session's tasks first")
         }
+        attached.remove(name)
         uids.release(name)
         let paths = Paths(directory: directory, name: name)
         _ = try? await BlockingPool.shared.run { Self.unmount(paths, removeImage: true) }
@@ -147,14 +151,15 @@ public actor WorkspaceImages {
         guard Self.isMountPoint(paths.mount) else { return nil }
         uids.reserve(uid, for: name)
         users[name, default: 0] += 1
+        attached.insert(name)
         return Workspace(name: name, uid: uids.uid(of: name) ?? uid, hostPath: paths.mount)
     }
 
     /// A sandbox left by a previous run, and not adopted, is gone: closes `name` as `close`
-    /// does, unless a sandbox of this run uses it (a session's workspace shared with an
-    /// adopted sibling), which it leaves alone.
+    /// does, unless an adopted sandbox uses it (a session's workspace shared with an adopted
+    /// sibling): the orphan was never counted as one of its users.
     public func closeOrphan(_ name: String) async {
-        guard users[name, default: 0] == 0 else { return }
+        guard !attached.contains(name) else { return }
         await close(name)
     }
 
