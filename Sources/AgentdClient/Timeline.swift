@@ -32,6 +32,7 @@ public enum Timeline {
         case "hands.provisioned":
             return "\(s("task")): sandbox \(s("sandbox").prefix(12)) ready in \(s("milliseconds")) ms\(p["from_pool"] == .bool(true) ? " (warm pool)" : "")"
         case "hands.released": return "\(s("task")): sandbox \(s("sandbox").prefix(12)) released (\(s("reason")))"
+        case "hands.adopted": return "\(s("task")): sandbox \(s("sandbox").prefix(12)) adopted (\(s("reason")))"
         case "hands.failed": return "\(s("task")): sandbox \(s("sandbox").prefix(12)) failed: \(s("kind")) — \(short(s("message")))"
         case "task.ended": return "task \(s("task")) ended"
         case "agentd.lease": return "wake: a Brain took the session over"

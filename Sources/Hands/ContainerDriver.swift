@@ -294,7 +294,25 @@ public struct ContainerDriver: HandsDriver {
         // Known only by id (reconcile): its labels name its workspace.
         let name = (try? await engine.inspectContainer(id))?.Config?.Labels?[SandboxLabel.workspace]
         try await remove(id)
-        if let name { await workspaces.close(name) }
+        if let name { await workspaces.closeOrphan(name) }
+    }
+
+    public func adopt(id: String, labels: [String: String], spec: SandboxSpec) async -> SandboxHandle? {
+        guard let name = labels[SandboxLabel.workspace], let uid = labels[SandboxLabel.uid].flatMap({ Int($0) }),
+            await answers(id), let workspace = await workspaces.attach(name, uid: uid)
+        else { return nil }
+        var all = labels
+        all[SandboxLabel.uid] = String(workspace.uid)
+        return SandboxHandle(id: id, spec: spec, labels: all)
+    }
+
+    /// Whether sandbox `id` runs and a trivial command runs in it (the liveness check of
+    /// `adopt`).
+    func answers(_ id: String) async -> Bool {
+        guard let inspect = try? await engine.inspectContainer(id), inspect.State?.Running == true,
+            let out = try? await engine.exec(id, command: ["true"], timeout: .seconds(10), maxOutputBytes: 4096)
+        else { return false }
+        return out.exitCode == 0
     }
 
     private func remove(_ id: String) async throws {

@@ -115,6 +115,12 @@ public protocol HandsDriver: Sendable {
     func list(instance: String) async throws -> [(id: String, labels: [String: String])]
     /// Removes a sandbox known only by id (reconcile).
     func destroy(id: String) async throws
+    /// Takes over a sandbox that a previous run of agentd left (`list` found it as `id` with
+    /// `labels`) for a task that is still live, to serve it as `spec` from now on: checks
+    /// that it still runs and answers a trivial command, and takes its workspace back into
+    /// use. Returns nil when it does not answer; then nothing was taken, and the caller
+    /// removes it with `destroy(id:)`.
+    func adopt(id: String, labels: [String: String], spec: SandboxSpec) async -> SandboxHandle?
     /// Removes what `session` kept between its tasks (its `workspace: session` image), once
     /// its sandboxes are gone: the session was deleted. Idempotent.
     /// - Throws: `HandsError.invalidRequest` while a sandbox still uses it.
@@ -200,6 +206,12 @@ public struct DriverRouter: HandsDriver {
         guard let kind = owners.get(id), let d = drivers[kind] else { return }
         try await d.destroy(id: id)
         owners.remove(id)
+    }
+    public func adopt(id: String, labels: [String: String], spec: SandboxSpec) async -> SandboxHandle? {
+        // Only the driver that listed it can serve it: a policy moved to another driver since
+        // gets a fresh sandbox.
+        guard owners.get(id) == spec.driver, let d = drivers[spec.driver] else { return nil }
+        return await d.adopt(id: id, labels: labels, spec: spec)
     }
     public func removeSessionData(session: String) async throws {
         for d in drivers.values { try await d.removeSessionData(session: session) }

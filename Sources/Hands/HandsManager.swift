@@ -6,11 +6,19 @@ public enum HandsEvent: Sendable, Equatable {
     case provisioned(TaskKey, sandbox: String, fromPool: Bool, milliseconds: Int)
     case released(TaskKey, sandbox: String, reason: String)
     case failed(TaskKey, sandbox: String, kind: String, message: String)
+    /// A sandbox a previous run of agentd left for a task still live was taken over, with
+    /// its workspace (see `HandsManager.restore`).
+    case adopted(TaskKey, sandbox: String)
 }
+
+/// Tells whether a task is live (its session exists and is not deleted, the task started and
+/// did not end) and, if so, the spec its sandbox is served with now; nil otherwise.
+public typealias LiveTaskResolver = @Sendable (TaskKey) async -> SandboxSpec?
 
 /// Owns every task's sandbox: provisions on demand (or from a warm pool), runs tool calls,
 /// turns every failure into a string, releases sandboxes when a task ends or idles out, and
-/// removes orphans of this instance (reconcile).
+/// removes orphans of this instance (reconcile). After a restart of agentd, `restore` takes
+/// over the sandboxes of tasks still live and removes the rest.
 ///
 /// Contract: `execute` never throws. A failure that leaves the sandbox unusable (engine
 /// unreachable, sandbox killed or out of memory, timeout backstop) discards it, and the next
@@ -37,6 +45,9 @@ public actor HandsManager {
     /// The memory limit of each sandbox being provisioned for a task (counted against
     /// `limits` before it exists).
     private var pendingMemory: [TaskKey: Int] = [:]
+    /// Set by `restore` until it has gone through the listing once: every `reconcile` until
+    /// then restores instead (the engine may not answer at start).
+    private var pendingRestore: LiveTaskResolver?
 
     /// - Parameters:
     ///   - limits: how many sandboxes, and how much of their memory, the host takes; live and
@@ -230,25 +241,90 @@ public actor HandsManager {
     }
 
     /// Removes every sandbox labelled with this instance that no live task or pool holds —
-    /// what a crash of agentd left behind.
+    /// what a crash of agentd left behind. Until a `restore` has completed, it restores.
     /// - Returns: the ids removed.
     @discardableResult
     public func reconcile() async throws -> [String] {
+        try await reconcile(liveTask: pendingRestore).removed
+    }
+
+    /// What `restore` did.
+    public struct Restored: Sendable, Equatable {
+        /// The sandboxes taken over, now live for their tasks.
+        public var adopted: [SandboxHandle]
+        /// The ids of the sandboxes removed.
+        public var removed: [String]
+    }
+
+    /// After a restart of agentd (or a kill -9): takes over every sandbox of this instance
+    /// that serves a task `liveTask` calls live and that still answers (`HandsDriver.adopt`),
+    /// so that the task's next call runs in it, with its workspace; journals `adopted` for
+    /// each. Removes the others: sandboxes of ended tasks or of unknown or deleted sessions,
+    /// sandboxes that do not answer, and pooled sandboxes (no pool is accounted for yet).
+    ///
+    /// An adopted sandbox is served with the spec `liveTask` gives — the policy as it is now:
+    /// agentd's own limits (command timeout, output and file limits, idle timeout) follow it,
+    /// while what the sandbox was made with (image, memory, pids, disk) stays until the task
+    /// ends. A sandbox whose policy moved to the other driver is not adopted.
+    ///
+    /// When the listing fails (the engine does not answer yet), every later `reconcile`
+    /// restores with `liveTask` until one succeeds, so that no live task's sandbox is taken
+    /// for an orphan.
+    @discardableResult
+    public func restore(liveTask: @escaping LiveTaskResolver) async throws -> Restored {
+        pendingRestore = liveTask
+        return try await reconcile(liveTask: liveTask)
+    }
+
+    private func reconcile(liveTask: LiveTaskResolver?) async throws -> Restored {
         let known = Set(live.values.map(\.sandbox.id) + pool.values.flatMap { $0.map(\.id) })
-        let inFlight = !provisioning.isEmpty || !refills.isEmpty
-        var removed: [String] = []
+        var done = Restored(adopted: [], removed: [])
+        // Adoptions first, removals after: a removed sandbox may share its session's workspace
+        // with an adopted one, which must be taken back before the other lets it go.
+        var doomed: [(id: String, key: TaskKey?, reason: String)] = []
         for (id, labels) in try await driver.list(instance: instance) where !known.contains(id) {
+            let key = labels[SandboxLabel.session].flatMap { session in labels[SandboxLabel.task].map { TaskKey(session: session, task: $0) } }
             // A sandbox being provisioned, pooled or handed from the pool right now is not known
             // yet; leave those kinds alone while anything is in flight (the next round sees them).
-            if inFlight && (labels[SandboxLabel.session] != nil || labels[SandboxLabel.pool] != nil) { continue }
-            try? await driver.destroy(id: id)
-            removed.append(id)
-            if let session = labels[SandboxLabel.session], let task = labels[SandboxLabel.task] {
-                await onEvent(.released(TaskKey(session: session, task: task), sandbox: id, reason: "orphaned by a previous run of agentd; reconciled"))
+            let inFlight = !provisioning.isEmpty || !refills.isEmpty
+            if inFlight && (key != nil || labels[SandboxLabel.pool] != nil) { continue }
+            guard let liveTask, let key else {
+                doomed.append((id, key, "orphaned by a previous run of agentd; reconciled"))
+                continue
             }
+            guard let spec = await liveTask(key) else {
+                doomed.append((id, key, "its task is no longer live (ended, or its session was deleted or is unknown); removed after agentd restarted"))
+                continue
+            }
+            let replaced = "the task was given a new sandbox while agentd restarted"
+            // A call may have provisioned the task a sandbox while this one waited.
+            guard live[key] == nil, provisioning[key] == nil else {
+                doomed.append((id, key, replaced))
+                continue
+            }
+            guard let handle = await driver.adopt(id: id, labels: labels, spec: spec) else {
+                doomed.append((id, key, "it did not answer after agentd restarted; the task's next call provisions a fresh one"))
+                continue
+            }
+            guard live[key] == nil, provisioning[key] == nil else {
+                try? await driver.destroy(handle)
+                done.removed.append(id)
+                await onEvent(.released(key, sandbox: id, reason: replaced))
+                continue
+            }
+            live[key] = Live(sandbox: handle, lastUsed: .now, inFlight: 0)
+            done.adopted.append(handle)
+            logger.info("adopted the sandbox of a live task", metadata: ["task": "\(key)", "sandbox": "\(id.prefix(12))"])
+            await onEvent(.adopted(key, sandbox: id))
         }
-        if !removed.isEmpty { logger.info("reconcile removed orphaned sandboxes", metadata: ["count": "\(removed.count)"]) }
-        return removed
+        for (id, key, reason) in doomed {
+            try? await driver.destroy(id: id)
+            done.removed.append(id)
+            if let key { await onEvent(.released(key, sandbox: id, reason: reason)) }
+        }
+        if liveTask != nil { pendingRestore = nil }
+        if !done.removed.isEmpty { logger.info("reconcile removed orphaned sandboxes", metadata: ["count": "\(done.removed.count)"]) }
+        return done
     }
 
     /// Releases everything: live sandboxes and the pool (shutdown).

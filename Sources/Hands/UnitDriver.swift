@@ -346,9 +346,9 @@ public struct UnitDriver: HandsDriver {
     }
 
     /// Closes workspace `name`; once its uid is free, removes the uid's user record.
-    private func closeWorkspace(_ name: String, uid: Int?) async {
+    private func closeWorkspace(_ name: String, uid: Int?, orphan: Bool = false) async {
         let held = uid ?? workspaces.uids.uid(of: name)
-        await workspaces.close(name)
+        if orphan { await workspaces.closeOrphan(name) } else { await workspaces.close(name) }
         if let held, workspaces.uids.uid(of: name) == nil { UserRecords.remove(held) }
     }
 
@@ -357,7 +357,27 @@ public struct UnitDriver: HandsDriver {
         // Only a name of this instance's form, so that no id can name another's workspace.
         guard UnitNames.labels(ofSlice: id, instance: instance) != nil else { return }
         let name = sliceWorkspaces.remove(id) ?? WorkspaceImages.taskName(String(id.dropLast(".slice".count)))
-        await closeWorkspace(name, uid: nil)
+        await closeWorkspace(name, uid: nil, orphan: true)
+    }
+
+    public func adopt(id: String, labels: [String: String], spec: SandboxSpec) async -> SandboxHandle? {
+        guard let name = labels[SandboxLabel.workspace], let uid = labels[SandboxLabel.uid].flatMap({ Int($0) }) else { return nil }
+        var all = labels
+        all[SandboxLabel.instance] = instance
+        all[SandboxLabel.policy] = all[SandboxLabel.policy] ?? spec.policyName
+        let handle = SandboxHandle(id: id, spec: spec, labels: all)
+        // The user record lives in /run and may be gone (a reboot of the manager's host).
+        guard (try? UserRecords.write(uid)) != nil, await answers(handle), let workspace = await workspaces.attach(name, uid: uid) else { return nil }
+        sliceWorkspaces.set(id, workspace.name)
+        return handle
+    }
+
+    /// Whether the sandbox's slice is active and a trivial command runs in it (the liveness
+    /// check of `adopt`).
+    func answers(_ sandbox: SandboxHandle) async -> Bool {
+        guard let out = try? await runUnit(["/bin/true"], in: sandbox, workingDirectory: nil, timeout: .seconds(10), outputLimit: 4096).output
+        else { return false }
+        return out.exitCode == 0
     }
 
     public func removeSessionData(session: String) async throws {

@@ -22,8 +22,10 @@ import Synchronization
 /// Layout: `<directory>/images/<name>.img` and the mount point `<directory>/mnt/<name>`, both
 /// in 0700 directories owned by root. A task's workspace (`t-…`) goes with its sandbox; a
 /// session's (`s-…`) stays, unmounted, between its tasks until `remove` (session deletion).
-/// Making a store unmounts whatever a previous run left mounted and removes task images: the
-/// sandboxes that used them are orphans that reconcile removes.
+///
+/// After a restart of agentd, the sandboxes of live tasks are adopted with their workspaces
+/// (`attach`), those of other tasks removed (`closeOrphan`), and then `sweep` unmounts what
+/// no sandbox uses any more and removes those task images.
 public actor WorkspaceImages {
     /// A mounted workspace as a sandbox uses it.
     public struct Workspace: Sendable, Equatable {
@@ -40,6 +42,8 @@ public actor WorkspaceImages {
     public nonisolated let reserveBytes: Int
     /// Sandboxes using each mounted workspace.
     private var users: [String: Int] = [:]
+    /// Workspaces taken back for sandboxes adopted after a restart (`attach`), until unused.
+    private var attached: Set<String> = []
     /// Names with an operation under way, and who waits for each (one operation per name).
     private var busy: Set<String> = []
     private var waiters: [String: [CheckedContinuation<Void, Never>]] = [:]
@@ -49,7 +53,8 @@ public actor WorkspaceImages {
     /// Serializes the free-space check with the creation of the image it admits.
     private static let admission = Mutex(())
 
-    /// Makes the store's directories and clears what a previous run left (see the type).
+    /// Makes the store's directories. What a previous run left mounted stays until `sweep`:
+    /// sandboxes that outlived it may still use it.
     /// - Throws: `HandsError.provisioning` when a directory cannot be made.
     public init(directory: String, uids: SandboxUIDs = .shared, reserveBytes: Int = defaultReserveBytes) throws {
         self.directory = directory
@@ -62,7 +67,6 @@ public actor WorkspaceImages {
                 throw HandsError(.provisioning, "cannot create the workspace directory \(dir): \(error.localizedDescription)")
             }
         }
-        Self.sweep(directory)
     }
 
     /// The name of a task's workspace, unique to the sandbox: `unique` is a random id or a
@@ -111,6 +115,7 @@ public actor WorkspaceImages {
         let left = max(0, users[name, default: 0] - 1)
         users[name] = left == 0 ? nil : left
         guard left == 0 else { return }
+        attached.remove(name)
         uids.release(name)
         let paths = Paths(directory: directory, name: name)
         _ = try? await BlockingPool.shared.run { Self.unmount(paths, removeImage: name.hasPrefix("t-")) }
@@ -125,6 +130,7 @@ public actor WorkspaceImages {
         guard users[name, default: 0] == 0 else {
             throw HandsError(.invalidRequest, "workspace \(name) is still used by \(users[name, default: 0]) sandbox(es); end the session's tasks first")
         }
+        attached.remove(name)
         uids.release(name)
         let paths = Paths(directory: directory, name: name)
         _ = try? await BlockingPool.shared.run { Self.unmount(paths, removeImage: true) }
@@ -132,6 +138,38 @@ public actor WorkspaceImages {
 
     /// Records a sandbox that survived a restart: it holds `uid` for workspace `name`.
     public nonisolated func adopt(_ name: String, uid: Int) { uids.reserve(uid, for: name) }
+
+    /// Takes workspace `name`, still mounted by a previous run of agentd, into use for one
+    /// more sandbox that survived the restart and is adopted; it keeps `uid`.
+    /// - Returns: the workspace, or nil when it is not mounted (the sandbox cannot be served:
+    ///   staging a file needs the mount) or the name is not valid.
+    public func attach(_ name: String, uid: Int) async -> Workspace? {
+        guard (try? Self.checkName(name)) != nil else { return nil }
+        await lock(name)
+        defer { unlock(name) }
+        let paths = Paths(directory: directory, name: name)
+        guard Self.isMountPoint(paths.mount) else { return nil }
+        uids.reserve(uid, for: name)
+        users[name, default: 0] += 1
+        attached.insert(name)
+        return Workspace(name: name, uid: uids.uid(of: name) ?? uid, hostPath: paths.mount)
+    }
+
+    /// A sandbox left by a previous run, and not adopted, is gone: closes `name` as `close`
+    /// does, unless an adopted sandbox uses it (a session's workspace shared with an adopted
+    /// sibling): the orphan was never counted as one of its users.
+    public func closeOrphan(_ name: String) async {
+        guard !attached.contains(name) else { return }
+        await close(name)
+    }
+
+    /// Unmounts every workspace no sandbox of this run uses and removes those task images:
+    /// what the sandboxes of a previous run, all adopted or removed by now, left behind.
+    /// Called once after the restore at start, before anything is provisioned.
+    public func sweep() {
+        let inUse = Set(users.filter { $0.value > 0 }.keys)
+        Self.sweep(directory, keeping: inUse)
+    }
 
     /// How many sandboxes use workspace `name` now.
     public func userCount(_ name: String) -> Int { users[name, default: 0] }
@@ -293,12 +331,13 @@ public actor WorkspaceImages {
         if removeImage { unlink(paths.image) }
     }
 
-    /// Unmounts everything under `mnt/` and removes task images (see the type).
-    private static func sweep(_ directory: String) {
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory + "/mnt")) ?? [] {
+    /// Unmounts everything under `mnt/` and removes task images, except workspaces `keeping`.
+    private static func sweep(_ directory: String, keeping: Set<String>) {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory + "/mnt")) ?? [] where !keeping.contains(name) {
             unmount(Paths(directory: directory, name: name), removeImage: false)
         }
-        for entry in (try? FileManager.default.contentsOfDirectory(atPath: directory + "/images")) ?? [] where entry.hasPrefix("t-") {
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: directory + "/images")) ?? []
+        where entry.hasPrefix("t-") && entry.hasSuffix(".img") && !keeping.contains(String(entry.dropLast(".img".count))) {
             unlink(directory + "/images/" + entry)
         }
     }

@@ -13,6 +13,8 @@ public enum EventType {
     public static let handsProvisioned = "hands.provisioned"
     public static let handsReleased = "hands.released"
     public static let handsFailed = "hands.failed"
+    /// A restarted agentd took over the task's sandbox (and workspace) left by its predecessor.
+    public static let handsAdopted = "hands.adopted"
     public static let taskEnded = "task.ended"
     /// The session was deleted: it refuses every change from then on (reads keep working).
     public static let sessionDeleted = "session.deleted"

@@ -75,6 +75,9 @@ public actor Runtime {
         var policyName: String
         var tasks: [String: TaskState] = [:]
         var completed: [String: Completed] = [:]
+        /// Tasks started and not ended, with the name of the policy each started under (from
+        /// the journal: what a restart re-adopts sandboxes for).
+        var openTasks: [String: String] = [:]
         /// Set by `deleteSession` as it starts; `deletedSeq` once journaled.
         var deleting = false
         var deletedSeq: UInt64?
@@ -320,6 +323,7 @@ public actor Runtime {
                     TaskStarted(task: task, policy: taskState.policy.name, policy_sha256: taskState.policy.sha256, driver: taskState.policy.hands.driver.rawValue)),
                 epoch: epoch)
             sessions[session]?.tasks[task] = taskState
+            sessions[session]?.openTasks[task] = taskState.policy.name
         }
         let intentSeq = try await append(session, EventType.toolIntent, intentPayload, epoch: epoch)
         progress?(.accepted)
@@ -453,6 +457,7 @@ public actor Runtime {
         try checkLease(session, epoch, "task end")
         _ = try await append(session, EventType.taskEnded, JSONCoding.encode(TaskEnded(task: task)), epoch: epoch)
         sessions[session]?.tasks[task] = nil
+        sessions[session]?.openTasks[task] = nil
         return await hands.endTask(TaskKey(session: session.rawValue, task: task))
     }
 
@@ -494,6 +499,7 @@ public actor Runtime {
             let seq = try await append(session, EventType.sessionDeleted, JSONCoding.encode(SessionDeleted(reason: reason)))
             sessions[session]?.deletedSeq = seq
             sessions[session]?.tasks = [:]
+            sessions[session]?.openTasks = [:]
             logger.info("session deleted", metadata: ["session.id": "\(session)", "reason": "\(reason)"])
             return seq
         } catch {
@@ -556,6 +562,11 @@ public actor Runtime {
             (key, type, payload) = (k, EventType.handsReleased, HandsEventPayload(task: k.task, sandbox: sandbox, reason: reason))
         case .failed(let k, let sandbox, let kind, let message):
             (key, type, payload) = (k, EventType.handsFailed, HandsEventPayload(task: k.task, sandbox: sandbox, kind: kind, message: message))
+        case .adopted(let k, let sandbox):
+            (key, type, payload) = (
+                k, EventType.handsAdopted,
+                HandsEventPayload(task: k.task, sandbox: sandbox, reason: "agentd restarted; the task's sandbox and its workspace were kept")
+            )
         }
         guard let session = try? SessionID(key.session), let state = try? await state(of: session), state.deletedSeq == nil else { return }
         do {
@@ -563,6 +574,29 @@ public actor Runtime {
         } catch {
             logger.warning("could not journal a hands event", metadata: ["session.id": "\(session)", "error": "\(error)"])
         }
+    }
+
+    // MARK: - restart
+
+    /// After a start of agentd: takes over the sandboxes its predecessor left for tasks still
+    /// live in the journal and removes the others (`HandsManager.restore`). A session's state
+    /// is rebuilt on the way, so a call that was running when agentd died gets its journaled
+    /// *outcome unknown* result now; it is never run again.
+    @discardableResult
+    public func restoreHands() async throws -> HandsManager.Restored {
+        try await hands.restore(liveTask: { [weak self] key in await self?.liveTaskSpec(key) })
+    }
+
+    /// The spec the sandbox of `key` is served with when the task is live: its session exists
+    /// and is not deleted, and the task started and did not end. The spec is that of the
+    /// policy the task started under, as loaded now; nil when that policy is gone.
+    func liveTaskSpec(_ key: TaskKey) async -> SandboxSpec? {
+        guard let session = try? SessionID(key.session), store.lastSeq(session: session) > 0,
+            let state = try? await state(of: session), state.deletedSeq == nil, !state.deleting,
+            let policyName = state.openTasks[key.task]
+        else { return nil }
+        if let running = state.tasks[key.task] { return running.spec }
+        return await policies.policy(named: policyName).map(Self.sandboxSpec)
     }
 
     // MARK: - state
@@ -617,8 +651,13 @@ public actor Runtime {
                         open[p.intent_seq] = nil
                         complete(key, intentSeq: p.intent_seq, resultSeq: event.seq)
                     }
+                case EventType.taskStarted:
+                    if let p = JSONCoding.decode(TaskStarted.self, event.payload) { state?.openTasks[p.task] = p.policy }
+                case EventType.taskEnded:
+                    if let p = JSONCoding.decode(TaskEnded.self, event.payload) { state?.openTasks[p.task] = nil }
                 case EventType.sessionDeleted:
                     state?.deletedSeq = event.seq
+                    state?.openTasks = [:]
                 default:
                     break
                 }

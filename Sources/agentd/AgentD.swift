@@ -146,13 +146,17 @@ struct AgentD: AsyncParsableCommand {
             store: store, hands: hands, policies: policyStore, images: containers,
             refreshSecrets: { await registrar.sync(policyStore) }, logger: Logger(label: "agentd.runtime"))
         await recorder.attach(runtime)
+        // Live restore: the sandboxes of tasks still live in the journal are taken over (with
+        // their workspaces), the rest removed; then what no sandbox uses is unmounted.
         do {
-            let removed = try await hands.reconcile()
-            if !removed.isEmpty { logger.info("removed sandboxes left by a previous run", metadata: ["count": "\(removed.count)"]) }
+            let restored = try await runtime.restoreHands()
+            await workspaces.sweep()
+            logger.info(
+                "sandboxes left by a previous run restored", metadata: ["adopted": "\(restored.adopted.count)", "removed": "\(restored.removed.count)"])
         } catch {
-            logger.warning("reconcile at start failed", metadata: ["error": "\(error)"])
+            logger.warning("restoring sandboxes at start failed; the housekeeping loop retries", metadata: ["error": "\(error)"])
         }
-        // Pools start after reconcile: their first sandboxes are not orphans to remove.
+        // Pools start after the restore: their first sandboxes are not orphans to remove.
         await runtime.applyPoolTargets()
         let api = API(runtime: runtime, metrics: Metrics(), logger: Logger(label: "agentd.api"))
 

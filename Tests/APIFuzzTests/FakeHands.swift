@@ -44,4 +44,7 @@ final class FakeHands: HandsDriver, @unchecked Sendable {
     func list(instance: String) async throws -> [(id: String, labels: [String: String])] { [] }
 
     func destroy(id: String) async throws {}
+
+    /// Lists nothing, so is never asked to adopt.
+    func adopt(id: String, labels: [String: String], spec: SandboxSpec) async -> SandboxHandle? { nil }
 }

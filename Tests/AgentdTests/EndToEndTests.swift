@@ -36,11 +36,12 @@ struct EndToEndTests {
             let run = try await exec(c, id, "bash", ["command": "sh app/hello.sh agentd"], epoch: epoch1, key: "r1")
             #expect(result(run).output == "hello from agentd\n")
 
-            // Crash: the sandbox is orphaned; a restart reconciles it and the journal is intact.
+            // Crash: the task is still live, so a restart adopts its sandboxes (workspace and
+            // all) and the journal is intact.
             agentd.kill9()
             #expect(try await sandboxes(agentd.instance, session: id) == 1)
             try await agentd.start()
-            #expect(try await sandboxes(agentd.instance, session: id) == 0)
+            #expect(try await sandboxes(agentd.instance, session: id) == 1)
 
             let epoch2 = try #require((try await c.post("/v1/sessions/\(id)/wake")["epoch"] as? NSNumber)?.uint64Value)
             #expect(epoch2 == epoch1 + 1)
@@ -55,7 +56,11 @@ struct EndToEndTests {
             #expect(retried["replayed"] as? Bool == true)
             #expect(result(retried).output == "hello from agentd\n")
 
-            let failing = try await exec(c, id, "bash", ["command": "sh app/hello.sh"], epoch: epoch2)
+            // The workspace survived the crash.
+            let kept = try await exec(c, id, "bash", ["command": "sh app/hello.sh again"], epoch: epoch2)
+            #expect(result(kept).output == "hello from again\n")
+
+            let failing = try await exec(c, id, "bash", ["command": "sh app/missing.sh"], epoch: epoch2)
             #expect(result(failing).isError)
             #expect(result(failing).output.contains("No such file"))
 
@@ -96,14 +101,19 @@ struct EndToEndTests {
                     }
                 }
                 group.addTask {
-                    try? await Task.sleep(for: .seconds(3))
+                    // Mid-flight: once a dozen calls were acknowledged (not after a fixed pause,
+                    // which on a loaded machine may come before the sandboxes are up).
+                    _ = await eventually(.seconds(60)) { await acknowledged.all.count >= 12 }
                     agentd.kill9()
                 }
             }
             let acked = await acknowledged.all
             #expect(acked.count > 5, "some calls were acknowledged before the kill")
             try await agentd.start()
-            #expect(try await sandboxes(agentd.instance) == 0, "the restart reconciled every orphaned sandbox")
+            // The six tasks are live: their sandboxes are adopted, none is left over or doubled.
+            #expect(try await sandboxes(agentd.instance) <= 6, "the restart kept one sandbox per live task at most")
+            let adopted = try await events(c, id).filter { $0["type"] as? String == "hands.adopted" }.count
+            #expect(adopted == (try await sandboxes(agentd.instance)), "every sandbox left is an adopted one")
             // Reading the session rebuilds its state: intents without a result get marked.
             _ = try await c.get("/v1/sessions/\(id)")
             let all = try await events(c, id)

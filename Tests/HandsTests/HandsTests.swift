@@ -284,6 +284,51 @@ struct ContainerHandsTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: directory + "/images") == [])
     }
 
+    @Test("restore after a crash: a live task sharing its session's workspace with an ended one is adopted, the shared mount stays, its uid is kept; the rest and leftover mounts go")
+    func restoreSharedSessionWorkspace() async throws {
+        let engine = try await Components.engine()
+        let instance = "t" + Components.testID()
+        let (workspaces, directory) = try TestWorkspaces.make(instance)
+        defer { TestWorkspaces.remove(directory) }
+        let spec = {
+            var s = SandboxSpec()
+            s.workspace = .session
+            return s
+        }()
+        let crashed = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces), instance: instance)
+        let live = TaskKey(session: "s20", task: "live")
+        let ended = TaskKey(session: "s20", task: "ended")
+        let silent = TaskKey(session: "s21", task: "main")
+        #expect(await crashed.execute(live, spec: spec, tool: "write_file", input: json(["path": "kept.txt", "content": "kept"])).output.hasPrefix("wrote"))
+        #expect(await crashed.execute(ended, spec: spec, tool: "bash", input: bash("true")).exitCode == 0)
+        #expect(await crashed.execute(silent, spec: SandboxSpec(), tool: "bash", input: bash("true")).exitCode == 0)
+        let liveID = try #require(await crashed.sandbox(of: live)?.id)
+        let silentID = try #require(await crashed.sandbox(of: silent)?.id)
+        let uid = try #require(await crashed.sandbox(of: live)?.uid)
+        // One sandbox stops answering while no agentd runs: its container is killed.
+        try await engine.killContainer(silentID)
+        _ = try await engine.waitContainer(silentID)
+        #expect(TestWorkspaces.mounted(directory).count == 2)
+
+        // The restarted owner: a new store over the same directory, and the journal's word on
+        // which tasks are live.
+        let store = try WorkspaceImages(directory: directory)
+        let restarted = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: store), instance: instance)
+        let restored = try await restarted.restore(liveTask: { key in key == live || key == silent ? spec : nil })
+        await store.sweep()
+        #expect(restored.adopted.map(\.id) == [liveID])
+        #expect(restored.removed.count == 2 && restored.removed.contains(silentID))
+        #expect(TestWorkspaces.mounted(directory).count == 1, "the shared session workspace stays mounted; the silent one's is gone")
+        #expect(store.uids.uid(of: WorkspaceImages.sessionName(instance: instance, session: "s20")) == uid, "the adopted workspace keeps its uid")
+        let read = await restarted.execute(live, spec: spec, tool: "read_file", input: json(["path": "kept.txt"]))
+        #expect(read.output == "kept")
+        #expect(await restarted.sandbox(of: live)?.id == liveID)
+        #expect(try await restarted.reconcile() == [])
+        await restarted.endTask(live)
+        #expect(TestWorkspaces.mounted(directory) == [])
+        await cleanup(restarted, engine, instance)
+    }
+
     @Test("a warm pool hands out a started sandbox, renamed for its task, and refills")
     func warmPool() async throws {
         try await withManager { manager, engine, instance in

@@ -25,6 +25,11 @@ final class FakeDriver: HandsDriver {
         var holding: [CheckedContinuation<Void, Never>] = []
         var released = false
         var removedSessions: [String] = []
+        /// Sandboxes that exist now (provisioned or planted, not destroyed), by id: what `list` shows.
+        var sandboxes: [String: [String: String]] = [:]
+        /// Sandboxes that exist but do not answer (`adopt` refuses them).
+        var silent: Set<String> = []
+        var listingFails = false
     }
     private let state = Mutex(State())
     private let counter = Atomic<Int>(0)
@@ -56,8 +61,28 @@ final class FakeDriver: HandsDriver {
     }
 
     func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
-        state.withLock { $0.provisioned += 1 }
-        return SandboxHandle(id: "fake-\(counter.add(1, ordering: .relaxed).newValue)", spec: spec, labels: labels)
+        let id = "fake-\(counter.add(1, ordering: .relaxed).newValue)"
+        state.withLock {
+            $0.provisioned += 1
+            $0.sandboxes[id] = labels
+        }
+        return SandboxHandle(id: id, spec: spec, labels: labels)
+    }
+
+    /// Puts a sandbox with `labels` in place, as a previous run of agentd would have left it;
+    /// a `silent` one exists but does not answer.
+    func plant(_ id: String, labels: [String: String], silent: Bool = false) {
+        state.withLock {
+            $0.sandboxes[id] = labels
+            if silent { $0.silent.insert(id) }
+        }
+    }
+
+    /// The ids of the sandboxes that exist now.
+    var existing: Set<String> { state.withLock { Set($0.sandboxes.keys) } }
+
+    func adopt(id: String, labels: [String: String], spec: SandboxSpec) async -> SandboxHandle? {
+        state.withLock { $0.sandboxes[id] != nil && !$0.silent.contains(id) } ? SandboxHandle(id: id, spec: spec, labels: labels) : nil
     }
 
     func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws {}
@@ -103,9 +128,20 @@ final class FakeDriver: HandsDriver {
         return bytes
     }
 
-    func destroy(_ sandbox: SandboxHandle) async throws { state.withLock { $0.destroyed += 1 } }
-    func list(instance: String) async throws -> [(id: String, labels: [String: String])] { [] }
-    func destroy(id: String) async throws {}
+    func destroy(_ sandbox: SandboxHandle) async throws {
+        state.withLock {
+            $0.destroyed += 1
+            $0.sandboxes[sandbox.id] = nil
+        }
+    }
+    /// Makes `list` fail (an engine that does not answer yet) or work again.
+    func failListing(_ fails: Bool) { state.withLock { $0.listingFails = fails } }
+
+    func list(instance: String) async throws -> [(id: String, labels: [String: String])] {
+        if state.withLock({ $0.listingFails }) { throw HandsError(.unreachable, "the engine does not answer") }
+        return state.withLock { $0.sandboxes.sorted { $0.key < $1.key }.map { (id: $0.key, labels: $0.value) } }
+    }
+    func destroy(id: String) async throws { _ = state.withLock { $0.sandboxes.removeValue(forKey: id) } }
 }
 
 /// A policy file's text: container driver, the given output and event limits, optional
