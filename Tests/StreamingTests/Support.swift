@@ -126,6 +126,7 @@ final class StreamingDriver: HandsDriver {
     func list(instance: String) async throws -> [(id: String, labels: [String: String])] { [] }
     func destroy(id: String) async throws {}
     func removeSessionData(session: String) async throws {}
+    func adopt(id: String, labels: [String: String], spec: SandboxSpec) async -> SandboxHandle? { nil }
 }
 
 /// A real `HTTPServer` serving the real `API` on a temporary unix socket, over a `Runtime`
