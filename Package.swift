@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "agentd", targets: ["agentd"]),
         .executable(name: "agentctl", targets: ["agentctl"]),
         .executable(name: "agentd-bench", targets: ["agentd-bench"]),
+        .executable(name: "agentd-sandbox-agent", targets: ["agentd-sandbox-agent"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -33,6 +34,20 @@ let package = Package(
         // Leaf modules.
         .target(name: "Blocking", swiftSettings: strict),
         .target(name: "JSONValues", swiftSettings: strict),
+        // The sandbox agent's wire protocol, shared by the agent and agentd (no Foundation).
+        .target(name: "SandboxAgentProtocol", exclude: ["README.md"], swiftSettings: strict),
+        // The sandbox agent's logic (Foundation-free, so the agent links statically).
+        .target(name: "CSandboxAgent"),
+        // agentd's client of the sandbox agent: bounded frames, deadlines, on a shared NIO event loop group.
+        .target(
+            name: "SandboxAgentClient",
+            dependencies: [
+                "SandboxAgentProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
+        .target(name: "SandboxAgent", dependencies: ["SandboxAgentProtocol", "CSandboxAgent"], swiftSettings: strict),
         // Every request and response body of the API, shared by the server and its clients.
         .target(name: "AgentdAPI", dependencies: ["JSONValues"], swiftSettings: strict),
         .target(name: "CurlHTTP", dependencies: ["CCurl", "Blocking"], swiftSettings: strict),
@@ -130,6 +145,10 @@ let package = Package(
             dependencies: ["AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands"],
             swiftSettings: strict),
         // A tiny Type=notify / socket-activated service for the SystemdBus service tests.
+        // The sandbox agent: a static executable, PID 1 in every sandbox.
+        .executableTarget(
+            name: "agentd-sandbox-agent", dependencies: ["SandboxAgent"], swiftSettings: strict,
+            linkerSettings: [.unsafeFlags(["-static-executable"])]),
         .executableTarget(name: "notify-probe", dependencies: ["SystemdBus"], swiftSettings: strict),
         .executableTarget(
             name: "journal-torture",
@@ -168,6 +187,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
+        .testTarget(name: "SandboxAgentTests", dependencies: ["SandboxAgentProtocol"], swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(
             name: "RuntimeTests", dependencies: ["Runtime", "Hands", "SessionLog", "Policy", "Vault", "JSONValues", "TestSupport"],
