@@ -17,20 +17,18 @@ import SystemdBus
 /// its commands together.
 ///
 /// The agent executable is static and bind-mounted read-only at `agentPath`, so that it runs
-/// in any image and the image cannot replace it. The socket directory (`AgentSockets`, owned
-/// by the sandbox's uid) is bind-mounted at `socketDirectory`; the agent listens on
-/// `socketDirectory/agent.sock` there and agentd connects to the same socket through the host
-/// path. The agent is not PID 1 here: it makes itself the subreaper of its commands, so that
+/// in any image and the image cannot replace it. The sandbox's socket directory
+/// (`AgentHands.hostDirectory`) is bind-mounted at `/run/agentd`; the agent listens on
+/// `/run/agentd/agent.sock` there and agentd connects to the same socket through the host
+/// path (`AgentHands`'s layout). The agent is not PID 1 here: it makes itself the subreaper of its commands, so that
 /// orphans are reaped by it, and per-command timeouts are its own (`RuntimeMaxSec=` would end
 /// the sandbox). `KillMode=control-group` takes every process with the service when it stops;
 /// `OOMPolicy=continue` keeps the agent (and the sandbox) when the OOM killer takes a command.
 enum UnitAgentService {
-    /// Where the agent executable appears inside the sandbox (read-only).
+    /// Where the agent executable appears inside the sandbox (read-only): on the sandbox's own
+    /// `/run` tmpfs, so that no mount point is made on the host's root (the sandbox's root
+    /// when it has no image), unlike the container driver's `/.agentd/agent`.
     static let agentPath = "/run/agentd-agent"
-    /// Where the sandbox's socket directory appears inside the sandbox.
-    static let socketDirectory = "/run/agentd"
-    /// The socket's name in the socket directory.
-    static let socketName = "agent.sock"
 
     /// The service of sandbox slice `slice` (`…_<random>.slice` → `…_<random>.service`).
     static func name(ofSlice slice: String) -> String {
@@ -43,7 +41,7 @@ enum UnitAgentService {
         var uid: Int
         /// The workspace's host path (mounted at `/workspace`).
         var workspace: String
-        /// The socket directory's host path (mounted at `socketDirectory`).
+        /// The socket directory's host path (mounted at `/run/agentd`).
         var socketDirectory: String
         /// The static agent executable on the host.
         var agent: String
@@ -58,14 +56,14 @@ enum UnitAgentService {
     static func properties(_ setup: Setup) -> [UnitProperty] {
         var properties: [UnitProperty] = [
             .string("Description", "agentd sandbox agent in \(setup.slice)"),
-            .execStart([agentPath, "--socket", socketDirectory + "/" + socketName]),
+            .execStart([agentPath, "--socket", AgentHands.sandboxSocket]),
             // The start job ends once the agent is exec'd; agentd then waits for it to answer.
             .string("Type", "exec"),
             .string("Slice", setup.slice),
             .string("User", String(setup.uid)),
             .string("Group", String(setup.uid)),
             .string("WorkingDirectory", UnitDriver.workspace),
-            .bindPaths([(setup.workspace, UnitDriver.workspace), (setup.socketDirectory, socketDirectory)]),
+            .bindPaths([(setup.workspace, UnitDriver.workspace), (setup.socketDirectory, AgentHands.sandboxDirectory)]),
             .bindPaths([(setup.agent, agentPath)], readOnly: true),
             .strings("ReadWritePaths", [UnitDriver.workspace]),
             .string("ProtectSystem", "strict"),

@@ -1,6 +1,7 @@
 import Blocking
 import Foundation
 import Glibc
+import SystemdBus
 import Synchronization
 
 /// Workspaces bounded on disk: each one is a sparse file holding an ext4 filesystem of the
@@ -316,7 +317,8 @@ public actor WorkspaceImages {
     /// - Throws: `HandsError.provisioning` with its stderr when it fails.
     private static func command(_ argv: [String], doing what: String) throws {
         // Close-on-exec both ends: only the dup2'd stderr reaches the child.
-        let stderrPipe = try UnitIO.pipe()
+        let stderrPipe: (read: Int32, write: Int32)
+        do { stderrPipe = try UnitStreams.pipe() } catch { throw HandsError(.provisioning, "\(what): cannot make a pipe: \(error)") }
         let pipeFDs = [stderrPipe.read, stderrPipe.write]
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
