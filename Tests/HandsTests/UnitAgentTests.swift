@@ -83,7 +83,8 @@ struct UnitAgentTests {
             let out = try await f.driver.run(
                 ["sh", "-c", "i=0; while [ $i -lt 1000 ]; do (sleep 0 &); i=$((i+1)); done; echo looped"], in: sandbox, workingDirectory: nil,
                 timeout: .seconds(120))
-            #expect(out.stdout == Array("looped\n".utf8) && out.exitCode == 0, "\(String(decoding: out.stderr.prefix(300), as: UTF8.self))")
+            // No fork failed on the way (stderr would say "can't fork").
+            #expect(out.stdout == Array("looped\n".utf8) && out.exitCode == 0 && out.stderr.isEmpty, "\(String(decoding: out.stderr.prefix(300), as: UTF8.self))")
             let uid = try #require(sandbox.uid)
             let none = await eventually(.seconds(10)) { Self.zombies(uid: uid) == 0 }
             #expect(none, "\(Self.zombies(uid: uid)) zombies left")
@@ -131,6 +132,53 @@ struct UnitAgentTests {
             #expect(left.isEmpty, "\(left.map(\.name))")
             let sockets = (try? FileManager.default.contentsOfDirectory(atPath: f.stateDirectory + "/agents")) ?? []
             #expect(sockets.isEmpty, "socket directories left: \(sockets)")
+        }
+    }
+
+    @Test("a warm pool's unit sandbox has its agent running before any task, serves the task that takes it, and refills")
+    func warmPool() async throws {
+        try await DriverFixture.with(.unit) { f in
+            let systemd = try #require(f.systemd)
+            var spec = SandboxSpec()
+            spec.driver = "unit"
+            await f.manager.setPoolSize(1, for: spec)
+            await f.manager.fillPools()
+            #expect(await f.manager.pooledCount == 1)
+            let pooled = try await systemd.listUnits(matching: ["agentd-\(f.instance)-pool_*.service"], states: ["active"])
+            #expect(pooled.count == 1, "the pooled sandbox's agent service: \(pooled.map(\.name))")
+            let key = TaskKey(session: "pool", task: "t")
+            let result = await f.manager.execute(key, spec: spec, tool: "bash", input: Input.bash("echo warm; id -u"))
+            let sandbox = try #require(await f.manager.sandbox(of: key))
+            #expect(result.output == "warm\n\(try #require(sandbox.uid))\n")
+            #expect(sandbox.id == pooled.first.map { String($0.name.dropLast(".service".count)) + ".slice" })
+            await f.manager.fillPools()
+            #expect(await f.manager.pooledCount == 1)
+        }
+    }
+
+    @Test("a restarted agentd's driver lists a live sandbox with its uid, workspace and agent, finds the agent answering, and removes it all")
+    func restartedDriverFindsTheAgent() async throws {
+        try await withSandbox { f, sandbox in
+            try await f.driver.writeFile("kept.txt", contents: Array("kept".utf8), in: sandbox)
+            // A new driver over the same manager and state: nothing in memory but what systemd says.
+            let restarted = try UnitDriver(
+                manager: try #require(f.systemd), instance: f.instance, stateDirectory: f.stateDirectory, rootDirectory: try UnitRootfs.path(),
+                workspaces: f.workspaces)
+            let listed = try await restarted.list(instance: f.instance)
+            #expect(listed.map(\.id) == [sandbox.id])
+            let labels = try #require(listed.first?.labels)
+            for key in [SandboxLabel.uid, SandboxLabel.workspace, SandboxLabel.agent, SandboxLabel.session, SandboxLabel.task] {
+                #expect(labels[key] == sandbox.labels[key], "\(key)")
+            }
+            let found = SandboxHandle(id: sandbox.id, spec: sandbox.spec, labels: labels)
+            #expect(await restarted.agentAnswers(found))
+            #expect(try await restarted.readFile("kept.txt", in: found) == Array("kept".utf8))
+            try await restarted.destroy(id: sandbox.id)
+            #expect(await !restarted.agentAnswers(found))
+            let left = try await #require(f.systemd).listUnits(matching: ["agentd-\(f.instance)-*"], states: ["active", "activating", "deactivating", "failed"])
+            #expect(left.isEmpty, "\(left.map(\.name))")
+            #expect(((try? FileManager.default.contentsOfDirectory(atPath: f.stateDirectory + "/agents")) ?? []).isEmpty)
+            #expect(TestWorkspaces.mounted(f.workspaces.directory).isEmpty)
         }
     }
 
