@@ -42,7 +42,9 @@ struct DriverFixture {
         case .container:
             let engine = try await Components.engine()
             let state = "/tmp/agentd-container-test-\(instance)"
-            let driver = ContainerDriver(engine: engine, instance: instance, workspaces: try WorkspaceImages(directory: state + "/workspaces"))
+            let driver = ContainerDriver(
+                engine: engine, instance: instance, workspaces: try WorkspaceImages(directory: state + "/workspaces"),
+                agent: try AgentHands(directory: state + "/agents"))
             return DriverFixture(
                 kind: kind, manager: HandsManager(driver: driver, instance: instance), driver: driver, instance: instance, systemd: nil,
                 stateDirectory: state, workspaces: driver.workspaces)
@@ -124,6 +126,9 @@ enum TestWorkspaces {
         let directory = "/tmp/agentd-workspaces-test-\(instance)"
         return (try WorkspaceImages(directory: directory), directory)
     }
+
+    /// The sandbox agent (the one built next to the test bundle) with its sockets under `directory`.
+    static func agent(_ directory: String) throws -> AgentHands { try AgentHands(directory: directory + "/agents") }
 
     /// Unmounts (lazily) what is still mounted under `directory` and removes it.
     static func remove(_ directory: String) {
