@@ -133,7 +133,7 @@ struct AgentD: AsyncParsableCommand {
         if let systemdAddress {
             do {
                 let m = try await SystemdManager.connect(systemdAddress)
-                drivers.append(try UnitDriver(manager: m, instance: instance, stateDirectory: stateDir + "/hands", workspaces: workspaces))
+                drivers.append(try UnitDriver(manager: m, instance: instance, stateDirectory: stateDir + "/hands", agent: agent, workspaces: workspaces))
                 manager = m
             } catch {
                 logger.warning("no systemd manager: policies with `driver: unit` will be refused", metadata: ["error": "\(error)"])

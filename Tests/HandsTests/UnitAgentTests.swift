@@ -8,89 +8,10 @@ import TestSupport
 
 /// The unit driver's sandbox is one long-lived service running the sandbox agent: commands and
 /// files go through the agent's socket, with the service's isolation and the slice's limits.
+/// (Exact output, large files, timeouts, limits and orphans: `AgentConformanceTests`, over
+/// both drivers.)
 @Suite("Hands on systemd units: the sandbox agent", .serialized)
 struct UnitAgentTests {
-    @Test("stdout, stderr and the exit code come back exactly, binary bytes included")
-    func exactOutput() async throws {
-        try await withSandbox { f, sandbox in
-            let out = try await f.driver.run(["sh", "-c", "printf 'out\\n'; printf 'err' >&2; exit 7"], in: sandbox, workingDirectory: nil, timeout: .seconds(30))
-            #expect(out == CommandOutput(stdout: Array("out\n".utf8), stderr: Array("err".utf8), exitCode: 7))
-            let binary = try await f.driver.run(["printf", "\\000\\001\\200\\377"], in: sandbox, workingDirectory: nil, timeout: .seconds(30))
-            #expect(binary.stdout == [0, 1, 0x80, 0xFF] && binary.exitCode == 0, "\(binary)")
-            let signalled = try await f.driver.run(["sh", "-c", "kill -TERM $$"], in: sandbox, workingDirectory: nil, timeout: .seconds(30))
-            #expect(signalled.exitCode == 128 + Int(SIGTERM) && !signalled.timedOut)
-        }
-    }
-
-    @Test("300 000 random bytes round trip through write_file, a command's stdout and read_file; the file is the sandbox user's")
-    func roundTrip() async throws {
-        try await withSandbox { f, sandbox in
-            var generator = SeededGenerator(seed: 300_000)
-            let bytes = (0..<300_000).map { _ in UInt8.random(in: 0...255, using: &generator) }
-            try await f.driver.writeFile("data/random.bin", contents: bytes, in: sandbox)
-            let cat = try await f.driver.run(["cat", "data/random.bin"], in: sandbox, workingDirectory: nil, timeout: .seconds(30))
-            #expect(cat.stdout == bytes && cat.exitCode == 0 && !cat.truncated)
-            #expect(try await f.driver.readFile("/workspace/data/random.bin", in: sandbox) == bytes)
-            // Written by the agent as the sandbox's user, never root.
-            var st = stat()
-            let host = f.workspaces.hostPath(try #require(sandbox.workspace))
-            #expect(stat(host + "/data/random.bin", &st) == 0)
-            #expect(Int(st.st_uid) == sandbox.uid && Int(st.st_gid) == sandbox.uid)
-            #expect(stat(host + "/data", &st) == 0 && Int(st.st_uid) == sandbox.uid)
-        }
-    }
-
-    @Test("a command past its timeout is killed with its whole process group: no process of it survives")
-    func timeoutKillsTheGroup() async throws {
-        try await withSandbox { f, sandbox in
-            let uid = try #require(sandbox.uid)
-            let before = Set(IsolationTests.processes(uid: uid))
-            let out = try await f.driver.run(
-                ["sh", "-c", "sleep 300 & sleep 300 & echo started; sleep 300"], in: sandbox, workingDirectory: nil, timeout: .seconds(2))
-            #expect(out.timedOut && out.exitCode == 137, "\(out)")
-            #expect(out.stdout == Array("started\n".utf8))
-            // Only the agent is left (killed processes are reaped as they die).
-            let clean = await eventually(.seconds(10)) { Set(IsolationTests.processes(uid: uid)) == before }
-            #expect(clean, "left behind: \(Set(IsolationTests.processes(uid: uid)).subtracting(before).map(Self.commandLine))")
-            let again = try await f.driver.run(["echo", "still here"], in: sandbox, workingDirectory: nil, timeout: .seconds(30))
-            #expect(again.stdout == Array("still here\n".utf8))
-        }
-    }
-
-    @Test("a fork bomb is contained by the slice's TasksMax: forks fail inside, nothing of it survives, the sandbox runs commands again")
-    func forkBomb() async throws {
-        var spec = SandboxSpec()
-        spec.pids = 64
-        try await withSandbox(spec) { f, sandbox in
-            // Every level forks two more until the slice's 64 tasks are used up; then forks fail
-            // and the bomb collapses (or is killed with its group at the timeout).
-            let out = try await f.driver.run(["sh", "-c", "b() { b | b; }; b"], in: sandbox, workingDirectory: nil, timeout: .seconds(20))
-            let stderr = String(decoding: out.stderr, as: UTF8.self)
-            #expect(stderr.contains("can't fork") || stderr.contains("Resource temporarily unavailable"), "\(out.exitCode) \(stderr.prefix(300))")
-            let uid = try #require(sandbox.uid)
-            let settled = await eventually(.seconds(10)) { IsolationTests.processes(uid: uid).count == 1 }
-            #expect(settled, "processes of the sandbox after the bomb: \(IsolationTests.processes(uid: uid).map(Self.commandLine))")
-            let again = try await f.driver.run(["echo", "alive"], in: sandbox, workingDirectory: nil, timeout: .seconds(30))
-            #expect(again.stdout == Array("alive\n".utf8))
-        }
-    }
-
-    @Test("1000 orphaned children leave no zombie: the agent reaps them")
-    func orphansAreReaped() async throws {
-        try await withSandbox { f, sandbox in
-            // Each subshell starts a child and exits at once: the child is orphaned. Unreaped,
-            // 1000 of them would exhaust the slice's 256 pids long before the loop ends.
-            let out = try await f.driver.run(
-                ["sh", "-c", "i=0; while [ $i -lt 1000 ]; do (sleep 0 &); i=$((i+1)); done; echo looped"], in: sandbox, workingDirectory: nil,
-                timeout: .seconds(120))
-            // No fork failed on the way (stderr would say "can't fork").
-            #expect(out.stdout == Array("looped\n".utf8) && out.exitCode == 0 && out.stderr.isEmpty, "\(String(decoding: out.stderr.prefix(300), as: UTF8.self))")
-            let uid = try #require(sandbox.uid)
-            let none = await eventually(.seconds(10)) { Self.zombies(uid: uid) == 0 }
-            #expect(none, "\(Self.zombies(uid: uid)) zombies left")
-        }
-    }
-
     @Test("output streams: the first chunk reaches the sink while the command still runs")
     func streaming() async throws {
         try await withSandbox { f, sandbox in
@@ -184,10 +105,10 @@ struct UnitAgentTests {
 
     // MARK: - helpers
 
-    /// A unit fixture with one provisioned sandbox of `spec`, destroyed afterwards.
-    func withSandbox(_ spec: SandboxSpec = SandboxSpec(), _ body: (DriverFixture, SandboxHandle) async throws -> Void) async throws {
+    /// A unit fixture with one provisioned sandbox, destroyed afterwards.
+    func withSandbox(_ body: (DriverFixture, SandboxHandle) async throws -> Void) async throws {
         try await DriverFixture.with(.unit) { f in
-            let sandbox = try await f.driver.provision(spec, labels: [SandboxLabel.session: "agent", SandboxLabel.task: "t"])
+            let sandbox = try await f.driver.provision(SandboxSpec(), labels: [SandboxLabel.session: "agent", SandboxLabel.task: "t"])
             do {
                 try await body(f, sandbox)
                 try await f.driver.destroy(sandbox)
@@ -196,18 +117,5 @@ struct UnitAgentTests {
                 throw error
             }
         }
-    }
-
-    /// Zombies among the host's processes of `uid`.
-    static func zombies(uid: Int) -> Int {
-        IsolationTests.processes(uid: uid).filter { pid in
-            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return false }
-            return stat[stat.index(after: close)...].hasPrefix(" Z")
-        }.count
-    }
-
-    static func commandLine(_ pid: pid_t) -> String {
-        let raw = (try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline"))) ?? Data()
-        return "\(pid): " + String(decoding: raw.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
     }
 }
