@@ -56,6 +56,29 @@ struct UnitAgentTests {
         }
     }
 
+    @Test("a unit sandbox sees only its own socket directory, which takes no files, and nothing of agentd's state; it goes with the sandbox")
+    func ownSocketOnly() async throws {
+        try await DriverFixture.with(.unit) { f in
+            let key = TaskKey(session: "own", task: "t")
+            let driver = try #require(f.driver as? UnitDriver)
+            let result = await f.manager.execute(
+                key, spec: SandboxSpec(), tool: "bash",
+                input: Input.bash(
+                    "ls -A /run/agentd; touch /run/agentd/x 2>/dev/null || echo refused; ls -A /run /run/user; ls \(f.stateDirectory) 2>/dev/null || echo no-state"))
+            // /run/user is ProtectHome's empty tmpfs.
+            #expect(result.output == "agent.sock\nrefused\n/run:\nagentd\nagentd-agent\nuser\n\n/run/user:\nno-state\n", "\(result.output)")
+            let sandbox = try #require(await f.manager.sandbox(of: key))
+            let directory = driver.agent.hostDirectory(try #require(sandbox.agent))
+            var st = stat()
+            #expect(stat(directory, &st) == 0 && st.st_uid == 0 && st.st_mode & 0o7777 == 0o755)
+            #expect(try FileManager.default.contentsOfDirectory(atPath: directory) == [AgentHands.socketName])
+            #expect(await driver.agentAnswers(sandbox))
+            #expect(await f.manager.endTask(key))
+            #expect(!FileManager.default.fileExists(atPath: directory))
+            #expect(await !driver.agentAnswers(sandbox))
+        }
+    }
+
     @Test("a warm pool's unit sandbox has its agent running before any task, serves the task that takes it, and refills")
     func warmPool() async throws {
         try await DriverFixture.with(.unit) { f in
