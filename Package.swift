@@ -36,7 +36,7 @@ let package = Package(
         .target(name: "JSONValues", swiftSettings: strict),
         // The sandbox agent's wire protocol, shared by the agent and agentd (no Foundation).
         .target(name: "SandboxAgentProtocol", exclude: ["README.md"], swiftSettings: strict),
-        // The sandbox agent's logic (Foundation-free, so the agent links statically).
+        // GNU calls the Swift Glibc module does not import (accept4, pipe2, prctl, …), for the agent.
         .target(name: "CSandboxAgent"),
         // agentd's client of the sandbox agent: bounded frames, deadlines, on a shared NIO event loop group.
         .target(
@@ -46,8 +46,10 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ],
+            exclude: ["README.md"],
             swiftSettings: strict),
-        .target(name: "SandboxAgent", dependencies: ["SandboxAgentProtocol", "CSandboxAgent"], swiftSettings: strict),
+        // The sandbox agent's logic (Foundation-free, so the agent links statically).
+        .target(name: "SandboxAgent", dependencies: ["SandboxAgentProtocol", "CSandboxAgent"], exclude: ["README.md"], swiftSettings: strict),
         // Every request and response body of the API, shared by the server and its clients.
         .target(name: "AgentdAPI", dependencies: ["JSONValues"], swiftSettings: strict),
         .target(name: "CurlHTTP", dependencies: ["CCurl", "Blocking"], swiftSettings: strict),
@@ -187,7 +189,13 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
-        .testTarget(name: "SandboxAgentTests", dependencies: ["SandboxAgentProtocol"], swiftSettings: strict),
+        // The protocol, the agent binary (run as a host process on a temp socket) and the client,
+        // including a hostile fake agent. The agent is not a dependency: an executable's
+        // -static-executable flag would reach the test bundle's link; `swift build --build-tests`
+        // builds it with every other product.
+        .testTarget(
+            name: "SandboxAgentTests", dependencies: ["SandboxAgentProtocol", "SandboxAgentClient", "TestSupport"],
+            swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(
             name: "RuntimeTests", dependencies: ["Runtime", "Hands", "SessionLog", "Policy", "Vault", "JSONValues", "TestSupport"],

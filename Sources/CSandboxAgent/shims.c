@@ -11,3 +11,4 @@ int csa_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path) {
 }
 short csa_spawn_setsid_flag(void) { return POSIX_SPAWN_SETSID; }
 int csa_become_subreaper(void) { return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); }
+int csa_msg_nosignal(void) { return MSG_NOSIGNAL; }

@@ -116,9 +116,10 @@ public enum SandboxAgent {
                 server.reaper.reapAll()
             case SIGTERM, SIGINT:
                 for group in server.reaper.runningGroups() { kill(-group, sig) }
-                // Give the commands a moment to exit, reaping them as they do, then go.
+                // Give the commands a moment to exit (reaping them as they do) and their
+                // connections to report it, then go.
                 let until = Posix.now() + 2_000_000_000
-                while server.reaper.runningCount > 0 && Posix.now() < until {
+                while (server.reaper.runningCount > 0 || server.activeConnections > 0) && Posix.now() < until {
                     var ts = timespec(tv_sec: 0, tv_nsec: 20_000_000)
                     var sigchld = sigset_t()
                     sigemptyset(&sigchld)

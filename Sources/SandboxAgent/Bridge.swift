@@ -65,12 +65,7 @@ struct Bridge: Sendable {
     /// Copies bytes both ways until both directions reach end of file.
     static func splice(_ client: Int32, to target: String) {
         defer { close(client) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        guard target.utf8.count < MemoryLayout.size(ofValue: address.sun_path) else { return }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, byte) in target.utf8.enumerated() { raw[i] = byte }
-        }
+        guard var address = Posix.unixAddress(target) else { return }
         let upstream = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard upstream >= 0 else { return }
         defer { close(upstream) }

@@ -284,6 +284,7 @@ private struct ExecLoop {
                     }
                 } else if p.fd == stdin {
                     writeStdin()
+                    if stdinPendingOffset >= stdinPending.count, let outcome = handleBuffered() { return outcome }
                 }
             }
         }
@@ -322,7 +323,7 @@ private struct ExecLoop {
     /// Sends what the socket takes now; false when the host is gone.
     mutating func flushSome() -> Bool {
         let n = pending[pendingOffset...].withUnsafeBytes { raw in
-            send(connection.fd, raw.baseAddress!, raw.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+            send(connection.fd, raw.baseAddress!, raw.count, csa_msg_nosignal() | Int32(MSG_DONTWAIT))
         }
         if n < 0 { return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR }
         pendingOffset += n
@@ -336,6 +337,12 @@ private struct ExecLoop {
     /// Handles what the host sent: stdin frames, or a hang-up.
     mutating func readHost() -> Outcome? {
         guard connection.receiveAvailable() else { return .hostGone }
+        return handleBuffered()
+    }
+
+    /// Handles the host's frames already read, while no stdin waits to be written (frames stay
+    /// buffered, and the socket unread, until the command takes its stdin).
+    mutating func handleBuffered() -> Outcome? {
         while stdinPendingOffset >= stdinPending.count {
             let message: AgentMessage?
             do {

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CSandboxAgent
 
 /// Small POSIX helpers shared by the agent's parts.
 enum Posix {
@@ -30,10 +31,21 @@ enum Posix {
     /// Writes everything, retrying on EINTR; false when the descriptor fails.
     @discardableResult
     static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        transferAll(bytes) { write(fd, $0, $1) }
+    }
+
+    /// Sends everything on a socket without raising SIGPIPE; false when the peer is gone or the
+    /// send timeout passed.
+    @discardableResult
+    static func sendAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+        transferAll(bytes) { send(fd, $0, $1, csa_msg_nosignal()) }
+    }
+
+    private static func transferAll(_ bytes: [UInt8], _ call: (UnsafeRawPointer, Int) -> Int) -> Bool {
         bytes.withUnsafeBytes { raw in
             var offset = 0
             while offset < raw.count {
-                let n = write(fd, raw.baseAddress! + offset, raw.count - offset)
+                let n = call(raw.baseAddress! + offset, raw.count - offset)
                 if n < 0 {
                     if errno == EINTR { continue }
                     return false
@@ -44,22 +56,15 @@ enum Posix {
         }
     }
 
-    /// Sends everything on a socket without raising SIGPIPE; false when the peer is gone or the
-    /// send timeout passed.
-    @discardableResult
-    static func sendAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
-        bytes.withUnsafeBytes { raw in
-            var offset = 0
-            while offset < raw.count {
-                let n = send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    return false
-                }
-                offset += n
-            }
-            return true
+    /// The address of a unix socket at `path`; nil when the path is too long for one.
+    static func unixAddress(_ path: String) -> sockaddr_un? {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        guard path.utf8.count < MemoryLayout.size(ofValue: address.sun_path) else { return nil }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, byte) in path.utf8.enumerated() { raw[i] = byte }
         }
+        return address
     }
 
     /// Reads up to `max` bytes of a small file (cgroup and proc files); nil when it cannot be read.

@@ -21,6 +21,9 @@ final class Server: Sendable {
 
     init(umask: mode_t) { self.umask = umask }
 
+    /// Connections being served.
+    var activeConnections: Int { active.load(ordering: .relaxed) }
+
     /// Creates the socket at `path` with mode 0600, replacing a stale socket.
     static func listen(at path: String) throws(AgentStartError) -> Int32 {
         var st = stat()
@@ -30,14 +33,8 @@ final class Server: Sendable {
             }
             unlink(path)
         }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let capacity = MemoryLayout.size(ofValue: address.sun_path)
-        guard path.utf8.count < capacity else {
-            throw AgentStartError("socket path \(path) is longer than \(capacity - 1) bytes")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, byte) in path.utf8.enumerated() { raw[i] = byte }
+        guard var address = Posix.unixAddress(path) else {
+            throw AgentStartError("socket path \(path) is longer than \(MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 1) bytes")
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw AgentStartError("cannot create a socket: \(Posix.message(errno))") }

@@ -26,6 +26,11 @@ final class AgentFrameHandler: ChannelInboundHandler {
     }
 }
 
+/// An error of the caller's own (its chunk sequence or callback threw), passed through unchanged.
+struct PassThrough: Error {
+    let error: any Error
+}
+
 /// Failures raised inside the pipeline, mapped to `SandboxAgentError` by the caller.
 enum ConnectionFailure: Error {
     case violation(String)
@@ -48,10 +53,11 @@ extension SandboxAgentClient {
         }
     }
 
-    /// Connects, exchanges hellos, and runs `body` with the connection; the whole exchange is
-    /// bounded by `timeout` (connecting by `connectTimeout` too).
+    /// Connects, sends the hello and `request` together, and runs `body` with the connection
+    /// (which reads the agent's hello first); the whole exchange is bounded by `timeout`
+    /// (connecting by `connectTimeout` too).
     func withConnection<Result: Sendable>(
-        timeout: Duration, _ body: (inout NIOAsyncChannelInboundStream<AgentMessage>.AsyncIterator, NIOAsyncChannelOutboundWriter<ByteBuffer>, Channel) async throws -> Result
+        timeout: Duration, request: AgentMessage, _ body: (inout NIOAsyncChannelInboundStream<AgentMessage>.AsyncIterator, NIOAsyncChannelOutboundWriter<ByteBuffer>, Channel) async throws -> Result
     ) async throws -> Result {
         let channel: NIOAsyncChannel<AgentMessage, ByteBuffer>
         do {
@@ -77,12 +83,20 @@ extension SandboxAgentClient {
         do {
             return try await channel.executeThenClose { inbound, outbound in
                 var iterator = inbound.makeAsyncIterator()
-                try await outbound.write(Self.buffer(.hello(AgentHello(software: "agentd"))))
+                do {
+                    try await outbound.write(ByteBuffer(bytes: AgentMessage.hello(AgentHello(software: "agentd")).frame() + request.frame()))
+                } catch {
+                    // The channel failed before the request was out: the reason (a violation, the
+                    // deadline) is in the inbound stream.
+                    while try await iterator.next() != nil {}
+                    throw error
+                }
                 let result = try await body(&iterator, outbound, raw)
                 return result
             }
         } catch {
             if error is CancellationError { throw error }
+            if let own = error as? PassThrough { throw own.error }
             throw fail(error, timeout: timeout)
         }
     }

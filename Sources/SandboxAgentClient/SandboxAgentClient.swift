@@ -21,24 +21,24 @@ public struct SandboxAgentClient: Sendable {
     }
 
     public func health(timeout: Duration = .seconds(5)) async throws -> AgentHealth {
-        try await withConnection(timeout: timeout) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.healthRequest))
-            try await Self.expectHello(&inbound)
-            switch try await Self.next(&inbound, expecting: "the health answer") {
-            case .health(let health): return health
-            case let other: throw ConnectionFailure.violation("expected health, got \(other.type)")
-            }
-        }
+        try await single(.healthRequest, timeout: timeout) { if case .health(let h) = $0 { h } else { nil } }
     }
 
     public func limits(timeout: Duration = .seconds(5)) async throws -> AgentLimits {
-        try await withConnection(timeout: timeout) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.limitsRequest))
+        try await single(.limitsRequest, timeout: timeout) { if case .limits(let l) = $0 { l } else { nil } }
+    }
+
+    /// A request answered by one message, which `answer` extracts (nil: the wrong message).
+    private func single<T: Sendable>(
+        _ request: AgentMessage, timeout: Duration, _ answer: @Sendable (AgentMessage) -> T?
+    ) async throws -> T {
+        try await withConnection(timeout: timeout, request: request) { inbound, _, _ in
             try await Self.expectHello(&inbound)
-            switch try await Self.next(&inbound, expecting: "the limits answer") {
-            case .limits(let limits): return limits
-            case let other: throw ConnectionFailure.violation("expected limits, got \(other.type)")
+            let message = try await Self.next(&inbound, expecting: "the answer to \(request.type)")
+            guard let value = answer(message) else {
+                throw ConnectionFailure.violation("unexpected \(message.type) frame in answer to \(request.type)")
             }
+            return value
         }
     }
 
@@ -53,8 +53,8 @@ public struct SandboxAgentClient: Sendable {
             timeoutMilliseconds: UInt64((Self.nanoseconds(request.timeout) + 999_999) / 1_000_000),
             outputLimit: UInt64(max(request.outputLimit, 0)))
         let limit = max(request.outputLimit, 0)
-        return try await withConnection(timeout: request.timeout + Self.execGrace) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.execRequest(message)))
+        return try await withConnection(timeout: request.timeout + Self.execGrace, request: .execRequest(message)) {
+            inbound, outbound, _ in
             // stdin is written beside the reading: a command that writes before it reads must not
             // wait on a host that writes before it reads.
             let writer = stdin.isEmpty ? nil : Task {
@@ -107,8 +107,8 @@ public struct SandboxAgentClient: Sendable {
     public func readFile(
         _ path: String, limit: Int, timeout: Duration, chunk: @Sendable ([UInt8]) async throws -> Void
     ) async throws {
-        try await withConnection(timeout: timeout) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.readFileRequest(path: path, limit: UInt64(max(limit, 0)))))
+        try await withConnection(timeout: timeout, request: .readFileRequest(path: path, limit: UInt64(max(limit, 0)))) {
+            inbound, _, _ in
             try await Self.expectHello(&inbound)
             guard case .fileInfo(let info) = try await Self.next(&inbound, expecting: "the file") else {
                 throw ConnectionFailure.violation("expected fileInfo first when reading \(path)")
@@ -124,7 +124,11 @@ public struct SandboxAgentClient: Sendable {
                     guard total <= limit else {
                         throw ConnectionFailure.violation("sent more than the limit of \(limit) bytes for \(path)")
                     }
-                    try await chunk(bytes)
+                    do {
+                        try await chunk(bytes)
+                    } catch {
+                        throw PassThrough(error: error)
+                    }
                 case .fileEnd:
                     return
                 case let other:
@@ -145,8 +149,7 @@ public struct SandboxAgentClient: Sendable {
         _ path: String, chunks: S, mode: UInt32?, timeout: Duration
     ) async throws where S.Element == [UInt8] {
         let sourceError = Locked<(any Error)?>(nil)
-        try await withConnection(timeout: timeout) { inbound, outbound, channel in
-            try await outbound.write(Self.buffer(.writeFileRequest(path: path, mode: mode)))
+        try await withConnection(timeout: timeout, request: .writeFileRequest(path: path, mode: mode)) { inbound, outbound, channel in
             let writer = Task {
                 do {
                     for try await piece in chunks {
@@ -174,7 +177,7 @@ public struct SandboxAgentClient: Sendable {
                 case let other: throw ConnectionFailure.violation("unexpected \(other.type) frame while writing \(path)")
                 }
             } catch {
-                if let source = sourceError.get() { throw source }
+                if let source = sourceError.get() { throw PassThrough(error: source) }
                 throw error
             }
         }
@@ -183,8 +186,7 @@ public struct SandboxAgentClient: Sendable {
     /// Lists a directory (not recursively), sorted by name; more than `maximumEntries` entries
     /// is an error rather than an unbounded answer.
     public func list(_ path: String, timeout: Duration, maximumEntries: Int = 100_000) async throws -> [AgentFileEntry] {
-        try await withConnection(timeout: timeout) { inbound, outbound, _ in
-            try await outbound.write(Self.buffer(.listRequest(path: path)))
+        try await withConnection(timeout: timeout, request: .listRequest(path: path)) { inbound, _, _ in
             try await Self.expectHello(&inbound)
             var entries: [AgentFileEntry] = []
             while true {

@@ -11,4 +11,6 @@ int csa_spawn_addchdir(posix_spawn_file_actions_t *actions, const char *path);
 short csa_spawn_setsid_flag(void);
 /// prctl(PR_SET_CHILD_SUBREAPER, 1): orphans below this process become its children.
 int csa_become_subreaper(void);
+/// MSG_NOSIGNAL: send() on a socket whose peer is gone fails with EPIPE instead of raising SIGPIPE.
+int csa_msg_nosignal(void);
 #endif
