@@ -59,7 +59,9 @@ public struct AgentHands: Sendable {
     /// - Throws: `HandsError.provisioning` when the directory cannot be made or its sockets'
     ///   paths would be too long for a unix socket address.
     public init(executable: String? = nil, directory: String) throws {
-        self.executable = executable ?? Self.defaultExecutable()
+        // Absolute: the engine bind-mounts it, and systemd takes only absolute paths.
+        let given = executable ?? Self.defaultExecutable()
+        self.executable = given.hasPrefix("/") ? given : FileManager.default.currentDirectoryPath + "/" + given
         self.directory = directory
         // sockaddr_un holds 107 bytes of path: <directory>/<name>/agent.sock.
         let longest = directory.utf8.count + 1 + Self.nameLength + 1 + Self.socketName.utf8.count
@@ -127,9 +129,11 @@ public struct AgentHands: Sendable {
         return path
     }
 
-    /// Removes agent `name`'s directory and what is in it. Idempotent.
+    /// Removes agent `name`'s directory and what is in it, and forgets what was read from it.
+    /// Idempotent.
     public func remove(_ name: String) {
         guard (try? Self.checkName(name)) != nil else { return }
+        oomCounts.remove(name)
         let path = hostDirectory(name)
         // Only entries the agent made (its socket); never follows a link.
         if let entries = try? FileManager.default.contentsOfDirectory(atPath: path) {
@@ -208,7 +212,7 @@ public struct AgentHands: Sendable {
         return (try? await client(agentName).health(timeout: timeout)) != nil
     }
 
-    /// Forgets what was read from agent `name` (its sandbox is gone).
+    /// Forgets what was read from agent `name` (its sandbox is gone; `remove` does it too).
     public func forget(_ name: String) { oomCounts.remove(name) }
 
     // MARK: - commands and files

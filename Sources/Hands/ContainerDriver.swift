@@ -128,7 +128,6 @@ public struct ContainerDriver: HandsDriver {
         } catch {
             _ = try? await engine.removeContainer(id, force: true)
             agent.remove(agentName)
-            agent.forget(agentName)
             await workspaces.close(workspace.name)
             throw error
         }
@@ -172,7 +171,7 @@ public struct ContainerDriver: HandsDriver {
 
     public func destroy(_ sandbox: SandboxHandle) async throws {
         try await remove(sandbox.id)
-        if let name = sandbox.agent { removeAgent(name) }
+        if let name = sandbox.agent { agent.remove(name) }
         if let name = sandbox.workspace { await workspaces.close(name) }
     }
 
@@ -180,13 +179,8 @@ public struct ContainerDriver: HandsDriver {
         // Known only by id (reconcile): its labels name its workspace and agent.
         let labels = (try? await engine.inspectContainer(id))?.Config?.Labels ?? [:]
         try await remove(id)
-        if let name = labels[SandboxLabel.agent] { removeAgent(name) }
+        if let name = labels[SandboxLabel.agent] { agent.remove(name) }
         if let name = labels[SandboxLabel.workspace] { await workspaces.close(name) }
-    }
-
-    private func removeAgent(_ name: String) {
-        agent.remove(name)
-        agent.forget(name)
     }
 
     private func remove(_ id: String) async throws {

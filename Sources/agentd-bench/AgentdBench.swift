@@ -160,21 +160,14 @@ enum AgentdBench {
         guard case .unixSocket(let path) = engine.endpoint else { return }
         let raw = RawUnixHTTP(socketPath: path)
         let create = #"{"Image":"agentd-base:latest","Cmd":["sleep","600"],"Labels":{"agentd.bench":"bare-exec"},"HostConfig":{"NetworkMode":"none"}}"#
-        let (_, created) = try raw.send("POST", "/v1.41/containers/create", json: create)
-        guard let running = RawUnixHTTP.field("Id", in: created) else { throw RawUnixHTTP.Failure(description: "raw create failed") }
-        defer { _ = try? raw.send("DELETE", "/v1.41/containers/\(running)?force=true&v=true") }
-        _ = try raw.send("POST", "/v1.41/containers/\(running)/start")
+        let running = try raw.startContainer(create)
+        defer { raw.removeContainer(running) }
         let exec = #"{"AttachStdout":true,"AttachStderr":true,"Cmd":["sh","-c","echo hi"]}"#
         guard try await bash(client, session, "echo hi") == "hi\n" else { throw RawUnixHTTP.Failure(description: "warm execute failed") }
         var bare: [Double] = []
         var api: [Double] = []
         for i in 0...200 {
-            let t0 = now()
-            let (_, b) = try raw.send("POST", "/v1.41/containers/\(running)/exec", json: exec)
-            guard let id = RawUnixHTTP.field("Id", in: b) else { throw RawUnixHTTP.Failure(description: "raw exec failed") }
-            _ = try raw.send("POST", "/v1.41/exec/\(id)/start", json: #"{"Detach":false,"Tty":false}"#)
-            _ = try raw.send("GET", "/v1.41/exec/\(id)/json")
-            let b0 = now() - t0
+            let b0 = try raw.exec(in: running, body: exec)
             let t1 = now()
             _ = try await bash(client, session, "echo hi")
             let a = now() - t1

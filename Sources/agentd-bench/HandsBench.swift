@@ -54,18 +54,11 @@ enum HandsBench {
         // 2. Execute on warm-pool Hands vs a bare exec on an already running container.
         await hands.setPoolSize(1, for: spec)
         await hands.fillPools()
-        let (_, created) = try raw.send("POST", "/v1.41/containers/create", json: create)
-        guard let running = RawUnixHTTP.field("Id", in: created) else { throw RawUnixHTTP.Failure(description: "raw create failed") }
-        _ = try raw.send("POST", "/v1.41/containers/\(running)/start")
+        let running = try raw.startContainer(create)
         var bare: [Double] = []
         var warm: [Double] = []
         for i in 0...iterations * 2 {
-            let t0 = now()
-            let (_, b) = try raw.send("POST", "/v1.41/containers/\(running)/exec", json: execBody)
-            guard let exec = RawUnixHTTP.field("Id", in: b) else { throw RawUnixHTTP.Failure(description: "raw exec failed") }
-            _ = try raw.send("POST", "/v1.41/exec/\(exec)/start", json: #"{"Detach":false,"Tty":false}"#)
-            _ = try raw.send("GET", "/v1.41/exec/\(exec)/json")
-            let b0 = now() - t0
+            let b0 = try raw.exec(in: running, body: execBody)
             let t1 = now()
             _ = await hands.execute(TaskKey(session: "bench", task: "warm"), spec: spec, tool: "bash", input: input)
             let w = now() - t1
@@ -74,7 +67,7 @@ enum HandsBench {
                 warm.append(w)
             }
         }
-        _ = try raw.send("DELETE", "/v1.41/containers/\(running)?force=true&v=true")
+        raw.removeContainer(running)
         bare.sort()
         warm.sort()
         report.figure("raw.engine.exec_running.p50", percentile(bare, 50) * 1000, "ms")
@@ -123,11 +116,9 @@ enum HandsBench {
         var ready: [Double] = []
         for i in 0...iterations {
             let t0 = now()
-            let (status, created) = try raw.send("POST", "/v1.41/containers/create", json: create)
-            guard status == 201, let id = RawUnixHTTP.field("Id", in: created) else { throw RawUnixHTTP.Failure(description: "raw create failed") }
-            _ = try raw.send("POST", "/v1.41/containers/\(id)/start")
+            let id = try raw.startContainer(create)
             let p = now() - t0
-            _ = try raw.send("DELETE", "/v1.41/containers/\(id)?force=true&v=true")
+            raw.removeContainer(id)
             let t1 = now()
             let sandbox = try await driver.provision(SandboxSpec(), labels: [SandboxLabel.session: "bench", SandboxLabel.task: "p\(i)"])
             let r = now() - t1
@@ -149,19 +140,14 @@ enum HandsBench {
     static func firstByte(_ driver: ContainerDriver, raw: RawUnixHTTP, create: String, _ report: Reporter) async throws {
         let command = ["sh", "-c", "echo first; sleep 0.3; echo last"]
         let sandbox = try await driver.provision(SandboxSpec(), labels: [SandboxLabel.session: "bench", SandboxLabel.task: "first-byte"])
-        let (_, created) = try raw.send("POST", "/v1.41/containers/create", json: create)
-        guard let running = RawUnixHTTP.field("Id", in: created) else { throw RawUnixHTTP.Failure(description: "raw create failed") }
-        _ = try raw.send("POST", "/v1.41/containers/\(running)/start")
+        let running = try raw.startContainer(create)
         let body = String(
             decoding: try JSONSerialization.data(withJSONObject: ["AttachStdout": true, "AttachStderr": true, "Cmd": command]), as: UTF8.self)
         var bare: [Double] = []
         var streamed: [Double] = []
         for i in 0...iterations {
-            let t0 = now()
-            let (_, b) = try raw.send("POST", "/v1.41/containers/\(running)/exec", json: body)
-            guard let exec = RawUnixHTTP.field("Id", in: b) else { throw RawUnixHTTP.Failure(description: "raw exec failed") }
-            _ = try raw.send("POST", "/v1.41/exec/\(exec)/start", json: #"{"Detach":false,"Tty":false}"#)
-            let b0 = now() - t0
+            // The engine's exec answers with the output at the command's end.
+            let b0 = try raw.exec(in: running, body: body, inspect: false)
             let first = FirstChunk()
             let t1 = now()
             _ = try await driver.run(command, in: sandbox, workingDirectory: nil, timeout: .seconds(30), output: { _, _ in first.mark() })
@@ -170,7 +156,7 @@ enum HandsBench {
                 streamed.append(at - t1)
             }
         }
-        _ = try raw.send("DELETE", "/v1.41/containers/\(running)?force=true&v=true")
+        raw.removeContainer(running)
         try await driver.destroy(sandbox)
         bare.sort()
         streamed.sort()

@@ -121,7 +121,8 @@ struct HostileAgentTests {
             let result = await f.manager.execute(key, spec: spec, tool: "bash", input: Input.bash("echo hi"))
             let elapsed = ContinuousClock.now - started
             #expect(result.isError && result.output.contains("agent") && result.output.contains("fresh sandbox"), "\(result.output)")
-            #expect(elapsed < .seconds(40), "answered after \(elapsed)")
+            // The command's 2 s, the client's grace after it, a moment to tell a dead agent apart.
+            #expect(elapsed < .seconds(20), "answered after \(elapsed)")
             #expect(await f.manager.sandbox(of: key) == nil, "the sandbox was discarded")
             let again = await f.manager.execute(key, spec: spec, tool: "bash", input: Input.bash("echo back"))
             #expect(again == ToolResult(output: "back\n", isError: false, exitCode: 0))
