@@ -121,10 +121,9 @@ public struct UnitDriver: HandsDriver {
             try await startSlice(sandbox, description: Self.description(labels: labels, spec: spec, workspace: workspace, agent: agentName))
             try await startAgent(sandbox, workspace: workspace, agentName: agentName)
         } catch {
-            _ = try? await stop(id)
+            try? await stop(id)
             sliceRecords.remove(id)
             agent.remove(agentName)
-            agent.forget(agentName)
             await closeWorkspace(workspace.name, uid: workspace.uid)
             throw error
         }
@@ -263,7 +262,7 @@ public struct UnitDriver: HandsDriver {
     public func destroy(_ sandbox: SandboxHandle) async throws {
         try await stop(sandbox.id)
         sliceRecords.remove(sandbox.id)
-        if let name = sandbox.agent { removeAgent(name) }
+        if let name = sandbox.agent { agent.remove(name) }
         if let name = sandbox.workspace { await closeWorkspace(name, uid: sandbox.uid) }
     }
 
@@ -274,18 +273,12 @@ public struct UnitDriver: HandsDriver {
         if let held, workspaces.uids.uid(of: name) == nil { UserRecords.remove(held) }
     }
 
-    /// Removes agent `name`'s socket directory and what was read from it.
-    private func removeAgent(_ name: String) {
-        agent.remove(name)
-        agent.forget(name)
-    }
-
     public func destroy(id: String) async throws {
         try await stop(id)
         // Only a name of this instance's form, so that no id can name another's workspace.
         guard UnitNames.labels(ofSlice: id, instance: instance) != nil else { return }
         let record = sliceRecords.remove(id)
-        if let name = record?.agent { removeAgent(name) }
+        if let name = record?.agent { agent.remove(name) }
         await closeWorkspace(record?.workspace ?? WorkspaceImages.taskName(String(id.dropLast(".slice".count))), uid: nil)
     }
 

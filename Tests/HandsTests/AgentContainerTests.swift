@@ -10,9 +10,9 @@ import TestSupport
 /// files reach it.
 @Suite("Container sandboxes run the sandbox agent")
 struct AgentContainerTests {
-    @Test("output streams to the sink as it is produced: the first chunk arrives before the command ends, in order")
-    func streaming() async throws {
-        try await DriverFixture.with(.container) { f in
+    @Test("output streams to the sink as it is produced: the first chunk arrives before the command ends, in order", arguments: DriverKind.allCases)
+    func streaming(_ kind: DriverKind) async throws {
+        try await DriverFixture.with(kind) { f in
             let sandbox = try await AgentConformanceTests.sandbox(f, TaskKey(session: "y1", task: "t"))
             let go = f.workspaces.hostPath(try #require(sandbox.workspace)) + "/go"
             let chunks = Mutex<[(Hands.OutputStream, [UInt8])]>([])
@@ -43,15 +43,7 @@ struct AgentContainerTests {
                 key, spec: SandboxSpec(), tool: "bash",
                 input: Input.bash("tr '\\0' ' ' < /proc/1/cmdline; echo; ls -A /run/agentd; touch /run/agentd/x 2>/dev/null || echo refused; ls /.agentd"))
             #expect(result.output == "\(AgentHands.command.joined(separator: " ")) \nagent.sock\nrefused\nagent\n", "\(result.output)")
-            let sandbox = try #require(await f.manager.sandbox(of: key))
-            let directory = driver.agent.hostDirectory(try #require(sandbox.agent))
-            var st = stat()
-            #expect(stat(directory, &st) == 0 && st.st_uid == 0 && st.st_mode & 0o7777 == 0o755)
-            #expect(try FileManager.default.contentsOfDirectory(atPath: directory) == [AgentHands.socketName])
-            #expect(await driver.agentAnswers(sandbox))
-            #expect(await f.manager.endTask(key))
-            #expect(!FileManager.default.fileExists(atPath: directory))
-            #expect(await !driver.agentAnswers(sandbox))
+            try await f.expectAgentDirectorySealedUntilTheEnd(key, agent: driver.agent)
         }
     }
 

@@ -68,6 +68,20 @@ struct DriverFixture {
         systemd?.close()
     }
 
+    /// Checks that the agent socket directory of `key`'s sandbox is sealed (root's, 0755, only
+    /// the socket in it) while its agent answers, and that both go when the task ends.
+    func expectAgentDirectorySealedUntilTheEnd(_ key: TaskKey, agent: AgentHands) async throws {
+        let sandbox = try #require(await manager.sandbox(of: key))
+        let directory = agent.hostDirectory(try #require(sandbox.agent))
+        var st = stat()
+        #expect(stat(directory, &st) == 0 && st.st_uid == 0 && st.st_mode & 0o7777 == 0o755)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory) == [AgentHands.socketName])
+        #expect(await agent.answers(sandbox))
+        #expect(await manager.endTask(key))
+        #expect(!FileManager.default.fileExists(atPath: directory))
+        #expect(await !agent.answers(sandbox))
+    }
+
     /// How many sandboxes of `session` the driver lists (-1 when it cannot list).
     func count(session: String) async -> Int {
         guard let all = try? await driver.list(instance: instance) else { return -1 }

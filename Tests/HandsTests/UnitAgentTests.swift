@@ -1,39 +1,16 @@
 import Foundation
 import Glibc
 import Hands
-import Synchronization
 import SystemdBus
 import Testing
 import TestSupport
 
 /// The unit driver's sandbox is one long-lived service running the sandbox agent: commands and
 /// files go through the agent's socket, with the service's isolation and the slice's limits.
-/// (Exact output, large files, timeouts, limits and orphans: `AgentConformanceTests`, over
-/// both drivers.)
+/// (Exact output, large files, timeouts, limits and orphans: `AgentConformanceTests`; streaming:
+/// `AgentContainerTests.streaming`; both over both drivers.)
 @Suite("Hands on systemd units: the sandbox agent", .serialized)
 struct UnitAgentTests {
-    @Test("output streams: the first chunk reaches the sink while the command still runs")
-    func streaming() async throws {
-        try await withSandbox { f, sandbox in
-            // The command waits for a file that only the sink creates, on the host, when it
-            // sees the first line: it ends only if that line arrived before the end.
-            let signal = f.workspaces.hostPath(try #require(sandbox.workspace)) + "/go"
-            let chunks = Mutex<[(Hands.OutputStream, [UInt8])]>([])
-            let out = try await f.driver.run(
-                ["sh", "-c", "echo first; while [ ! -e /workspace/go ]; do sleep 0.05; done; echo second >&2"], in: sandbox, workingDirectory: nil,
-                timeout: .seconds(20)
-            ) { stream, bytes in
-                chunks.withLock { $0.append((stream, bytes)) }
-                if stream == .stdout, bytes.starts(with: Array("first".utf8)) { _ = FileManager.default.createFile(atPath: signal, contents: Data()) }
-            }
-            #expect(!out.timedOut && out.exitCode == 0, "the command never saw the first line delivered: \(out)")
-            let seen = chunks.withLock { $0 }
-            #expect(seen.first?.0 == .stdout && seen.first?.1 == Array("first\n".utf8))
-            #expect(seen.last?.0 == .stderr && seen.last?.1 == Array("second\n".utf8))
-            #expect(out.stdout == Array("first\n".utf8) && out.stderr == Array("second\n".utf8))
-        }
-    }
-
     @Test("the sandbox is one agent service in its slice; commands leave no unit behind; destroy stops service, slice and socket")
     func oneServicePerSandbox() async throws {
         try await DriverFixture.with(.unit) { f in
@@ -67,15 +44,7 @@ struct UnitAgentTests {
                     "ls -A /run/agentd; touch /run/agentd/x 2>/dev/null || echo refused; ls -A /run /run/user; ls \(f.stateDirectory) 2>/dev/null || echo no-state"))
             // /run/user is ProtectHome's empty tmpfs.
             #expect(result.output == "agent.sock\nrefused\n/run:\nagentd\nagentd-agent\nuser\n\n/run/user:\nno-state\n", "\(result.output)")
-            let sandbox = try #require(await f.manager.sandbox(of: key))
-            let directory = driver.agent.hostDirectory(try #require(sandbox.agent))
-            var st = stat()
-            #expect(stat(directory, &st) == 0 && st.st_uid == 0 && st.st_mode & 0o7777 == 0o755)
-            #expect(try FileManager.default.contentsOfDirectory(atPath: directory) == [AgentHands.socketName])
-            #expect(await driver.agentAnswers(sandbox))
-            #expect(await f.manager.endTask(key))
-            #expect(!FileManager.default.fileExists(atPath: directory))
-            #expect(await !driver.agentAnswers(sandbox))
+            try await f.expectAgentDirectorySealedUntilTheEnd(key, agent: driver.agent)
         }
     }
 
