@@ -37,7 +37,6 @@ bench: ## print benchmark figures (`name value unit`), baselines first; AREAS="a
 	@$(QUIET_BUILD) .build/bench-build.log $(SWIFT) build -c release --product agentd
 	@$(QUIET_BUILD) .build/bench-build-agent.log $(SWIFT) build -c release --product agentd-sandbox-agent
 	@$(QUIET_BUILD) .build/bench-build-tool.log $(SWIFT) build -c release --product agentd-bench
-	@$(QUIET_BUILD) .build/bench-build-agent.log $(SWIFT) build -c release --product agentd-sandbox-agent
 	@$(WITH_ENV) .build/release/agentd-bench $(AREAS)
 
 soak: ## the journal crash test with 1000 kill -9 cycles
