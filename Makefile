@@ -35,6 +35,7 @@ test: ## run every test against the real engine and systemd manager
 bench: ## print benchmark figures (`name value unit`), baselines first; AREAS="agentd journal" for some
 	@scripts/env-up >/dev/null
 	@$(QUIET_BUILD) .build/bench-build.log $(SWIFT) build -c release --product agentd
+	@$(QUIET_BUILD) .build/bench-build-agent.log $(SWIFT) build -c release --product agentd-sandbox-agent
 	@$(QUIET_BUILD) .build/bench-build-tool.log $(SWIFT) build -c release --product agentd-bench
 	@$(WITH_ENV) .build/release/agentd-bench $(AREAS)
 

@@ -82,7 +82,7 @@ let package = Package(
 
         .target(
             name: "Hands",
-            dependencies: ["EngineAPI", "SystemdBus", "Blocking", "JSONValues", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["EngineAPI", "SystemdBus", "Blocking", "JSONValues", "SandboxAgentClient", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
 
         .target(

@@ -30,13 +30,9 @@ static inline int csd_notify(int unset_environment, const char *state) {
 
 // GNU extensions that Swift's Glibc module does not declare without _GNU_SOURCE.
 int pipe2(int pipefd[2], int flags);
-int mkostemp(char *template_, int flags);
 
 /// pipe2(2) with O_CLOEXEC: no child spawned meanwhile by another thread inherits the ends.
 static inline int csd_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
-
-/// mkostemp(3) with O_CLOEXEC.
-static inline int csd_mkstemp_cloexec(char *template_) { return mkostemp(template_, O_CLOEXEC); }
 
 /// fork(2) + prctl(PR_SET_PDEATHSIG, sig) + execve(2): a child that the kernel sends `sig`
 /// when the forking thread (or the whole parent) dies. stdin is /dev/null; stdout and stderr

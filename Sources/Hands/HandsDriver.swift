@@ -64,6 +64,8 @@ public struct SandboxHandle: Sendable, Hashable {
     public var uid: Int? { labels[SandboxLabel.uid].flatMap { Int($0) } }
     /// The name of its workspace in `WorkspaceImages`, recorded in its `agentd.workspace` label.
     public var workspace: String? { labels[SandboxLabel.workspace] }
+    /// The name of its agent's socket directory in `AgentHands`, recorded in its `agentd.agent` label.
+    public var agent: String? { labels[SandboxLabel.agent] }
 }
 
 /// What one command produced.
@@ -71,16 +73,19 @@ public struct CommandOutput: Sendable, Equatable {
     public var stdout: [UInt8]
     public var stderr: [UInt8]
     public var exitCode: Int
-    /// Bytes of output cut beyond the limit (0 when nothing was cut).
+    /// Whether output was cut beyond the limit.
     public var truncated: Bool
     public var timedOut: Bool
+    /// How many bytes were cut beyond the limit, when the driver knows (0 otherwise).
+    public var cutBytes: Int
 
-    public init(stdout: [UInt8], stderr: [UInt8], exitCode: Int, truncated: Bool = false, timedOut: Bool = false) {
+    public init(stdout: [UInt8], stderr: [UInt8], exitCode: Int, truncated: Bool = false, timedOut: Bool = false, cutBytes: Int = 0) {
         self.stdout = stdout
         self.stderr = stderr
         self.exitCode = exitCode
         self.truncated = truncated
         self.timedOut = timedOut
+        self.cutBytes = cutBytes
     }
 }
 
@@ -145,6 +150,8 @@ public enum SandboxLabel {
     public static let uid = "agentd.uid"
     /// The name of the sandbox's workspace (see `WorkspaceImages`).
     public static let workspace = "agentd.workspace"
+    /// The name of the sandbox's agent socket directory (see `AgentHands`).
+    public static let agent = "agentd.agent"
 }
 
 /// Routes each sandbox to the driver its spec names (`container` or `unit`), so that one

@@ -292,6 +292,8 @@ enum ToolRunner {
             stdout = Array(stdout.prefix(keepOut))
             stderr = Array(stderr.prefix(keepErr))
         }
+        // What the driver cut before (the sandbox's agent counts it).
+        cut += out.cutBytes
         var text = String(decoding: stdout, as: UTF8.self)
         if !stderr.isEmpty {
             if !text.isEmpty && !text.hasSuffix("\n") { text += "\n" }

@@ -6,45 +6,46 @@ import SystemdBus
 /// Hands as transient systemd units (`driver: unit` in a policy).
 ///
 /// A task's sandbox is a transient slice holding the task's limits (`MemoryMax`, `TasksMax`,
-/// `CPUQuota`, shared by all its processes, like a container's cgroup) plus a workspace of
-/// its own, a filesystem of the policy's `hands.disk` size (`WorkspaceImages`). Every command
-/// is one transient service in that slice (see `UnitNames` for the naming), isolated with
-/// `PrivateNetwork`, `PrivateTmp`, `PrivateDevices`, `PrivateIPC`, `ProtectSystem=strict`,
-/// `ProtectHome=tmpfs`, `ProtectProc=invisible` and `ProcSubset=pid` (no other user's
-/// processes, and nothing but processes, in its `/proc`: neither other sandboxes nor the
-/// host's command lines), `NoNewPrivileges`, `SystemCallFilter=@system-service`, the workspace
-/// bind-mounted at `/workspace` as its only writable path, `RuntimeMaxSec=` the command's
-/// timeout, and optionally `RootDirectory=` an unpacked image (otherwise the host's root,
-/// read-only). Its stdout and stderr reach agentd through pipes passed as
-/// `StandardOutputFileDescriptor`/`StandardErrorFileDescriptor`, the way
-/// `systemd-run --pipe` does.
+/// `CPUQuota`, shared by all its processes, like a container's cgroup), a workspace of its
+/// own, a filesystem of the policy's `hands.disk` size (`WorkspaceImages`), and one long-lived
+/// transient service in that slice running the sandbox agent (`UnitAgentService`, named after
+/// the slice, see `UnitNames`), isolated with `PrivateNetwork`, `PrivateTmp`,
+/// `PrivateDevices`, `PrivateIPC`, `ProtectSystem=strict`, `ProtectHome=tmpfs`,
+/// `ProtectProc=invisible` and `ProcSubset=pid`, `NoNewPrivileges`,
+/// `SystemCallFilter=@system-service`, the workspace bind-mounted at `/workspace` as its only
+/// writable path, and optionally `RootDirectory=` an unpacked image (otherwise the host's
+/// root, read-only). Commands, file reads and writes go through the agent's socket
+/// (`AgentHands`, shared with the container driver): a command is a fork and an exec inside
+/// the sandbox, its output streams as it is produced, its timeout kills its process group, and
+/// files are read and written by the agent as the sandbox's user, with the sandbox's own mount
+/// view, so that a symlink planted in the workspace resolves inside the sandbox, never on the
+/// host.
 ///
 /// **User.** Each sandbox has a uid (and gid) of its own from `SandboxUIDs`, the owner of its
-/// workspace's root, as `User=`/`Group=`; it is written in the slice's description
-/// (`…, uid N, workspace NAME)`) so that a restarted agentd knows it. `DynamicUser=yes` is
-/// not used: it would give every command's unit a uid of its own, and the workspace must keep
-/// one owner across the commands of a task. systemd resolves `User=` through NSS, so the uid
-/// gets a user record while the sandbox lives (`UserRecords`, in `/run/userdb`).
+/// workspace's root, as `User=`/`Group=`. `DynamicUser=yes` is not used: the workspace must
+/// keep one owner across the tasks of a session. systemd resolves `User=` through NSS, so the
+/// uid gets a user record while the sandbox lives (`UserRecords`, in `/run/userdb`).
 ///
-/// **Files.** `write_file` and `read_file` run as short units of the same kind, as the
-/// sandbox's user and with the sandbox's own mount view, so that a symlink planted in the
-/// workspace resolves inside the sandbox and with its permissions — never on the host.
+/// **Restart.** The slice's description ends in `, uid N, workspace NAME, agent NAME)`, so
+/// that a restarted agentd knows a surviving sandbox's uid, workspace and agent socket.
 ///
 /// **Environment.** The manager's own environment (on a `systemd --user` manager started from
-/// a shell, everything that shell had) is removed with `UnsetEnvironment=`; commands see
-/// only `HOME`, `PATH` and what systemd itself sets.
+/// a shell, everything that shell had) is removed from the agent's with `UnsetEnvironment=`;
+/// commands get only what `AgentHands` gives them (`HOME`, `PATH`).
 public struct UnitDriver: HandsDriver {
     public let manager: SystemdManager
     public let instance: String
-    /// Where workspaces (`workspaces/`, unless given) and staging files (`tmp/`) live; root-owned.
+    /// Where workspaces (`workspaces/`, unless given) live; root-owned.
     public let stateDirectory: String
     /// Where workspaces are made and mounted (shared with the container driver, for one uid range).
     public let workspaces: WorkspaceImages
-    /// Workspace name of each sandbox slice this driver knows (a slice id alone does not say
-    /// whether its workspace is the task's or the session's).
-    private let sliceWorkspaces = SliceWorkspaces()
+    /// The sandbox agent's executable and socket directories (shared with the container driver).
+    public let agent: AgentHands
+    /// Workspace and agent names of each sandbox slice this driver knows (a slice id alone
+    /// does not say whether its workspace is the task's or the session's).
+    private let sliceRecords = SliceRecords()
     /// An unpacked image used as `RootDirectory=`, or nil for the host's root (read-only).
-    /// It must be traversable by the sandbox user and hold `/workspace`, `/tmp` and `/bin/sh`.
+    /// It must be traversable by the sandbox user and hold `/workspace`, `/tmp` and `/run`.
     public let rootDirectory: String?
     private let cache = EnvironmentCache()
     /// Held per session slice while a sandbox slice starts in it, or while it is stopped
@@ -55,31 +56,34 @@ public struct UnitDriver: HandsDriver {
     /// The workspace mount point inside every sandbox (the same as the container driver's).
     public static let workspace = ContainerDriver.workspace
 
-    /// - Parameter workspaces: the store to share with the container driver; by default one
-    ///   under `<stateDirectory>/workspaces`.
+    /// - Parameters:
+    ///   - agent: the sandbox agent; by default its executable next to this process's own and
+    ///     its sockets under `<stateDirectory>/agents`.
+    ///   - workspaces: the store to share with the container driver; by default one under
+    ///     `<stateDirectory>/workspaces`.
     /// - Throws: `HandsError.provisioning` when the state directory cannot be made.
     public init(
-        manager: SystemdManager, instance: String, stateDirectory: String, rootDirectory: String? = nil, workspaces: WorkspaceImages? = nil
+        manager: SystemdManager, instance: String, stateDirectory: String, agent: AgentHands? = nil, rootDirectory: String? = nil,
+        workspaces: WorkspaceImages? = nil
     ) throws {
         self.manager = manager
         self.instance = instance
         self.stateDirectory = stateDirectory
         self.rootDirectory = rootDirectory
         // Without an image, the host's root is the sandbox's (read-only) and needs the mount
-        // point /workspace; systemd would create it at the first command anyway — an empty,
+        // point /workspace; systemd would create it at the first start anyway — an empty,
         // root-owned directory. With an image the image provides it.
         let mountPoint = rootDirectory == nil ? [Self.workspace] : []
-        for dir in [stateDirectory, stateDirectory + "/tmp"] + mountPoint {
+        for dir in [stateDirectory] + mountPoint {
             do {
                 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             } catch {
                 throw HandsError(.provisioning, "cannot create the unit driver's directory \(dir): \(error.localizedDescription)")
             }
         }
+        self.agent = try agent ?? AgentHands(directory: stateDirectory + "/agents")
         self.workspaces = try workspaces ?? WorkspaceImages(directory: stateDirectory + "/workspaces")
     }
-
-    private var staging: String { stateDirectory + "/tmp" }
 
     /// The workspace name of a new sandbox slice `id`.
     private func workspaceName(_ spec: SandboxSpec, id: String, labels: [String: String]) -> String {
@@ -92,10 +96,16 @@ public struct UnitDriver: HandsDriver {
     // MARK: - provisioning
 
     public func provision(_ spec: SandboxSpec, labels: [String: String]) async throws -> SandboxHandle {
+        try agent.checkExecutable()
         let stem = UnitNames.sandboxStem(instance: instance, session: labels[SandboxLabel.session], task: labels[SandboxLabel.task])
         let id = stem + ".slice"
         let workspace = try await workspaces.open(workspaceName(spec, id: id, labels: labels), sizeBytes: spec.diskBytes)
-        do { try UserRecords.write(workspace.uid) } catch {
+        let agentName = AgentHands.freshName()
+        do {
+            try UserRecords.write(workspace.uid)
+            try agent.prepare(agentName, uid: workspace.uid)
+        } catch {
+            agent.remove(agentName)
             await closeWorkspace(workspace.name, uid: workspace.uid)
             throw error
         }
@@ -104,8 +114,24 @@ public struct UnitDriver: HandsDriver {
         allLabels[SandboxLabel.policy] = spec.policyName
         allLabels[SandboxLabel.uid] = String(workspace.uid)
         allLabels[SandboxLabel.workspace] = workspace.name
+        allLabels[SandboxLabel.agent] = agentName
         let sandbox = SandboxHandle(id: id, spec: spec, labels: allLabels)
-        sliceWorkspaces.set(id, workspace.name)
+        sliceRecords.set(id, workspace: workspace.name, agent: agentName)
+        do {
+            try await startSlice(sandbox, description: Self.description(labels: labels, spec: spec, workspace: workspace, agent: agentName))
+            try await startAgent(sandbox, workspace: workspace, agentName: agentName)
+        } catch {
+            try? await stop(id)
+            sliceRecords.remove(id)
+            agent.remove(agentName)
+            await closeWorkspace(workspace.name, uid: workspace.uid)
+            throw error
+        }
+        return sandbox
+    }
+
+    /// Starts the sandbox's slice, with its limits, in its session's slice.
+    private func startSlice(_ sandbox: SandboxHandle, description: String) async throws {
         let parent = UnitNames.sessionSlice(ofSlice: sandbox.id, instance: instance)
         if let parent { await sessionSlices.lock(parent) }
         defer { if let parent { sessionSlices.unlock(parent) } }
@@ -113,235 +139,130 @@ public struct UnitDriver: HandsDriver {
             try await manager.startSlice(
                 sandbox.id,
                 properties: [
-                    .string(
-                        "Description",
-                        "agentd sandbox \(labels[SandboxLabel.session] ?? "pool")/\(labels[SandboxLabel.task] ?? "-") (policy \(spec.policyName)\(Self.descriptionSuffix(workspace)))"),
-                    .uint64("MemoryMax", UInt64(spec.memoryBytes)),
-                    .uint64("TasksMax", UInt64(spec.pids)),
-                    .cpuQuota(spec.cpus),
+                    .string("Description", description),
+                    .uint64("MemoryMax", UInt64(sandbox.spec.memoryBytes)),
+                    .uint64("TasksMax", UInt64(sandbox.spec.pids)),
+                    .cpuQuota(sandbox.spec.cpus),
                 ])
         } catch let error as SystemdError {
-            sliceWorkspaces.remove(id)
-            await closeWorkspace(workspace.name, uid: workspace.uid)
             throw Self.translate(error, doing: "creating the sandbox slice \(sandbox.id)", provisioning: true)
         }
-        return sandbox
     }
 
-    /// `, uid N, workspace NAME`: what a restarted agentd reads back from a slice's description.
-    static func descriptionSuffix(_ workspace: WorkspaceImages.Workspace) -> String {
-        ", uid \(workspace.uid), workspace \(workspace.name)"
+    /// Starts the sandbox's agent service in its slice and waits until the agent answers.
+    private func startAgent(_ sandbox: SandboxHandle, workspace: WorkspaceImages.Workspace, agentName: String) async throws {
+        let service = UnitAgentService.name(ofSlice: sandbox.id)
+        let setup = UnitAgentService.Setup(
+            slice: sandbox.id, uid: workspace.uid, workspace: workspace.hostPath, socketDirectory: agent.hostDirectory(agentName),
+            agent: agent.executable, rootDirectory: rootDirectory, nofile: sandbox.spec.nofile,
+            unsetEnvironment: try await cache.managerEnvironmentNames(manager))
+        do {
+            let result = try await manager.startTransientUnit(service, properties: UnitAgentService.properties(setup))
+            guard result == "done" else {
+                throw HandsError(.provisioning, "the sandbox's agent service \(service) did not start (job \(result))\(await serviceEnding(service))")
+            }
+        } catch let error as SystemdError {
+            throw Self.translate(error, doing: "starting the sandbox's agent service \(service)", provisioning: true)
+        }
+        try await agent.waitReady(agentName) { await self.agentServiceState(sandbox) }
     }
 
-    /// The uid and workspace name a slice's description carries, if it has them.
-    static func parseDescription(_ description: String) -> (uid: Int, workspace: String)? {
+    /// `, result R, status S` of a service that ended, for an error message ("" when unknown).
+    private func serviceEnding(_ service: String) async -> String {
+        guard let state = try? await manager.unitProperties(service), !state.result.isEmpty else { return "" }
+        return ", result \(state.result), exit status \(state.execMainStatus)"
+    }
+
+    /// What systemd says of the sandbox: nil while its slice and agent service run, otherwise
+    /// the `sandboxGone` error saying which stopped (for `AgentHands` when the agent does not
+    /// answer). The manager unreachable is `unreachable`.
+    func agentServiceState(_ sandbox: SandboxHandle) async -> HandsError? {
+        let service = UnitAgentService.name(ofSlice: sandbox.id)
+        do {
+            let slice = try await manager.unitProperties(sandbox.id)
+            guard Self.isUsable(slice) else {
+                // Active with a job other than a start pending: being stopped.
+                let how = slice.activeState == "active" ? "stopping" : slice.activeState.isEmpty ? "gone" : slice.activeState
+                return HandsError(.sandboxGone, "the sandbox is no longer running (its slice is \(how))")
+            }
+            let state = try await manager.unitProperties(service)
+            guard Self.isUsable(state) else {
+                let how =
+                    state.activeState.isEmpty || state.loadState == "not-found" ? "gone" : state.activeState == "active" ? "stopping" : state.activeState
+                let result = state.result.isEmpty || state.result == "success" ? "" : ", result \(state.result)"
+                return HandsError(.sandboxGone, "the sandbox is no longer running (its agent service is \(how)\(result))")
+            }
+            return nil
+        } catch let error as SystemdError {
+            return Self.translate(error, doing: "checking the sandbox")
+        } catch {
+            return HandsError(.unreachable, "checking the sandbox: \(error)")
+        }
+    }
+
+    /// Whether the agent of `sandbox` answers (a sandbox found after a restart is kept only
+    /// when it does).
+    public func agentAnswers(_ sandbox: SandboxHandle, timeout: Duration = .seconds(5)) async -> Bool {
+        await agent.answers(sandbox, timeout: timeout)
+    }
+
+    /// `agentd sandbox SESSION/TASK (policy P, uid N, workspace W, agent A)`: a slice's
+    /// description, which a restarted agentd reads back.
+    static func description(labels: [String: String], spec: SandboxSpec, workspace: WorkspaceImages.Workspace, agent: String) -> String {
+        "agentd sandbox \(labels[SandboxLabel.session] ?? "pool")/\(labels[SandboxLabel.task] ?? "-") (policy \(spec.policyName), uid \(workspace.uid), workspace \(workspace.name), agent \(agent))"
+    }
+
+    /// The uid, workspace name and agent name a slice's description carries, if it has them
+    /// (a slice of an agentd before the agent has no agent name).
+    static func parseDescription(_ description: String) -> (uid: Int, workspace: String, agent: String?)? {
         guard let range = description.range(of: ", uid ", options: .backwards), description.hasSuffix(")") else { return nil }
         let parts = description[range.upperBound...].dropLast().split(separator: " ")
-        guard parts.count == 3, parts[0].hasSuffix(","), parts[1] == "workspace", let uid = Int(parts[0].dropLast()) else { return nil }
-        return (uid, String(parts[2]))
+        guard parts.count == 3 || parts.count == 5, parts[0].hasSuffix(","), parts[1] == "workspace", let uid = Int(parts[0].dropLast()) else {
+            return nil
+        }
+        if parts.count == 3 { return (uid, String(parts[2]), nil) }
+        guard parts[2].hasSuffix(","), parts[3] == "agent" else { return nil }
+        return (uid, String(parts[2].dropLast()), String(parts[4]))
     }
 
     /// A pooled sandbox keeps its pool name (a slice cannot be renamed); the manager tracks
     /// it by id and labels.
     public func assign(_ sandbox: SandboxHandle, to key: TaskKey) async throws {}
 
-    // MARK: - commands
+    // MARK: - commands and files
 
     public func run(
         _ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration, output: OutputSink?
     ) async throws -> CommandOutput {
-        let result = try await runUnit(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout, outputLimit: sandbox.spec.outputLimitBytes + 4096).output
-        // Collected at the end: the sink sees everything at once.
-        if let output {
-            if !result.stdout.isEmpty { output(.stdout, result.stdout) }
-            if !result.stderr.isEmpty { output(.stderr, result.stderr) }
+        let out = try await agent.run(argv, in: sandbox, workingDirectory: workingDirectory, timeout: timeout, output: output) {
+            await self.agentServiceState(sandbox)
         }
-        return result
+        // Killed by a signal, not by its timeout: the sandbox may be stopping (systemd signals
+        // every process of the service, and the agent still answers before it exits).
+        if out.exitCode > 128, !out.timedOut, let gone = await agentServiceState(sandbox), gone.kind == .sandboxGone { throw gone }
+        return out
     }
 
     public func writeFile(_ path: String, contents: [UInt8], in sandbox: SandboxHandle) async throws {
-        let absolute = ContainerDriver.absolute(path)
-        let input = try UnitIO.contentsFile(contents, in: staging)
-        defer { close(input) }
-        let (out, _) = try await runUnit(["/bin/sh", "-c", SandboxFiles.writeScript, "sh", absolute], in: sandbox, workingDirectory: nil, timeout: .seconds(120), stdin: input, outputLimit: 64 << 10)
-        guard out.exitCode == 0 else {
-            throw HandsError(.invalidRequest, "cannot write \(absolute): \(SandboxFiles.text(out.stderr))")
-        }
+        try await agent.writeFile(path, contents: contents, in: sandbox) { await self.agentServiceState(sandbox) }
     }
 
     public func readFile(_ path: String, in sandbox: SandboxHandle) async throws -> [UInt8] {
-        let absolute = ContainerDriver.absolute(path)
-        let limit = sandbox.spec.fileLimitBytes
-        let (out, _) = try await runUnit(
-            ["/bin/sh", "-c", SandboxFiles.readScript(limit: limit), "sh", absolute], in: sandbox, workingDirectory: nil, timeout: .seconds(120),
-            outputLimit: limit + 1)
-        return try SandboxFiles.checkedRead(out, path: absolute, limit: limit)
+        try await agent.readFile(path, in: sandbox) { await self.agentServiceState(sandbox) }
     }
 
-    /// Runs `argv` as one transient service in the sandbox's slice and collects its output.
-    private func runUnit(
-        _ argv: [String], in sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration, stdin: Int32? = nil, outputLimit: Int
-    ) async throws -> (output: CommandOutput, outcome: UnitOutcome) {
-        let slice = try await checkedSlice(sandbox)
-        let oomBefore = Self.memoryEvents(controlGroup: slice.controlGroup)
-        let name = String(sandbox.id.dropLast(".slice".count)) + "_" + UnitNames.random() + ".service"
-        // Everything that may throw comes before the pipes: once the reads run, only the
-        // closing of the write ends below lets them finish.
-        var properties = try await commandProperties(argv, sandbox: sandbox, workingDirectory: workingDirectory, timeout: timeout)
-        let out = try UnitIO.pipe()
-        let err: (read: Int32, write: Int32)
-        do { err = try UnitIO.pipe() } catch {
-            close(out.read)
-            close(out.write)
-            throw error
-        }
-        async let stdoutBytes = UnitIO.drain(out.read, limit: outputLimit)
-        async let stderrBytes = UnitIO.drain(err.read, limit: outputLimit)
-        properties += [.fileDescriptor("StandardOutputFileDescriptor", out.write), .fileDescriptor("StandardErrorFileDescriptor", err.write)]
-        if let stdin { properties.append(.fileDescriptor("StandardInputFileDescriptor", stdin)) }
-        let outcome: UnitOutcome
-        do {
-            outcome = try await manager.runTransientService(name, properties: properties, timeout: timeout + .seconds(30))
-            // sd-bus duplicated the write ends into the message; ours go now, so that the
-            // reads end when the unit's processes are gone.
-            close(out.write)
-            close(err.write)
-        } catch let error as SystemdError {
-            close(out.write)
-            close(err.write)
-            _ = try? await manager.stopUnitAndWait(name, timeout: .seconds(10))
-            _ = await (stdoutBytes, stderrBytes)
-            if error.code == .timeout {
-                throw HandsError(.timeout, "the command did not finish within \(timeout) and the manager stopped answering about it")
-            }
-            throw Self.translate(error, doing: "running a command")
-        }
-        let (stdoutResult, stderrResult) = await (stdoutBytes, stderrBytes)
-        let truncated = stdoutResult.truncated || stderrResult.truncated
-        var output = CommandOutput(stdout: stdoutResult.bytes, stderr: stderrResult.bytes, exitCode: 0, truncated: truncated)
-        switch (outcome.result, outcome.execMainCode) {
-        case ("timeout", _):
-            output.exitCode = 137
-            output.timedOut = true
-            return (output, outcome)
-        case ("oom-kill", _):
-            throw HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(sandbox.spec.memoryBytes))) and the command was killed")
-        case (_, 1):
-            output.exitCode = Int(outcome.execMainStatus)
-        default:
-            // Killed (2) or dumped (3): the shell convention, 128 + signal.
-            output.exitCode = 128 + Int(outcome.execMainStatus)
-        }
-        if output.exitCode == 137 && Self.memoryEvents(controlGroup: slice.controlGroup) > oomBefore {
-            // SIGKILL while the slice's memory cgroup counted an OOM event.
-            throw HandsError(.outOfMemory, "the sandbox ran out of memory (limit \(formatBytes(sandbox.spec.memoryBytes))) and the command was killed")
-        }
-        if outcome.execMainCode != 1 || outcome.activeState == "inactive" {
-            // Killed, or stopped (a unit that exited by itself stays active, RemainAfterExit):
-            // the sandbox may have been stopped from outside.
-            if let state = try? await manager.unitProperties(sandbox.id), !Self.isUsable(state) {
-                throw HandsError(.sandboxGone, "the sandbox is no longer running (its slice is \(state.jobType == "stop" ? "stopping" : state.activeState))")
-            }
-        }
-        if outcome.execMainCode == 1, output.stdout.isEmpty, output.stderr.isEmpty {
-            // systemd's own exit codes for a unit it could not set up (systemd.exec(5)).
-            switch outcome.execMainStatus {
-            case 200: throw HandsError(.invalidRequest, "the working directory \(workingDirectory ?? Self.workspace) does not exist in the sandbox")
-            case 203, 216, 217, 226, 228:
-                throw HandsError(.provisioning, "systemd could not set up the command's unit (exit status \(outcome.execMainStatus), see systemd.exec(5))")
-            default: break
-            }
-        }
-        return (output, outcome)
-    }
-
-    /// The sandbox's slice, checked to be active: a command started in a slice stopped from
-    /// outside would run in a new, implicitly created slice without the sandbox's limits.
-    private func checkedSlice(_ sandbox: SandboxHandle) async throws -> UnitStatus {
-        let state: UnitStatus
-        do {
-            state = try await manager.unitProperties(sandbox.id)
-        } catch let error as SystemdError {
-            throw Self.translate(error, doing: "checking the sandbox")
-        }
-        guard Self.isUsable(state) else {
-            throw HandsError(.sandboxGone, "the sandbox is no longer running (its slice is \(state.activeState.isEmpty ? "gone" : state.activeState))")
-        }
-        return state
-    }
-
-    /// A sandbox slice is usable while active with no stop (or other, or vanished) job pending. (A command started
-    /// while the slice's stop job waits would cancel that job: its start requires the slice.)
-    static func isUsable(_ slice: UnitStatus) -> Bool {
-        slice.activeState == "active" && (slice.jobType == nil || slice.jobType == "start")
-    }
-
-    private func commandProperties(_ argv: [String], sandbox: SandboxHandle, workingDirectory: String?, timeout: Duration) async throws -> [UnitProperty] {
-        guard let uid = sandbox.uid, let workspace = sandbox.workspace else {
-            throw HandsError(.sandboxGone, "the sandbox has no uid or workspace (made by an older agentd?); a fresh one is needed")
-        }
-        let spec = sandbox.spec
-        let command = argv.first?.hasPrefix("/") == true ? argv : ["/bin/sh", "-c", #"exec "$@""#, "sh"] + argv
-        let directory = workingDirectory.map { $0.hasPrefix("/") ? $0 : Self.workspace + "/" + $0 } ?? Self.workspace
-        var properties: [UnitProperty] = [
-            .string("Description", "agentd command in \(sandbox.id)"),
-            .execStart(command),
-            .string("Slice", sandbox.id),
-            .string("User", String(uid)),
-            .string("Group", String(uid)),
-            .string("WorkingDirectory", directory),
-            .bindPaths([(workspaces.hostPath(workspace), Self.workspace)]),
-            .strings("ReadWritePaths", [Self.workspace]),
-            .string("ProtectSystem", "strict"),
-            .string("ProtectHome", "tmpfs"),
-            .bool("PrivateNetwork", true),
-            .bool("PrivateTmp", true),
-            .bool("PrivateDevices", true),
-            .bool("PrivateIPC", true),
-            .string("ProtectProc", "invisible"),
-            .string("ProcSubset", "pid"),
-            // systemd gives a unit with its own root an empty, world-writable /run; the host's
-            // /run holds sockets and user records. Either way: an empty, read-only one.
-            UnitProperty("TemporaryFileSystem", .array(elementSignature: "(ss)", [.structure([.string("/run"), .string("ro,mode=0755")])])),
-            .bool("NoNewPrivileges", true),
-            .systemCallFilter(["@system-service"]),
-            UnitProperty("SystemCallErrorNumber", .int32(EPERM)),
-            .duration("RuntimeMaxUSec", timeout),
-            .duration("TimeoutStopUSec", .seconds(2)),
-            .uint64("LimitNOFILE", UInt64(spec.nofile)),
-            .strings("Environment", ["HOME=\(Self.workspace)", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]),
-        ]
-        if let rootDirectory {
-            properties += [.string("RootDirectory", rootDirectory), .bool("MountAPIVFS", true)]
-        }
-        let unset = try await cache.managerEnvironmentNames(manager)
-        if !unset.isEmpty { properties.append(.strings("UnsetEnvironment", unset)) }
-        return properties
-    }
-
-    /// OOM kills counted for the cgroup `controlGroup`: cgroup v2's `memory.events` `oom_kill`
-    /// (hierarchical) or, on cgroup v1, `memory.failcnt`, the number of times the slice hit
-    /// its limit (v1 counts OOM kills only in the victim's own, by then removed, cgroup).
-    static func memoryEvents(controlGroup: String) -> Int {
-        guard !controlGroup.isEmpty else { return 0 }
-        for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-            if let text = try? String(contentsOfFile: base + controlGroup + "/memory.events", encoding: .utf8) {
-                for line in text.split(separator: "\n") where line.hasPrefix("oom_kill ") {
-                    return Int(line.dropFirst("oom_kill ".count)) ?? 0
-                }
-            }
-        }
-        if let text = try? String(contentsOfFile: "/sys/fs/cgroup/memory" + controlGroup + "/memory.failcnt", encoding: .utf8) {
-            return Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
-        }
-        return 0
+    /// A unit (slice or service) is usable while active with no stop (or other, or vanished)
+    /// job pending.
+    static func isUsable(_ unit: UnitStatus) -> Bool {
+        unit.activeState == "active" && (unit.jobType == nil || unit.jobType == "start")
     }
 
     // MARK: - removal and listing
 
     public func destroy(_ sandbox: SandboxHandle) async throws {
         try await stop(sandbox.id)
-        sliceWorkspaces.remove(sandbox.id)
+        sliceRecords.remove(sandbox.id)
+        if let name = sandbox.agent { agent.remove(name) }
         if let name = sandbox.workspace { await closeWorkspace(name, uid: sandbox.uid) }
     }
 
@@ -356,8 +277,9 @@ public struct UnitDriver: HandsDriver {
         try await stop(id)
         // Only a name of this instance's form, so that no id can name another's workspace.
         guard UnitNames.labels(ofSlice: id, instance: instance) != nil else { return }
-        let name = sliceWorkspaces.remove(id) ?? WorkspaceImages.taskName(String(id.dropLast(".slice".count)))
-        await closeWorkspace(name, uid: nil, orphan: true)
+        let record = sliceRecords.remove(id)
+        if let name = record?.agent { agent.remove(name) }
+        await closeWorkspace(record?.workspace ?? WorkspaceImages.taskName(String(id.dropLast(".slice".count))), uid: nil, orphan: true)
     }
 
     public func adopt(id: String, labels: [String: String], spec: SandboxSpec) async -> SandboxHandle? {
@@ -367,25 +289,21 @@ public struct UnitDriver: HandsDriver {
         all[SandboxLabel.policy] = all[SandboxLabel.policy] ?? spec.policyName
         let handle = SandboxHandle(id: id, spec: spec, labels: all)
         // The user record lives in /run and may be gone (a reboot of the manager's host).
-        guard (try? UserRecords.write(uid)) != nil, await answers(handle), let workspace = await workspaces.attach(name, uid: uid) else { return nil }
-        sliceWorkspaces.set(id, workspace.name)
+        guard (try? UserRecords.write(uid)) != nil, await agentAnswers(handle), let workspace = await workspaces.attach(name, uid: uid) else { return nil }
+        sliceRecords.set(id, workspace: workspace.name, agent: handle.agent)
         return handle
-    }
-
-    /// Whether the sandbox's slice is active and a trivial command runs in it (the liveness
-    /// check of `adopt`).
-    func answers(_ sandbox: SandboxHandle) async -> Bool {
-        guard let out = try? await runUnit(["/bin/true"], in: sandbox, workingDirectory: nil, timeout: .seconds(10), outputLimit: 4096).output
-        else { return false }
-        return out.exitCode == 0
     }
 
     public func removeSessionData(session: String) async throws {
         try await workspaces.remove(WorkspaceImages.sessionName(instance: instance, session: session))
     }
 
+    /// Stops the sandbox's agent service (its commands with it), then its slice.
     private func stop(_ slice: String) async throws {
+        let service = UnitAgentService.name(ofSlice: slice)
         do {
+            try await manager.stopUnitAndWait(service, timeout: .seconds(30))
+            try? await manager.resetFailedUnit(service)
             try await manager.stopUnitAndWait(slice, timeout: .seconds(30))
             try? await manager.resetFailedUnit(slice)
         } catch let error as SystemdError {
@@ -414,12 +332,13 @@ public struct UnitDriver: HandsDriver {
         do {
             return try await manager.listUnits(matching: [UnitNames.pattern(instance: instance)]).compactMap { unit in
                 guard unit.activeState != "inactive", var labels = UnitNames.labels(ofSlice: unit.name, instance: instance) else { return nil }
-                if let (uid, workspace) = Self.parseDescription(unit.description) {
+                if let (uid, workspace, agentName) = Self.parseDescription(unit.description) {
                     // A sandbox that outlived a previous run keeps its uid until it is removed.
                     workspaces.adopt(workspace, uid: uid)
-                    sliceWorkspaces.set(unit.name, workspace)
+                    sliceRecords.set(unit.name, workspace: workspace, agent: agentName)
                     labels[SandboxLabel.uid] = String(uid)
                     labels[SandboxLabel.workspace] = workspace
+                    labels[SandboxLabel.agent] = agentName
                 }
                 return (unit.name, labels)
             }
@@ -443,12 +362,16 @@ public struct UnitDriver: HandsDriver {
 
 }
 
-/// Slice id → workspace name, for `destroy(id:)`.
-private final class SliceWorkspaces: Sendable {
-    private let table = Mutex<[String: String]>([:])
-    func set(_ id: String, _ name: String) { table.withLock { $0[id] = name } }
+/// Slice id → its workspace and agent names, for `destroy(id:)`.
+private final class SliceRecords: Sendable {
+    struct Record {
+        var workspace: String
+        var agent: String?
+    }
+    private let table = Mutex<[String: Record]>([:])
+    func set(_ id: String, workspace: String, agent: String?) { table.withLock { $0[id] = Record(workspace: workspace, agent: agent) } }
     @discardableResult
-    func remove(_ id: String) -> String? { table.withLock { $0.removeValue(forKey: id) } }
+    func remove(_ id: String) -> Record? { table.withLock { $0.removeValue(forKey: id) } }
 }
 
 /// A lock per name, held across suspension points (`lock` waits without blocking a thread).

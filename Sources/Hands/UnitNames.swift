@@ -3,8 +3,8 @@
 /// A task's sandbox is the slice `agentd-<instance>-<session>-<task>_<random>.slice`. systemd
 /// reads the dashes of a slice name as nesting, so that slice sits in the per-session slice
 /// `agentd-<instance>-<session>.slice`, itself in `agentd-<instance>.slice` and
-/// `agentd.slice` (created implicitly). Every command runs as
-/// `<sandbox stem>_<random>.service` inside the sandbox's slice. Ids are escaped the way
+/// `agentd.slice` (created implicitly). The sandbox's agent runs as `<sandbox stem>.service`
+/// inside the sandbox's slice (`UnitAgentService`). Ids are escaped the way
 /// `systemd-escape` does (`\xNN` for everything but ASCII letters and digits), so that a dash
 /// or underscore in an id can never be taken for a separator and every name parses back.
 /// A pooled sandbox, not yet a task's, is `agentd-<instance>-pool_<random>.slice`.
@@ -62,7 +62,7 @@ enum UnitNames {
     static func pattern(instance: String) -> String { "agentd-\(escape(instance))-*.slice" }
 
     /// The labels a sandbox slice's name carries, or nil when `name` is not a sandbox slice of
-    /// `instance` (a per-session slice, another instance's, a command's service).
+    /// `instance` (a per-session slice, another instance's, an agent's service).
     static func labels(ofSlice name: String, instance: String) -> [String: String]? {
         let prefix = "agentd-\(escape(instance))-"
         guard name.hasPrefix(prefix), name.hasSuffix(".slice") else { return nil }

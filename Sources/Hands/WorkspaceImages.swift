@@ -1,6 +1,7 @@
 import Blocking
 import Foundation
 import Glibc
+import SystemdBus
 import Synchronization
 
 /// Workspaces bounded on disk: each one is a sparse file holding an ext4 filesystem of the
@@ -183,47 +184,6 @@ public actor WorkspaceImages {
     /// The host path of workspace `name`'s mount point.
     public nonisolated func hostPath(_ name: String) -> String { Paths(directory: directory, name: name).mount }
 
-    /// Puts `contents` into the root of the mounted workspace `name` as a new file owned by
-    /// `uid`, under a fresh random name opened with `O_CREAT|O_EXCL|O_NOFOLLOW` (nothing the
-    /// sandbox planted can be followed), and returns that name. A driver then moves the bytes
-    /// into place from inside the sandbox, as the sandbox's user.
-    /// - Throws: `HandsError.invalidRequest` when the workspace is full (ENOSPC) or the file
-    ///   cannot be made.
-    public nonisolated func stage(_ contents: [UInt8], in name: String, uid: Int) async throws -> String {
-        let staged = ".agentd-write-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
-        let mount = hostPath(name)
-        let path = mount + "/" + staged
-        try await BlockingPool.shared.run {
-            // Never onto the state directory's own disk, should the workspace be gone.
-            guard Self.isMountPoint(mount) else {
-                throw HandsError(.sandboxGone, "the sandbox's workspace \(name) is no longer mounted; a fresh sandbox is needed")
-            }
-            let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { throw Self.failure("open(\(staged))", errno, .invalidRequest) }
-            defer { Glibc.close(fd) }
-            guard fchown(fd, uid_t(uid), gid_t(uid)) == 0 else {
-                let e = errno
-                unlink(path)
-                throw Self.failure("fchown(\(staged))", e, .invalidRequest)
-            }
-            var offset = 0
-            while offset < contents.count {
-                let n = contents[offset...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-                if n < 0 && errno == EINTR { continue }
-                guard n > 0 else {
-                    let e = n < 0 ? errno : ENOSPC
-                    unlink(path)
-                    let full = e == ENOSPC || e == EDQUOT
-                    throw full
-                        ? HandsError(.invalidRequest, "the workspace is full (its hands.disk limit): no room for \(contents.count) bytes")
-                        : Self.failure("write(\(staged))", e, .invalidRequest)
-                }
-                offset += n
-            }
-        }
-        return staged
-    }
-
     // MARK: - per-name lock
 
     private func lock(_ name: String) async {
@@ -355,7 +315,8 @@ public actor WorkspaceImages {
     /// - Throws: `HandsError.provisioning` with its stderr when it fails.
     private static func command(_ argv: [String], doing what: String) throws {
         // Close-on-exec both ends: only the dup2'd stderr reaches the child.
-        let stderrPipe = try UnitIO.pipe()
+        let stderrPipe: (read: Int32, write: Int32)
+        do { stderrPipe = try UnitStreams.pipe() } catch { throw HandsError(.provisioning, "\(what): cannot make a pipe: \(error)") }
         let pipeFDs = [stderrPipe.read, stderrPipe.write]
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)

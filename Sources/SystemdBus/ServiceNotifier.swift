@@ -93,9 +93,9 @@ public enum SocketActivation {
     }
 }
 
-/// Descriptors to pass to a unit as `StandardInputFileDescriptor`,
-/// `StandardOutputFileDescriptor` or `StandardErrorFileDescriptor` (what `systemd-run --pipe`
-/// does), made close-on-exec so that no other child inherits them.
+/// Descriptors to pass to a unit as `StandardOutputFileDescriptor` or
+/// `StandardErrorFileDescriptor` (what `systemd-run --pipe` does), or to a child process, made
+/// close-on-exec so that no other child inherits them.
 public enum UnitStreams {
     /// A pipe (`pipe2(O_CLOEXEC)`): keep `read`, pass `write` to the unit.
     /// - Throws: `SystemdError.invalidArgument` naming `pipe2` and the errno.
@@ -103,28 +103,5 @@ public enum UnitStreams {
         var fds: [Int32] = [-1, -1]
         guard csd_pipe_cloexec(&fds) == 0 else { throw SystemdError.syscall("pipe2", -errno, "making a pipe for a unit's output", code: .invalidArgument) }
         return (fds[0], fds[1])
-    }
-
-    /// An unlinked temporary file in `directory` (`mkostemp(O_CLOEXEC)` + `unlink`) holding
-    /// `contents`, positioned at its start: a unit's stdin.
-    /// - Throws: `SystemdError.invalidArgument` naming the failed call and the errno.
-    public static func temporaryFile(_ contents: [UInt8], in directory: String) throws -> Int32 {
-        var template = Array("\(directory)/.unit-stdin-XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { csd_mkstemp_cloexec($0.baseAddress!) }
-        guard fd >= 0 else { throw SystemdError.syscall("mkostemp", -errno, "making a temporary file in \(directory)", code: .invalidArgument) }
-        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
-        var offset = 0
-        while offset < contents.count {
-            let n = contents.withUnsafeBytes { write(fd, $0.baseAddress! + offset, contents.count - offset) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 {
-                let e = errno
-                close(fd)
-                throw SystemdError.syscall("write", -e, "filling a temporary file in \(directory)", code: .invalidArgument)
-            }
-            offset += n
-        }
-        lseek(fd, 0, SEEK_SET)
-        return fd
     }
 }

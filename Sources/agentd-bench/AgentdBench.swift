@@ -19,7 +19,10 @@ enum AgentdBench {
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: base) }
         let socket = base + "/agentd.sock"
-        let pid = try spawn([binary, "--state-dir", base + "/state", "--socket", socket, "--policies", "policies", "--log-level", "warning"], log: base + "/agentd.log")
+        // No host limits: the RSS figure holds 100 live sandboxes of the default policy.
+        let pid = try spawn(
+            [binary, "--state-dir", base + "/state", "--socket", socket, "--policies", "policies", "--log-level", "warning", "--max-sandboxes", "0",
+             "--sandbox-memory", "0"], log: base + "/agentd.log")
         defer {
             kill(pid, SIGTERM)
             var status: Int32 = 0
@@ -67,6 +70,9 @@ enum AgentdBench {
         for s in sessions { _ = try? await client.post("/v1/sessions/\(s)/tasks/main/end", [:]) }
 
         try await contention(client, quiet: ids[100], busy: ids[101], report)
+        try await warmExecute(client, session: ids[102], report)
+        try await warmThroughput(client, sessions: Array(ids[200..<232]), report)
+        try await liveSandboxes(client, pid: pid, sessions: Array(ids[300..<400]), report)
 
         // API overhead: a durable checkpoint over the socket vs the same call on an in-process
         // Runtime over its own journal (same disk).
@@ -80,7 +86,9 @@ enum AgentdBench {
         let engine = try EngineClient.fromEnvironment()
         let runtime = Runtime(
             store: store, hands: HandsManager(
-                driver: ContainerDriver(engine: engine, instance: "benchip", workspaces: try WorkspaceImages(directory: base + "/workspaces")),
+                driver: ContainerDriver(
+                    engine: engine, instance: "benchip", workspaces: try WorkspaceImages(directory: base + "/workspaces"),
+                    agent: try AgentHands(directory: base + "/agents")),
                 instance: "benchip"),
             policies: PolicyStore(directory: "policies"))
         let session = try await runtime.createSession(policy: nil).id
@@ -105,10 +113,7 @@ enum AgentdBench {
     /// execute in one session, idle and then with 64 long commands in flight in another
     /// session (more than the 32 threads every exec used to hold), and their ratio.
     static func contention(_ client: AgentdClient, quiet: String, busy: String, _ report: Reporter) async throws {
-        func bash(_ session: String, _ command: String) async throws -> String {
-            let reply = try await client.post("/v1/sessions/\(session)/execute", ["tool": "bash", "input": ["command": command]])
-            return ((reply["result"] as? [String: Any])?["output"] as? String) ?? ""
-        }
+        func bash(_ session: String, _ command: String) async throws -> String { try await AgentdBench.bash(client, session, command) }
         func echoP50() async throws -> Double {
             var samples: [Double] = []
             for i in 0..<30 {
@@ -139,6 +144,89 @@ enum AgentdBench {
         }
         _ = try? await client.post("/v1/sessions/\(quiet)/tasks/main/end", [:])
         report.ratio("agentd.echo_64_long.ratio", "agentd.echo_64_long.p50", over: "agentd.echo_idle.p50", goal: "<= 2x")
+    }
+
+    /// The text output of one `bash` execute of `session`.
+    static func bash(_ client: AgentdClient, _ session: String, _ command: String) async throws -> String {
+        let reply = try await client.post("/v1/sessions/\(session)/execute", ["tool": "bash", "input": ["command": command]])
+        return ((reply["result"] as? [String: Any])?["output"] as? String) ?? ""
+    }
+
+    /// A warm `echo` execute through agentd's API (journal intent and result included) against
+    /// a bare exec of the same command on a running container, written straight to the
+    /// engine's socket (exec create, start, inspect): p50 and p99, interleaved.
+    static func warmExecute(_ client: AgentdClient, session: String, _ report: Reporter) async throws {
+        let engine = try EngineClient.fromEnvironment()
+        guard case .unixSocket(let path) = engine.endpoint else { return }
+        let raw = RawUnixHTTP(socketPath: path)
+        let create = #"{"Image":"agentd-base:latest","Cmd":["sleep","600"],"Labels":{"agentd.bench":"bare-exec"},"HostConfig":{"NetworkMode":"none"}}"#
+        let running = try raw.startContainer(create)
+        defer { raw.removeContainer(running) }
+        let exec = #"{"AttachStdout":true,"AttachStderr":true,"Cmd":["sh","-c","echo hi"]}"#
+        guard try await bash(client, session, "echo hi") == "hi\n" else { throw RawUnixHTTP.Failure(description: "warm execute failed") }
+        var bare: [Double] = []
+        var api: [Double] = []
+        for i in 0...200 {
+            let b0 = try raw.exec(in: running, body: exec)
+            let t1 = now()
+            _ = try await bash(client, session, "echo hi")
+            let a = now() - t1
+            if i > 0 {
+                bare.append(b0)
+                api.append(a)
+            }
+        }
+        bare.sort()
+        api.sort()
+        report.figure("raw.engine.exec_running.echo.p50", percentile(bare, 50) * 1000, "ms")
+        report.figure("raw.engine.exec_running.echo.p99", percentile(bare, 99) * 1000, "ms")
+        report.figure("agentd.execute_warm.p50", percentile(api, 50) * 1000, "ms")
+        report.figure("agentd.execute_warm.p99", percentile(api, 99) * 1000, "ms")
+        report.ratio("agentd.execute_warm.p50.vs_bare_exec", "agentd.execute_warm.p50", over: "raw.engine.exec_running.echo.p50", goal: "<= 0.10")
+        report.ratio("agentd.execute_warm.p99.vs_bare_exec", "agentd.execute_warm.p99", over: "raw.engine.exec_running.echo.p99", goal: "<= 0.10")
+        _ = try? await client.post("/v1/sessions/\(session)/tasks/main/end", [:])
+    }
+
+    /// 32 callers, each on a warm sandbox of its own session, 40 `echo` executes each.
+    static func warmThroughput(_ client: AgentdClient, sessions: [String], _ report: Reporter) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for s in sessions { group.addTask { _ = try await bash(client, s, "true") } }
+            try await group.waitForAll()
+        }
+        let calls = 40
+        let t0 = now()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for s in sessions {
+                group.addTask {
+                    for i in 0..<calls { _ = try await bash(client, s, "echo \(i)") }
+                }
+            }
+            try await group.waitForAll()
+        }
+        report.figure("agentd.execute_throughput_32_warm", Double(sessions.count * calls) / (now() - t0), "calls/s")
+        for s in sessions { _ = try? await client.post("/v1/sessions/\(s)/tasks/main/end", [:]) }
+    }
+
+    /// agentd's resident memory with one live sandbox per session (8 provisioned at a time).
+    static func liveSandboxes(_ client: AgentdClient, pid: pid_t, sessions: [String], _ report: Reporter) async throws {
+        let before = rssKiB(pid)
+        var live = 0
+        for batch in stride(from: 0, to: sessions.count, by: 8) {
+            live += try await withThrowingTaskGroup(of: Int.self) { group in
+                for s in sessions[batch..<min(batch + 8, sessions.count)] {
+                    group.addTask { try await bash(client, s, "echo up") == "up\n" ? 1 : 0 }
+                }
+                return try await group.reduce(0, +)
+            }
+        }
+        let after = rssKiB(pid)
+        report.figure("agentd.live_sandboxes", Double(live), "sandboxes")
+        report.figure("agentd.rss_live_sandboxes", Double(after) / 1024, "MiB")
+        report.figure("agentd.cost_per_live_sandbox", Double(after - before) / Double(max(live, 1)), "KiB")
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for s in sessions { group.addTask { _ = try? await client.post("/v1/sessions/\(s)/tasks/main/end", [:]) } }
+            try await group.waitForAll()
+        }
     }
 
     /// A figure of `/proc/PID/status` in KiB: `VmRSS:` (all resident pages) by default,

@@ -37,15 +37,8 @@ enum EngineBench {
         _ raw: RawUnixHTTP, create: String, exec: String = #"{"AttachStdout":true,"AttachStderr":true,"Cmd":["true"]}"#
     ) throws -> Double {
         let t0 = now()
-        let (s1, b1) = try raw.send("POST", "/v1.41/containers/create", json: create)
-        guard s1 == 201, let id = RawUnixHTTP.field("Id", in: b1) else {
-            throw RawUnixHTTP.Failure(description: "raw create: HTTP \(s1) \(String(decoding: b1, as: UTF8.self))")
-        }
-        _ = try raw.send("POST", "/v1.41/containers/\(id)/start")
-        let (_, b2) = try raw.send("POST", "/v1.41/containers/\(id)/exec", json: exec)
-        guard let exec = RawUnixHTTP.field("Id", in: b2) else { throw RawUnixHTTP.Failure(description: "raw exec create failed") }
-        _ = try raw.send("POST", "/v1.41/exec/\(exec)/start", json: #"{"Detach":false,"Tty":false}"#)
-        _ = try raw.send("GET", "/v1.41/exec/\(exec)/json")
+        let id = try raw.startContainer(create)
+        _ = try raw.exec(in: id, body: exec)
         _ = try raw.send("DELETE", "/v1.41/containers/\(id)?force=true&v=true")
         return now() - t0
     }

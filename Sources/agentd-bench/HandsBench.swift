@@ -4,6 +4,7 @@ import Hands
 import Policy
 import Runtime
 import SessionLog
+import Synchronization
 
 /// Hands figures: agentd's sandbox life cycle and warm-pool execute against the same work done
 /// straight over the engine socket, and a session's time to first event with on-demand Hands
@@ -17,7 +18,8 @@ enum HandsBench {
         let raw = RawUnixHTTP(socketPath: path)
         let instance = "bench" + String(UInt32.random(in: 0...UInt32.max), radix: 36)
         let workspaces = try WorkspaceImages(directory: NSTemporaryDirectory() + "agentd-bench-workspaces-" + instance)
-        let driver = ContainerDriver(engine: engine, instance: instance, workspaces: workspaces)
+        let agent = try AgentHands(directory: NSTemporaryDirectory() + "agentd-bench-agents-" + instance)
+        let driver = ContainerDriver(engine: engine, instance: instance, workspaces: workspaces, agent: agent)
         let hands = HandsManager(driver: driver, instance: instance)
         let spec = SandboxSpec()
         let input = Array(#"{"command": "true"}"#.utf8)
@@ -26,7 +28,7 @@ enum HandsBench {
         // same hardened create body, the same exec argv) written straight to the socket.
         let same = driver.containerSpec(spec, labels: [SandboxLabel.session: "bench-raw", SandboxLabel.task: "raw"])
         let create = String(decoding: try JSONEncoder().encode(same), as: UTF8.self)
-        let execArgv = ContainerDriver.wrapped(["sh", "-c", "true"], timeout: spec.commandTimeout)
+        let execArgv = ["sh", "-c", "true"]
         let execBody = String(decoding: try JSONSerialization.data(withJSONObject: ["AttachStdout": true, "AttachStderr": true, "Cmd": execArgv, "WorkingDir": "/workspace"]), as: UTF8.self)
         var rawCycles: [Double] = []
         var handsCycles: [Double] = []
@@ -52,18 +54,11 @@ enum HandsBench {
         // 2. Execute on warm-pool Hands vs a bare exec on an already running container.
         await hands.setPoolSize(1, for: spec)
         await hands.fillPools()
-        let (_, created) = try raw.send("POST", "/v1.41/containers/create", json: create)
-        guard let running = RawUnixHTTP.field("Id", in: created) else { throw RawUnixHTTP.Failure(description: "raw create failed") }
-        _ = try raw.send("POST", "/v1.41/containers/\(running)/start")
+        let running = try raw.startContainer(create)
         var bare: [Double] = []
         var warm: [Double] = []
         for i in 0...iterations * 2 {
-            let t0 = now()
-            let (_, b) = try raw.send("POST", "/v1.41/containers/\(running)/exec", json: execBody)
-            guard let exec = RawUnixHTTP.field("Id", in: b) else { throw RawUnixHTTP.Failure(description: "raw exec failed") }
-            _ = try raw.send("POST", "/v1.41/exec/\(exec)/start", json: #"{"Detach":false,"Tty":false}"#)
-            _ = try raw.send("GET", "/v1.41/exec/\(exec)/json")
-            let b0 = now() - t0
+            let b0 = try raw.exec(in: running, body: execBody)
             let t1 = now()
             _ = await hands.execute(TaskKey(session: "bench", task: "warm"), spec: spec, tool: "bash", input: input)
             let w = now() - t1
@@ -72,20 +67,23 @@ enum HandsBench {
                 warm.append(w)
             }
         }
-        _ = try raw.send("DELETE", "/v1.41/containers/\(running)?force=true&v=true")
+        raw.removeContainer(running)
         bare.sort()
         warm.sort()
         report.figure("raw.engine.exec_running.p50", percentile(bare, 50) * 1000, "ms")
         report.figure("hands.execute_warm.p50", percentile(warm, 50) * 1000, "ms")
-        report.ratio("hands.execute_warm.vs_bare_exec", "hands.execute_warm.p50", over: "raw.engine.exec_running.p50", goal: "p50 <= 1.2")
+        report.ratio("hands.execute_warm.vs_bare_exec", "hands.execute_warm.p50", over: "raw.engine.exec_running.p50", goal: "<= 0.10")
         await hands.shutdown()
+
+        try await provisioning(driver, raw: raw, create: create, report)
+        try await firstByte(driver, raw: raw, create: create, report)
 
         // 3. A session's first event: on demand (agentd) vs provisioning eagerly at session start.
         let directory = NSTemporaryDirectory() + "agentd-bench-journal-\(instance)"
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let store = try await SessionStore.open(directory: directory)
         let policies = PolicyStore(directory: "policies")
-        let runtimeHands = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces), instance: instance)
+        let runtimeHands = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces, agent: agent), instance: instance)
         let runtime = Runtime(store: store, hands: runtimeHands, policies: policies)
         var onDemand: [Double] = []
         var eager: [Double] = []
@@ -109,4 +107,68 @@ enum HandsBench {
         report.figure("session.first_event.on_demand.p50", percentile(onDemand, 50) * 1000, "ms")
         report.ratio("session.first_event.on_demand.vs_eager", "session.first_event.on_demand.p50", over: "session.first_event.eager.p50", goal: "<= 0.05")
     }
+
+    /// A sandbox ready for commands: agentd's provision (workspace, create, start, the agent
+    /// answering) against a plain create + start of the same hardened container with `sleep`
+    /// as PID 1, written straight to the socket.
+    static func provisioning(_ driver: ContainerDriver, raw: RawUnixHTTP, create: String, _ report: Reporter) async throws {
+        var plain: [Double] = []
+        var ready: [Double] = []
+        for i in 0...iterations {
+            let t0 = now()
+            let id = try raw.startContainer(create)
+            let p = now() - t0
+            raw.removeContainer(id)
+            let t1 = now()
+            let sandbox = try await driver.provision(SandboxSpec(), labels: [SandboxLabel.session: "bench", SandboxLabel.task: "p\(i)"])
+            let r = now() - t1
+            try await driver.destroy(sandbox)
+            if i > 0 {
+                plain.append(p)
+                ready.append(r)
+            }
+        }
+        plain.sort()
+        ready.sort()
+        report.figure("raw.engine.create_start.p50", percentile(plain, 50) * 1000, "ms")
+        report.figure("hands.provision_ready.p50", percentile(ready, 50) * 1000, "ms")
+        report.ratio("hands.provision_ready.vs_create_start", "hands.provision_ready.p50", over: "raw.engine.create_start.p50", goal: "<= 1.5")
+    }
+
+    /// Time to the first output byte of a command that prints a line, then works for 300 ms:
+    /// streamed through the agent, against a bare engine exec, whose output comes at its end.
+    static func firstByte(_ driver: ContainerDriver, raw: RawUnixHTTP, create: String, _ report: Reporter) async throws {
+        let command = ["sh", "-c", "echo first; sleep 0.3; echo last"]
+        let sandbox = try await driver.provision(SandboxSpec(), labels: [SandboxLabel.session: "bench", SandboxLabel.task: "first-byte"])
+        let running = try raw.startContainer(create)
+        let body = String(
+            decoding: try JSONSerialization.data(withJSONObject: ["AttachStdout": true, "AttachStderr": true, "Cmd": command]), as: UTF8.self)
+        var bare: [Double] = []
+        var streamed: [Double] = []
+        for i in 0...iterations {
+            // The engine's exec answers with the output at the command's end.
+            let b0 = try raw.exec(in: running, body: body, inspect: false)
+            let first = FirstChunk()
+            let t1 = now()
+            _ = try await driver.run(command, in: sandbox, workingDirectory: nil, timeout: .seconds(30), output: { _, _ in first.mark() })
+            if i > 0, let at = first.at {
+                bare.append(b0)
+                streamed.append(at - t1)
+            }
+        }
+        raw.removeContainer(running)
+        try await driver.destroy(sandbox)
+        bare.sort()
+        streamed.sort()
+        report.figure("raw.engine.exec.first_byte.p50", percentile(bare, 50) * 1000, "ms")
+        report.figure("hands.stream.first_byte.p50", percentile(streamed, 50) * 1000, "ms")
+        report.ratio("hands.stream.first_byte.vs_bare_exec", "hands.stream.first_byte.p50", over: "raw.engine.exec.first_byte.p50", goal: "< 0.1")
+    }
+}
+
+/// When a streamed command's first chunk arrived.
+private final class FirstChunk: Sendable {
+    private let time = Mutex<Double?>(nil)
+    func mark() { time.withLock { if $0 == nil { $0 = now() } } }
+    var at: Double? { time.withLock { $0 } }
 }

@@ -66,6 +66,30 @@ struct RawUnixHTTP {
         return out
     }
 
+    /// Creates and starts a container from the create body `create`; returns its id.
+    func startContainer(_ create: String) throws -> String {
+        let (status, created) = try send("POST", "/v1.41/containers/create", json: create)
+        guard status == 201, let id = Self.field("Id", in: created) else {
+            throw Failure(description: "raw create: HTTP \(status) \(String(decoding: created, as: UTF8.self))")
+        }
+        _ = try send("POST", "/v1.41/containers/\(id)/start")
+        return id
+    }
+
+    func removeContainer(_ id: String) { _ = try? send("DELETE", "/v1.41/containers/\(id)?force=true&v=true") }
+
+    /// One exec in the running container `id` with the exec body `body`, to its end: exec
+    /// create, start (its output), and inspect when `inspect` (what a client needs for the
+    /// exit code). Returns the seconds it took.
+    func exec(in id: String, body: String, inspect: Bool = true) throws -> Double {
+        let t0 = now()
+        let (_, b) = try send("POST", "/v1.41/containers/\(id)/exec", json: body)
+        guard let exec = Self.field("Id", in: b) else { throw Failure(description: "raw exec create failed: \(String(decoding: b, as: UTF8.self))") }
+        _ = try send("POST", "/v1.41/exec/\(exec)/start", json: #"{"Detach":false,"Tty":false}"#)
+        if inspect { _ = try send("GET", "/v1.41/exec/\(exec)/json") }
+        return now() - t0
+    }
+
     /// The JSON string field `key` of a small object body.
     static func field(_ key: String, in body: [UInt8]) -> String? {
         (try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any])?[key] as? String

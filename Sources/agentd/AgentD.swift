@@ -54,6 +54,9 @@ struct AgentD: AsyncParsableCommand {
     @Option(help: "Host uids (each also the gid) given to sandboxes, one of its own per sandbox: FIRST-LAST, within 65536-4294967294 and used by nothing else on the host.")
     var sandboxUids: String = "\(SandboxUIDs.defaultRange.lowerBound)-\(SandboxUIDs.defaultRange.upperBound)"
 
+    @Option(help: "The sandbox agent's static executable, every sandbox's PID 1; default agentd-sandbox-agent next to agentd's own executable.")
+    var sandboxAgent: String?
+
     @Option(help: "Free space (MiB) kept for the journal on the state directory's disk: a workspace is refused when it would leave less.")
     var workspaceReserveMib: Int = WorkspaceImages.defaultReserveBytes >> 20
 
@@ -116,7 +119,13 @@ struct AgentD: AsyncParsableCommand {
         let uids: SandboxUIDs
         do { uids = try SandboxUIDs(range: SandboxUIDs.parseRange(sandboxUids)) } catch { throw ValidationError("--sandbox-uids: \(error)") }
         let workspaces = try WorkspaceImages(directory: stateDir + "/hands/workspaces", uids: uids, reserveBytes: workspaceReserveMib << 20)
-        let containers = ContainerDriver(engine: client, instance: instance, workspaces: workspaces)
+        // The sandbox agent: its executable and each sandbox's socket directory.
+        let agent: AgentHands
+        do { agent = try AgentHands(executable: sandboxAgent, directory: stateDir + "/hands/agents") } catch { throw ValidationError("\(error)") }
+        do { try agent.checkExecutable() } catch {
+            logger.warning("no sandbox agent: every tool call will return an error until it is there", metadata: ["error": "\(error)"])
+        }
+        let containers = ContainerDriver(engine: client, instance: instance, workspaces: workspaces, agent: agent)
         // Hands as systemd transient units, when a manager is there.
         var drivers: [any HandsDriver] = [containers]
         let systemdAddress = try systemd.map { try SystemdAddress(parsing: $0) } ?? (try? SystemdAddress.fromEnvironment(environment))
@@ -124,7 +133,7 @@ struct AgentD: AsyncParsableCommand {
         if let systemdAddress {
             do {
                 let m = try await SystemdManager.connect(systemdAddress)
-                drivers.append(try UnitDriver(manager: m, instance: instance, stateDirectory: stateDir + "/hands", workspaces: workspaces))
+                drivers.append(try UnitDriver(manager: m, instance: instance, stateDirectory: stateDir + "/hands", agent: agent, workspaces: workspaces))
                 manager = m
             } catch {
                 logger.warning("no systemd manager: policies with `driver: unit` will be refused", metadata: ["error": "\(error)"])

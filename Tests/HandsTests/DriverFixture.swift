@@ -42,7 +42,9 @@ struct DriverFixture {
         case .container:
             let engine = try await Components.engine()
             let state = "/tmp/agentd-container-test-\(instance)"
-            let driver = ContainerDriver(engine: engine, instance: instance, workspaces: try WorkspaceImages(directory: state + "/workspaces"))
+            let driver = ContainerDriver(
+                engine: engine, instance: instance, workspaces: try WorkspaceImages(directory: state + "/workspaces"),
+                agent: try AgentHands(directory: state + "/agents"))
             return DriverFixture(
                 kind: kind, manager: HandsManager(driver: driver, instance: instance), driver: driver, instance: instance, systemd: nil,
                 stateDirectory: state, workspaces: driver.workspaces)
@@ -64,6 +66,20 @@ struct DriverFixture {
         // The per-session slices systemd made implicitly go with the instance's slice.
         _ = try? await systemd?.stopUnitAndWait("agentd-\(instance).slice")
         systemd?.close()
+    }
+
+    /// Checks that the agent socket directory of `key`'s sandbox is sealed (root's, 0755, only
+    /// the socket in it) while its agent answers, and that both go when the task ends.
+    func expectAgentDirectorySealedUntilTheEnd(_ key: TaskKey, agent: AgentHands) async throws {
+        let sandbox = try #require(await manager.sandbox(of: key))
+        let directory = agent.hostDirectory(try #require(sandbox.agent))
+        var st = stat()
+        #expect(stat(directory, &st) == 0 && st.st_uid == 0 && st.st_mode & 0o7777 == 0o755)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory) == [AgentHands.socketName])
+        #expect(await agent.answers(sandbox))
+        #expect(await manager.endTask(key))
+        #expect(!FileManager.default.fileExists(atPath: directory))
+        #expect(await !agent.answers(sandbox))
     }
 
     /// How many sandboxes of `session` the driver lists (-1 when it cannot list).
@@ -124,6 +140,9 @@ enum TestWorkspaces {
         let directory = "/tmp/agentd-workspaces-test-\(instance)"
         return (try WorkspaceImages(directory: directory), directory)
     }
+
+    /// The sandbox agent (the one built next to the test bundle) with its sockets under `directory`.
+    static func agent(_ directory: String) throws -> AgentHands { try AgentHands(directory: directory + "/agents") }
 
     /// Unmounts (lazily) what is still mounted under `directory` and removes it.
     static func remove(_ directory: String) {

@@ -16,7 +16,7 @@ struct ContainerHandsTests {
         if let given { engine = given } else { engine = try await Components.engine() }
         let instance = "t" + Components.testID()
         let (workspaces, directory) = try TestWorkspaces.make(instance)
-        let manager = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces), instance: instance)
+        let manager = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces, agent: try TestWorkspaces.agent(directory)), instance: instance)
         do {
             let result = try await body(manager, engine, instance)
             await cleanup(manager, engine, instance)
@@ -90,7 +90,11 @@ struct ContainerHandsTests {
             #expect(host.PidsLimit == 64)
             #expect(host.Ulimits?.contains { $0.Name.lowercased().hasSuffix("nofile") } == true)
             #expect(inspect.Config?.User == "\(try #require(sandbox.uid)):\(try #require(sandbox.uid))")
-            #expect(host.Binds?.first?.contains(":/workspace") == true)
+            #expect(host.Binds?.contains { $0.contains(":/workspace:") } == true, "\(host.Binds ?? [])")
+            // PID 1 is the sandbox agent: its executable read-only, its own socket directory.
+            #expect(host.Binds?.contains { $0.contains(":\(AgentHands.sandboxExecutable):ro") } == true, "\(host.Binds ?? [])")
+            #expect(host.Binds?.contains { $0.contains(":\(AgentHands.sandboxDirectory):") } == true, "\(host.Binds ?? [])")
+            #expect(inspect.Config?.Cmd == AgentHands.command)
             let labels = try #require(inspect.Config?.Labels)
             #expect(labels[SandboxLabel.session] == "s2")
             #expect(labels[SandboxLabel.task] == "t1")
@@ -240,7 +244,7 @@ struct ContainerHandsTests {
         }
     }
 
-    @Test("the engine stopping mid-task gives error strings, and execute works again once it is back")
+    @Test("with the engine down, a running sandbox goes on through its agent, a new one is an error string; both work once it is back")
     func engineDown() async throws {
         let engine = try PrivateEngine()
         try await engine.start()
@@ -248,15 +252,17 @@ struct ContainerHandsTests {
         defer { engine.stop() }  // also keeps the service alive (and running) until the end
         try await withManager(engine: client) { manager, _, _ in
             let key = TaskKey(session: "s10", task: "t1")
+            let other = TaskKey(session: "s10", task: "t2")
             #expect(await manager.execute(key, spec: SandboxSpec(), tool: "bash", input: bash("echo up")).output == "up\n")
             engine.stop()
-            let down = await manager.execute(key, spec: SandboxSpec(), tool: "bash", input: bash("echo up"))
+            // The sandbox's agent answers without the engine.
+            let running = await manager.execute(key, spec: SandboxSpec(), tool: "bash", input: bash("echo still up"))
+            #expect(running == ToolResult(output: "still up\n", isError: false, exitCode: 0))
+            let down = await manager.execute(other, spec: SandboxSpec(), tool: "bash", input: bash("echo up"))
             #expect(down.isError)
-            #expect(down.output.contains("unreachable"), "\(down.output)")
-            let stillDown = await manager.execute(key, spec: SandboxSpec(), tool: "bash", input: bash("echo up"))
-            #expect(stillDown.isError && stillDown.output.contains("try again"), "\(stillDown.output)")
+            #expect(down.output.contains("unreachable") && down.output.contains("try again"), "\(down.output)")
             try await engine.start()
-            let back = await manager.execute(key, spec: SandboxSpec(), tool: "bash", input: bash("echo back"))
+            let back = await manager.execute(other, spec: SandboxSpec(), tool: "bash", input: bash("echo back"))
             #expect(back == ToolResult(output: "back\n", isError: false, exitCode: 0))
             _ = try await manager.reconcile()
         }
@@ -268,14 +274,14 @@ struct ContainerHandsTests {
         let instance = "t" + Components.testID()
         let (workspaces, directory) = try TestWorkspaces.make(instance)
         defer { TestWorkspaces.remove(directory) }
-        let crashed = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces), instance: instance)
+        let crashed = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces, agent: try TestWorkspaces.agent(directory)), instance: instance)
         for t in 1...2 { _ = await crashed.execute(TaskKey(session: "s11", task: "t\(t)"), spec: SandboxSpec(), tool: "bash", input: bash("true")) }
         #expect(await self.count(engine, instance, session: "s11") == 2)
         #expect(TestWorkspaces.mounted(directory).count == 2)
         // A new owner of the same instance and state directory (agentd after kill -9 and
         // restart) knows none of them.
         let restarted = HandsManager(
-            driver: ContainerDriver(engine: engine, instance: instance, workspaces: try WorkspaceImages(directory: directory)), instance: instance)
+            driver: ContainerDriver(engine: engine, instance: instance, workspaces: try WorkspaceImages(directory: directory), agent: try TestWorkspaces.agent(directory)), instance: instance)
         let removed = try await restarted.reconcile()
         await cleanup(restarted, engine, instance)
         #expect(removed.count == 2)
@@ -295,7 +301,7 @@ struct ContainerHandsTests {
             s.workspace = .session
             return s
         }()
-        let crashed = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces), instance: instance)
+        let crashed = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: workspaces, agent: try TestWorkspaces.agent(directory)), instance: instance)
         let live = TaskKey(session: "s20", task: "live")
         let ended = TaskKey(session: "s20", task: "ended")
         let silent = TaskKey(session: "s21", task: "main")
@@ -313,7 +319,7 @@ struct ContainerHandsTests {
         // The restarted owner: a new store over the same directory, and the journal's word on
         // which tasks are live.
         let store = try WorkspaceImages(directory: directory)
-        let restarted = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: store), instance: instance)
+        let restarted = HandsManager(driver: ContainerDriver(engine: engine, instance: instance, workspaces: store, agent: try TestWorkspaces.agent(directory)), instance: instance)
         let restored = try await restarted.restore(liveTask: { key in key == live || key == silent ? spec : nil })
         await store.sweep()
         #expect(restored.adopted.map(\.id) == [liveID])

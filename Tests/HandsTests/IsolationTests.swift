@@ -28,12 +28,12 @@ struct IsolationTests {
                 let spec = SandboxSpec()
                 let planted = await b.manager.execute(keyB, spec: spec, tool: "bash", input: Input.bash("echo secret-of-b > /workspace/secret; id -u"))
                 #expect(planted.exitCode == 0, "\(planted.output)")
-                // The victim runs a long command (a container also has its PID 1).
+                // The victim runs a long command beside its agent.
                 let long = Task { await b.manager.execute(keyB, spec: spec, tool: "bash", input: Input.bash("exec sleep 120")) }
                 defer { long.cancel() }
                 let sandboxB = try #require(await b.manager.sandbox(of: keyB))
                 let uidB = try #require(sandboxB.uid)
-                let victimPIDs = try await Self.waitForProcesses(uid: uidB, count: victim == .container ? 2 : 1)
+                let victimPIDs = try await Self.waitForProcesses(uid: uidB, count: 2)
 
                 let provisioned = await a.manager.execute(keyA, spec: spec, tool: "bash", input: Input.bash("id -u"))
                 let uidA = try #require(await a.manager.sandbox(of: keyA)?.uid)
