@@ -308,6 +308,12 @@ public struct AgentHands: Sendable {
             }
         }
         said = Self.clip(said)
+        if error.kind != .unreachable, said.lowercased().contains("resource temporarily unavailable") {
+            // The agent could not start a thread or process: the sandbox's pids are used up.
+            return HandsError(
+                .unusable,
+                "the sandbox can no longer start processes (its agent says: \(said)): its process slots (limit \(sandbox.spec.pids) pids) are used up, e.g. by background processes an earlier command left running")
+        }
         switch error.kind {
         case .failed:
             // "cannot read /x: no such file: /x" says the path once.
@@ -318,8 +324,10 @@ public struct AgentHands: Sendable {
             }
             return HandsError(.invalidRequest, "\(what): \(said)")
         case .protocolViolation:
-            // An agent that died mid-answer looks the same as one that broke the protocol.
+            // An agent that died mid-answer looks the same as one that broke the protocol, and
+            // one that could not start a thread closes the connection.
             if let gone = await settledState(sandbox, state: state) { return gone }
+            if let full = await pidsUsedUp(sandbox) { return full }
             return HandsError(.unusable, "the sandbox's agent broke the protocol while \(Self.gerund(what)): \(said)")
         case .unreachable:
             if let gone = await settledState(sandbox, state: state) { return gone }
@@ -343,6 +351,17 @@ public struct AgentHands: Sendable {
             if await answers(sandbox, timeout: .milliseconds(500)) || ContinuousClock.now >= deadline { return nil }
             try? await Task.sleep(for: .milliseconds(100))
         }
+    }
+
+    /// The error for a sandbox whose process slots are (nearly) all in use, as its agent's
+    /// limits say; nil when they are not, or the agent cannot say.
+    private func pidsUsedUp(_ sandbox: SandboxHandle) async -> HandsError? {
+        guard let name = sandbox.agent, let limits = try? await client(name).limits(timeout: .seconds(2)),
+            let current = limits.pidsCurrent, let max = limits.pidsMax, current + 2 >= max
+        else { return nil }
+        return HandsError(
+            .unusable,
+            "the sandbox can no longer start processes: \(current) of its \(max) process slots (pids) are in use, e.g. by background processes an earlier command left running")
     }
 
     /// `cannot read /x` → `reading /x` (for "while …").

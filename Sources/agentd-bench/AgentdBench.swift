@@ -19,9 +19,20 @@ enum AgentdBench {
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: base) }
         let socket = base + "/agentd.sock"
+        // The shipped policies, and `small` for the live-sandboxes figure: 100 workspaces of the
+        // default 1 GiB would be refused by the disk reserve on a small disk.
+        let policies = base + "/policies"
+        try FileManager.default.createDirectory(atPath: policies, withIntermediateDirectories: true)
+        for file in try FileManager.default.contentsOfDirectory(atPath: "policies") where file.hasSuffix(".yaml") {
+            try FileManager.default.copyItem(atPath: "policies/" + file, toPath: policies + "/" + file)
+        }
+        let small = try String(contentsOfFile: "policies/default.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "name: default", with: "name: small").replacingOccurrences(of: "disk: 1GiB", with: "disk: 32MiB")
+            .replacingOccurrences(of: "memory: 512MiB", with: "memory: 64MiB")
+        try small.write(toFile: policies + "/small.yaml", atomically: true, encoding: .utf8)
         // No host limits: the RSS figure holds 100 live sandboxes of the default policy.
         let pid = try spawn(
-            [binary, "--state-dir", base + "/state", "--socket", socket, "--policies", "policies", "--log-level", "warning", "--max-sandboxes", "0",
+            [binary, "--state-dir", base + "/state", "--socket", socket, "--policies", policies, "--log-level", "warning", "--max-sandboxes", "0",
              "--sandbox-memory", "0"], log: base + "/agentd.log")
         defer {
             kill(pid, SIGTERM)
@@ -72,7 +83,7 @@ enum AgentdBench {
         try await contention(client, quiet: ids[100], busy: ids[101], report)
         try await warmExecute(client, session: ids[102], report)
         try await warmThroughput(client, sessions: Array(ids[200..<232]), report)
-        try await liveSandboxes(client, pid: pid, sessions: Array(ids[300..<400]), report)
+        try await liveSandboxes(client, pid: pid, count: 100, report)
 
         // API overhead: a durable checkpoint over the socket vs the same call on an in-process
         // Runtime over its own journal (same disk).
@@ -207,8 +218,11 @@ enum AgentdBench {
         for s in sessions { _ = try? await client.post("/v1/sessions/\(s)/tasks/main/end", [:]) }
     }
 
-    /// agentd's resident memory with one live sandbox per session (8 provisioned at a time).
-    static func liveSandboxes(_ client: AgentdClient, pid: pid_t, sessions: [String], _ report: Reporter) async throws {
+    /// agentd's resident memory with `count` live sandboxes, one per session of the `small`
+    /// policy (8 provisioned at a time).
+    static func liveSandboxes(_ client: AgentdClient, pid: pid_t, count: Int, _ report: Reporter) async throws {
+        var sessions: [String] = []
+        for _ in 0..<count { sessions.append((try await client.post("/v1/sessions", ["policy": "small"])["id"] as? String) ?? "") }
         let before = rssKiB(pid)
         var live = 0
         for batch in stride(from: 0, to: sessions.count, by: 8) {
@@ -223,6 +237,10 @@ enum AgentdBench {
         report.figure("agentd.live_sandboxes", Double(live), "sandboxes")
         report.figure("agentd.rss_live_sandboxes", Double(after) / 1024, "MiB")
         report.figure("agentd.cost_per_live_sandbox", Double(after - before) / Double(max(live, 1)), "KiB")
+        if live < count {
+            let sample = try await bash(client, sessions[count - 1], "echo up")
+            FileHandle.standardError.write(Data("# agentd.live_sandboxes: only \(live) of \(count) came up; the last said: \(sample.prefix(300))\n".utf8))
+        }
         try await withThrowingTaskGroup(of: Void.self) { group in
             for s in sessions { group.addTask { _ = try? await client.post("/v1/sessions/\(s)/tasks/main/end", [:]) } }
             try await group.waitForAll()
