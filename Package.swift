@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "agentd", targets: ["agentd"]),
         .executable(name: "agentctl", targets: ["agentctl"]),
         .executable(name: "agentd-bench", targets: ["agentd-bench"]),
+        .executable(name: "vault-proxy", targets: ["vault-proxy"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -21,6 +22,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         .package(url: "https://github.com/modelcontextprotocol/swift-sdk", exact: "0.12.1"),
     ],
@@ -93,6 +95,21 @@ let package = Package(
             swiftSettings: strict),
 
         .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
+        // The egress proxy: per-sandbox listeners, routes with injected credentials, CONNECT to
+        // allowlisted hosts, response scrubbing, egress events over a private control channel.
+        .target(
+            name: "VaultProxy",
+            dependencies: [
+                "SessionLog",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["AgentdAPI", "CurlHTTP", "JSONValues"], swiftSettings: strict),
         .target(
             name: "Brain",
@@ -128,6 +145,14 @@ let package = Package(
         .executableTarget(
             name: "agentd-bench",
             dependencies: ["AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands"],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "vault-proxy",
+            dependencies: [
+                "VaultProxy",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strict),
         // A tiny Type=notify / socket-activated service for the SystemdBus service tests.
         .executableTarget(name: "notify-probe", dependencies: ["SystemdBus"], swiftSettings: strict),
@@ -165,6 +190,17 @@ let package = Package(
             dependencies: [
                 "AgentdAPI", "Service", "Runtime", "Hands", "Policy", "SessionLog", "JSONValues", "TestSupport",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict),
+        .testTarget(
+            name: "VaultProxyTests",
+            dependencies: [
+                "VaultProxy", "SessionLog", "TestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
