@@ -196,7 +196,9 @@ let package = Package(
         .testTarget(
             name: "VaultProxyTests",
             dependencies: [
-                "VaultProxy", "SessionLog", "TestSupport",
+                "VaultProxy", "SessionLog", "TestSupport", "vault-proxy",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

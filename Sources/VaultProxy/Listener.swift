@@ -159,8 +159,15 @@ extension ListenerContext {
         if let index = patterns.indices.first(where: { patterns[$0].allows(host, port: port, defaultPorts: ports) }) {
             return .allowed(host: host, port: port, rule: "network.allowHosts \(spec.network.allowHosts[index])")
         }
-        if patterns.contains(where: { $0.names(host) }) {
-            return .refused(status: 403, host: shown, rule: "port \(port) is not allowed (network ports: \(ports.map(String.init).joined(separator: ", ")))")
+        let naming = patterns.filter { $0.names(host) }
+        if !naming.isEmpty {
+            var allowed: [Int] = []
+            for p in naming {
+                for candidate in p.entryPort.map({ [$0] }) ?? ports where !allowed.contains(candidate) { allowed.append(candidate) }
+            }
+            return .refused(
+                status: 403, host: shown,
+                rule: "port \(port) is not allowed for \(host) (allowed: \(allowed.sorted().map(String.init).joined(separator: ", ")))")
         }
         if case .address = host {
             return .refused(status: 403, host: shown, rule: "IP literals are refused unless network.allowHosts lists them")

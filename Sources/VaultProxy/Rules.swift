@@ -66,10 +66,15 @@ enum HostPattern: Hashable, Sendable {
         }
     }
 
-    /// Whether this entry names `host` (canonical name or literal) at all, regardless of port.
-    func names(_ target: CheckedHost) -> Bool { port(for: target) != nil || namesHost(target) }
+    /// The port this entry is limited to, if any.
+    var entryPort: Int? {
+        switch self {
+        case .exact(_, let p), .suffix(_, let p), .address(_, let p): return p
+        }
+    }
 
-    private func namesHost(_ target: CheckedHost) -> Bool {
+    /// Whether this entry names `host` (canonical name or literal), regardless of port.
+    func names(_ target: CheckedHost) -> Bool {
         switch (self, target) {
         case (.exact(let h, _), .name(let n)): return h == n
         case (.suffix(let d, _), .name(let n)): return n.hasSuffix("." + d)
@@ -78,16 +83,8 @@ enum HostPattern: Hashable, Sendable {
         }
     }
 
-    /// The entry's own port when it names the host (Optional.some(nil) means "the policy's ports").
-    private func port(for target: CheckedHost) -> Int?? {
-        guard namesHost(target) else { return nil }
-        switch self {
-        case .exact(_, let p), .suffix(_, let p), .address(_, let p): return .some(p)
-        }
-    }
-
     func allows(_ target: CheckedHost, port: Int, defaultPorts: [Int]) -> Bool {
-        guard let entryPort = self.port(for: target) else { return false }
+        guard names(target) else { return false }
         if let p = entryPort { return p == port }
         return defaultPorts.contains(port)
     }
