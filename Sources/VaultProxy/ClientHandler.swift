@@ -582,36 +582,33 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         state = .tunnelling
         e.event.status = 200
         exchange = nil
-        let head = HTTPResponseHead(version: e.version, status: .ok)
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
         let started = e.started
         let emit = listener.proxy.emit
         let event = e.event
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { result in
-            guard case .success = result else {
-                remote.close(promise: nil)
-                return
-            }
-            let (local, far) = GlueHandler.pair { up, down in
-                var finished = event
-                finished.bytesUp = up
-                finished.bytesDown = down
-                finished.durationMs = Int64((NIODeadline.now() - started).nanoseconds / 1_000_000)
-                emit(finished)
-            }
-            do {
-                let ops = context.pipeline.syncOperations
-                ops.removeHandler(self.encoder, promise: nil)
-                try ops.addHandler(local)
-                try remote.pipeline.syncOperations.addHandler(far)
-                ops.removeHandler(self.decoder, promise: nil)
-                ops.removeHandler(context: context, promise: nil)
-                context.channel.setOption(.autoRead, value: true).whenComplete { _ in }
-                remote.setOption(.autoRead, value: true).whenComplete { _ in }
-            } catch {
-                remote.close(promise: nil)
-                context.close(promise: nil)
-            }
+        let (local, far) = GlueHandler.pair { up, down in
+            var finished = event
+            finished.bytesUp = up
+            finished.bytesDown = down
+            finished.durationMs = Int64((NIODeadline.now() - started).nanoseconds / 1_000_000)
+            emit(finished)
+        }
+        do {
+            // The 200 goes out as raw bytes once the HTTP encoder is gone: nothing may frame
+            // the tunnel. Then the glue takes over, and the decoder leaves, handing on any
+            // bytes the client sent early (its TLS ClientHello).
+            let ops = context.pipeline.syncOperations
+            ops.removeHandler(encoder, promise: nil)
+            let version = e.version == .http1_0 ? "HTTP/1.0" : "HTTP/1.1"
+            context.writeAndFlush(NIOAny(ByteBuffer(string: "\(version) 200 Connection established\r\n\r\n")), promise: nil)
+            try ops.addHandler(local)
+            try remote.pipeline.syncOperations.addHandler(far)
+            ops.removeHandler(decoder, promise: nil)
+            ops.removeHandler(context: context, promise: nil)
+            context.channel.setOption(.autoRead, value: true).whenComplete { _ in }
+            remote.setOption(.autoRead, value: true).whenComplete { _ in }
+        } catch {
+            remote.close(promise: nil)
+            context.close(promise: nil)
         }
     }
 }

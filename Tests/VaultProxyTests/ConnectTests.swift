@@ -25,6 +25,7 @@ struct StaticResolver: HostResolver {
 
     @Test func tunnelReachesAnAllowedHostWithoutCredentials() async throws {
         let upstream = try Upstream(ca: TestCA())
+        defer { upstream.stop() }
         let fixture = try await ProxyFixture(upstream: nil, allowHosts: ["allowed.example"], ports: [upstream.port]) {
             $0.trustedOverrides["allowed.example"] = [IPAddress(literal: "127.0.0.1")!]
         }

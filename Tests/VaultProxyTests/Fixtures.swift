@@ -35,11 +35,16 @@ func run(_ argv: [String], stdin: Data? = nil) throws -> (status: Int32, out: Da
     try input.fileHandleForWriting.close()
     // Read both pipes to the end (on two threads, so a full stderr cannot block stdout).
     let errBox = NIOLockedValueBox(Data())
-    let errThread = Thread { errBox.withLockedValue { $0 = err.fileHandleForReading.readDataToEndOfFile() } }
+    let errDone = DispatchSemaphore(value: 0)
+    let errThread = Thread {
+        let data = err.fileHandleForReading.readDataToEndOfFile()
+        errBox.withLockedValue { $0 = data }
+        errDone.signal()
+    }
     errThread.start()
     let outData = out.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
-    while errThread.isExecuting || !errThread.isFinished { usleep(1000) }
+    errDone.wait()
     return (process.terminationStatus, outData, String(decoding: errBox.withLockedValue { $0 }, as: UTF8.self))
 }
 
@@ -162,10 +167,16 @@ final class Upstream: @unchecked Sendable {
         self.port = port
     }
 
-    deinit {
-        process.terminate()
-        process.waitUntilExit()
+    /// Kills the server (SIGKILL and reap; Foundation's waitUntilExit can stall a test thread).
+    func stop() {
+        let pid = process.processIdentifier
+        guard pid > 0, kill(pid, 0) == 0 else { return }
+        kill(pid, SIGKILL)
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
     }
+
+    deinit { stop() }
 }
 
 /// Records everything logged through it, to prove no credential is ever logged.

@@ -9,6 +9,7 @@ import TestSupport
 @Suite(.serialized) struct MalformedRequestTests {
     @Test func smugglingFramingsAndOversizedHeadsGet400() async throws {
         let upstream = try Upstream(ca: TestCA())
+        defer { upstream.stop() }
         let fixture = try await ProxyFixture(upstream: upstream)
         defer { Task { await fixture.shutdown() } }
         let big = String(repeating: "a", count: 40_000)
