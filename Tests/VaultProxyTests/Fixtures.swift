@@ -146,13 +146,20 @@ final class Upstream: @unchecked Sendable {
     srv.serve_forever()
     """#
 
+    static let python: String = {
+        let r = try? run(["python3", "-c", "import sys; print(sys.executable)"])
+        return r.map { String(decoding: $0.out, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) } ?? "/usr/bin/python3"
+    }()
+
     init(ca: TestCA) throws {
         self.ca = ca
         dir = try TempDir()
         try Upstream.script.write(toFile: dir.path + "/upstream.py", atomically: true, encoding: .utf8)
         process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = ["python3", dir.path + "/upstream.py", ca.certFile, ca.keyFile]
+        // The interpreter itself, not a wrapper (a pyenv shim forks python as its child, and
+        // killing the shim would leave the server running).
+        process.executableURL = URL(fileURLWithPath: Upstream.python)
+        process.arguments = [dir.path + "/upstream.py", ca.certFile, ca.keyFile]
         let out = Pipe()
         process.standardOutput = out
         process.standardError = FileHandle.nullDevice
