@@ -15,6 +15,7 @@ let package = Package(
         .executable(name: "agentctl", targets: ["agentctl"]),
         .executable(name: "agentd-bench", targets: ["agentd-bench"]),
         .executable(name: "agentd-sandbox-agent", targets: ["agentd-sandbox-agent"]),
+        .executable(name: "vault-proxy", targets: ["vault-proxy"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -22,6 +23,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         .package(url: "https://github.com/modelcontextprotocol/swift-sdk", exact: "0.12.1"),
     ],
@@ -110,6 +112,21 @@ let package = Package(
             swiftSettings: strict),
 
         .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
+        // The egress proxy: per-sandbox listeners, routes with injected credentials, CONNECT to
+        // allowlisted hosts, response scrubbing, egress events over a private control channel.
+        .target(
+            name: "VaultProxy",
+            dependencies: [
+                "SessionLog",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["AgentdAPI", "CurlHTTP", "JSONValues"], swiftSettings: strict),
         .target(
             name: "Brain",
@@ -145,6 +162,14 @@ let package = Package(
         .executableTarget(
             name: "agentd-bench",
             dependencies: ["AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands"],
+            swiftSettings: strict),
+        .executableTarget(
+            name: "vault-proxy",
+            dependencies: [
+                "VaultProxy",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strict),
         // A tiny Type=notify / socket-activated service for the SystemdBus service tests.
         // The sandbox agent: a static executable, PID 1 in every sandbox.
@@ -195,6 +220,19 @@ let package = Package(
         // builds it with every other product.
         .testTarget(
             name: "SandboxAgentTests", dependencies: ["SandboxAgentProtocol", "SandboxAgentClient", "TestSupport"],
+            swiftSettings: strict),
+        .testTarget(
+            name: "VaultProxyTests",
+            dependencies: [
+                "VaultProxy", "SessionLog", "TestSupport", "vault-proxy",
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "TestServerTests", dependencies: ["TestSupport"], swiftSettings: strict),

@@ -102,7 +102,7 @@ public final class Redactor: Sendable {
     /// The raw value and its JSON-escaped forms: with and without `\/`, short escapes (`\n`)
     /// or `\u00XX` for control characters in lower or upper case hex, and each of those
     /// escaped once more (a JSON document inside a JSON string).
-    static func forms(of value: [UInt8]) -> [[UInt8]] {
+    public static func forms(of value: [UInt8]) -> [[UInt8]] {
         var forms: [[UInt8]] = [value]
         func insert(_ form: [UInt8]) { if !forms.contains(form) { forms.append(form) } }
         var once: [[UInt8]] = []

@@ -1,0 +1,639 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+
+/// One sandbox connection: parses requests, refuses what the policy does not allow, forwards
+/// route requests to their upstream (streaming both ways with backpressure: reads on one side
+/// are issued only while the other side is writable) and turns CONNECT into a tunnel.
+///
+/// Both the client channel and its upstream channel run on the same event loop, so the two
+/// handlers call each other directly.
+final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    enum State { case idle, refused, connecting, forwarding, awaitingResponse, tunnelling, closed }
+
+    /// One request and its decision, turned into an event when it ends.
+    struct Exchange {
+        var event: EgressEvent
+        let started: NIODeadline
+        let isHead: Bool
+        let keepAlive: Bool
+        let version: HTTPVersion
+        var scrubber: StreamScrubber?
+        var responseStarted = false
+        var responseEnded = false
+        var requestEnded = false
+        var closeAfter = false
+    }
+
+    private let listener: ListenerContext
+    private let decoder: ByteToMessageHandler<HTTPRequestDecoder>
+    private let encoder: HTTPResponseEncoder
+    private var context: ChannelHandlerContext?
+    private var state = State.idle
+    private var exchange: Exchange?
+    private var upstream: (any Channel)?
+    private var pendingBody: [ByteBuffer] = []
+    private var clientReadPending = false
+    private var upstreamReadPending = false
+    private var expectContinue = false
+
+    init(context: ListenerContext, decoder: ByteToMessageHandler<HTTPRequestDecoder>, encoder: HTTPResponseEncoder) {
+        self.listener = context
+        self.decoder = decoder
+        self.encoder = encoder
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.read()
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if state != .tunnelling {
+            upstream?.close(promise: nil)
+            if var e = exchange, !e.responseEnded {
+                if e.event.status == 0 { e.event.status = 499 }
+                exchange = e
+                finishExchange()
+            }
+            state = .closed
+        }
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if error is HTTPParserError, state == .idle || state == .connecting, exchange == nil || exchange?.responseStarted == false {
+            upstream?.close(promise: nil)
+            upstream = nil
+            exchange = nil
+            refuse(status: 400, method: "-", host: "-", rule: "malformed request (\(error))")
+            return
+        }
+        context.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            guard state == .idle else {
+                // A pipelined request, or bytes after a refusal: this connection is done.
+                if state != .refused { context.close(promise: nil) }
+                return
+            }
+            handleHead(head)
+        case .body(let buffer):
+            exchange?.event.bytesUp += Int64(buffer.readableBytes)
+            switch state {
+            case .connecting: pendingBody.append(buffer)
+            case .forwarding: upstream?.write(HTTPClientRequestPart.body(.byteBuffer(buffer)), promise: nil)
+            default: break
+            }
+        case .end:
+            exchange?.requestEnded = true
+            switch state {
+            case .forwarding:
+                upstream?.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+                state = .awaitingResponse
+                upstream?.read()
+            default: break
+            }
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        switch state {
+        case .idle:
+            context.read()
+        case .forwarding:
+            upstream?.flush()
+            if upstream?.isWritable ?? false { context.read() } else { clientReadPending = true }
+        default: break
+        }
+        context.fireChannelReadComplete()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable, upstreamReadPending {
+            upstreamReadPending = false
+            upstream?.read()
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    // MARK: - Requests
+
+    private func handleHead(_ head: HTTPRequestHead) {
+        let method = head.method.rawValue
+        if let problem = ClientHandler.framingProblem(head, maxHeaderBytes: listener.proxy.configuration.maxHeaderBytes) {
+            refuse(status: 400, method: method, host: "-", rule: problem)
+            return
+        }
+        if head.method == .CONNECT {
+            handleConnect(head)
+        } else {
+            handleRoute(head)
+        }
+    }
+
+    /// Why a request head cannot be forwarded safely (smuggling framings, oversized), or nil.
+    static func framingProblem(_ head: HTTPRequestHead, maxHeaderBytes: Int) -> String? {
+        var size = head.uri.utf8.count + 16
+        for (name, value) in head.headers { size += name.utf8.count + value.utf8.count + 4 }
+        if size > maxHeaderBytes { return "request head larger than \(maxHeaderBytes) bytes" }
+        if head.uri.utf8.contains(where: { $0 < 0x21 || $0 == 0x7F }) { return "control characters or spaces in the request target" }
+        for (_, value) in head.headers where value.utf8.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) {
+            return "CR, LF or NUL in a header value"
+        }
+        let lengths = head.headers["content-length"]
+        let encodings = head.headers["transfer-encoding"]
+        if lengths.count > 1 || lengths.contains(where: { $0.contains(",") }) { return "more than one Content-Length" }
+        if !encodings.isEmpty && !lengths.isEmpty { return "Transfer-Encoding together with Content-Length" }
+        if encodings.count > 1 || encodings.contains(where: { $0.lowercased() != "chunked" }) {
+            return "Transfer-Encoding other than a single 'chunked'"
+        }
+        if let length = lengths.first, !length.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) || length.isEmpty { return "Content-Length is not a number" }
+        return nil
+    }
+
+    /// Refuses the request: a text body naming the policy and rule, an event, then close.
+    private func refuse(status: Int, method: String, host: String, rule: String, route: String? = nil, path: String? = nil) {
+        var event = listener.event(allowed: false, method: method, host: host, rule: rule, status: status)
+        event.route = route
+        event.path = path
+        let body: String
+        switch status {
+        case 403: body = listener.refusal(host, rule)
+        case 400: body = "request refused by the vault-proxy (policy \(listener.spec.policy)): \(rule)\n"
+        default: body = "\(rule)\n"
+        }
+        exchange = Exchange(event: event, started: .now(), isHead: false, keepAlive: false, version: .http1_1)
+        exchange?.responseStarted = true
+        state = .refused
+        respond(status: status, body: body)
+        exchange?.responseEnded = true
+        finishExchange()
+    }
+
+    private func respond(status: Int, body: String) {
+        guard let context else { return }
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "text/plain; charset=utf-8")
+        headers.add(name: "Content-Length", value: String(body.utf8.count))
+        headers.add(name: "Connection", value: "close")
+        let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status), headers: headers)
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+        let channel = context.channel
+        context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    private func finishExchange() {
+        guard var e = exchange else { return }
+        exchange = nil
+        e.event.durationMs = Int64((NIODeadline.now() - e.started).nanoseconds / 1_000_000)
+        listener.proxy.emit(e.event)
+    }
+
+    // MARK: - Routes
+
+    private func handleRoute(_ head: HTTPRequestHead) {
+        let method = head.method.rawValue
+        var target = Substring(head.uri)
+        if target.lowercased().hasPrefix("http://") {
+            let afterScheme = target.dropFirst(7)
+            let authority = afterScheme.prefix { $0 != "/" && $0 != "?" }
+            var hostOnly = authority
+            if let colon = authority.lastIndex(of: ":"), !authority.hasSuffix("]") { hostOnly = authority[..<colon] }
+            guard ["127.0.0.1", "localhost", "[::1]"].contains(hostOnly.lowercased()) else {
+                refuse(
+                    status: 403, method: method, host: String(authority).lowercased(),
+                    rule: "plain HTTP egress is refused; use a route (http://127.0.0.1:3128/<route>/…) or HTTPS to an allowed host")
+                return
+            }
+            target = afterScheme.dropFirst(authority.count)
+            if target.isEmpty { target = "/" }
+        }
+        guard target.hasPrefix("/") else {
+            refuse(status: 400, method: method, host: "-", rule: "malformed request target")
+            return
+        }
+        let afterSlash = target.dropFirst()
+        let name = String(afterSlash.prefix { $0 != "/" && $0 != "?" })
+        let rest = String(afterSlash.dropFirst(name.count))
+        let pathOnly = String(rest.prefix { $0 != "?" })
+        let shownPath = pathOnly + (rest.contains("?") ? "?[REDACTED]" : "")
+        guard let route = listener.routes[name] else {
+            let known = listener.routes.keys.sorted()
+            refuse(
+                status: 403, method: method, host: "route \(name)",
+                rule: "no route '\(name)' (routes: \(known.isEmpty ? "none" : known.joined(separator: ", "))); other hosts only through HTTPS CONNECT",
+                path: shownPath)
+            return
+        }
+        let upstreamHost = "\(route.host.contains(":") ? "[\(route.host)]" : route.host):\(route.port)"
+        guard let segments = ClientHandler.decodedSegments(pathOnly) else {
+            refuse(status: 400, method: method, host: upstreamHost, rule: "malformed percent-encoding in the route path", route: name)
+            return
+        }
+        if segments.contains(where: { $0 == ".." || $0 == "." }) {
+            refuse(
+                status: 403, method: method, host: upstreamHost, rule: "route paths must not contain '.' or '..' segments (plain or percent-encoded)",
+                route: name, path: shownPath)
+            return
+        }
+        var headerValue: String?
+        if let credentialName = route.rule.credential {
+            guard let secret = listener.proxy.secret(named: credentialName) else {
+                refuse(
+                    status: 502, method: method, host: upstreamHost,
+                    rule: "route \(name): credential '\(credentialName)' is not available to the vault-proxy", route: name, path: shownPath)
+                return
+            }
+            guard !secret.value.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) else {
+                refuse(
+                    status: 502, method: method, host: upstreamHost,
+                    rule: "route \(name): credential '\(credentialName)' contains CR, LF or NUL and cannot go in a header", route: name)
+                return
+            }
+            headerValue = route.headerTemplate.replacingOccurrences(of: "{{credential}}", with: String(decoding: secret.value, as: UTF8.self))
+        }
+
+        // The upstream request: hop-by-hop headers, the route's header, Proxy-Authorization,
+        // Host, Accept-Encoding and Expect are the proxy's; everything else passes.
+        let connectionTokens = Set(ClientHandler.tokens(head.headers["connection"]))
+        let routeHeader = route.headerName.lowercased()
+        var headers = HTTPHeaders()
+        for (headerName, value) in head.headers {
+            let lower = headerName.lowercased()
+            if ClientHandler.proxyOwnedRequestHeaders.contains(lower) || connectionTokens.contains(lower) || lower == routeHeader { continue }
+            headers.add(name: headerName, value: value)
+        }
+        headers.add(name: "Host", value: route.hostHeader)
+        headers.add(name: "Accept-Encoding", value: "identity")
+        headers.add(name: "Connection", value: "close")
+        if let headerValue { headers.add(name: route.headerName, value: headerValue) }
+        expectContinue = head.headers["expect"].contains { $0.lowercased() == "100-continue" }
+
+        let upstreamPath = route.prefix + (rest.isEmpty || rest.hasPrefix("?") ? "/" + rest : rest)
+        var upstreamHead = HTTPRequestHead(version: .http1_1, method: head.method, uri: upstreamPath)
+        upstreamHead.headers = headers
+
+        var event = listener.event(allowed: true, method: method, host: upstreamHost, rule: "route \(name)", status: 0)
+        event.route = name
+        event.path = shownPath
+        event.credential = route.rule.credential
+        exchange = Exchange(
+            event: event, started: .now(), isHead: head.method == .HEAD, keepAlive: head.isKeepAlive, version: head.version,
+            scrubber: StreamScrubber(listener.proxy.patterns))
+        state = .connecting
+        connectRoute(route, head: upstreamHead)
+    }
+
+    /// The comma-separated tokens of header values, trimmed and lowercased.
+    static func tokens(_ values: [String]) -> [String] {
+        var result: [String] = []
+        for value in values {
+            for token in value.split(separator: ",") { result.append(String(token).trimmingCharacters(in: " \t").lowercased()) }
+        }
+        return result
+    }
+
+    static let proxyOwnedRequestHeaders: Set<String> = [
+        "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer", "upgrade",
+        "host", "accept-encoding", "expect",
+    ]
+
+    /// The path's segments, percent-decoded, split at `/` and `\` (also when encoded); nil for
+    /// a malformed escape.
+    static func decodedSegments(_ path: String) -> [String]? {
+        var bytes: [UInt8] = []
+        var it = Array(path.utf8)[...]
+        while let b = it.popFirst() {
+            if b == 0x25 {
+                guard it.count >= 2, let v = UInt8(String(decoding: it.prefix(2), as: UTF8.self), radix: 16) else { return nil }
+                it = it.dropFirst(2)
+                bytes.append(v)
+            } else {
+                bytes.append(b)
+            }
+        }
+        return bytes.split(omittingEmptySubsequences: false) { $0 == 0x2F || $0 == 0x5C }.map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    private func connectRoute(_ route: ResolvedRoute, head: HTTPRequestHead) {
+        guard let context else { return }
+        let tls: NIOSSLContext
+        do {
+            tls = try listener.proxy.tlsContext(caFile: route.rule.caFile)
+        } catch {
+            upstreamFailed("route \(route.rule.name): TLS setup failed: \(error)")
+            return
+        }
+        let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let idle = listener.proxy.configuration.idleTimeout
+        let serverName = route.isLiteralHost ? nil : route.host
+        ClientBootstrap(group: context.eventLoop)
+            .connectTimeout(listener.proxy.configuration.connectTimeout)
+            .channelOption(.autoRead, value: false)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandlers([
+                        try NIOSSLClientHandler(context: tls, serverHostname: serverName),
+                        IdleStateHandler(allTimeout: idle),
+                        HTTPRequestEncoder(),
+                        ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .dropBytes)),
+                        UpstreamHandler(owner: bound.value),
+                    ])
+                }
+            }
+            .connect(host: route.host, port: route.port)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let channel): self.routeConnected(channel, head: head)
+                case .failure(let error): self.upstreamFailed("route \(route.rule.name): cannot reach \(route.host):\(route.port): \(error)")
+                }
+            }
+    }
+
+    private func routeConnected(_ channel: any Channel, head: HTTPRequestHead) {
+        guard state == .connecting, let context else {
+            channel.close(promise: nil)
+            return
+        }
+        upstream = channel
+        channel.write(HTTPClientRequestPart.head(head), promise: nil)
+        for part in pendingBody { channel.write(HTTPClientRequestPart.body(.byteBuffer(part)), promise: nil) }
+        pendingBody = []
+        if exchange?.requestEnded == true {
+            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+            state = .awaitingResponse
+            channel.read()
+        } else {
+            channel.flush()
+            state = .forwarding
+            if expectContinue {
+                context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .continue))), promise: nil)
+            }
+            context.read()
+            // Early responses (a 401 before the body is sent) are read too.
+            channel.read()
+        }
+    }
+
+    // MARK: - Upstream events (called by UpstreamHandler on the same event loop)
+
+    func upstreamPart(_ part: HTTPClientResponsePart, from channel: any Channel) {
+        guard let context, channel === upstream, var e = exchange, state == .forwarding || state == .awaitingResponse else { return }
+        switch part {
+        case .head(var head):
+            let bodyless = e.isHead || head.status.code < 200 || head.status == .noContent || head.status == .notModified
+            let encodings = ClientHandler.tokens(head.headers["content-encoding"])
+            if !bodyless, encodings.contains(where: { $0 != "identity" }) {
+                upstream?.close(promise: nil)
+                upstream = nil
+                e.event.rule += "; response refused: Content-Encoding \(encodings.joined(separator: ", ")) cannot be scrubbed"
+                exchange = e
+                upstreamFailed("route \(e.event.route ?? "-"): upstream answered with Content-Encoding \(encodings.joined(separator: ", ")) although identity was requested; the vault-proxy does not pass bodies it cannot scrub")
+                return
+            }
+            let patterns = listener.proxy.patterns
+            let connectionTokens = Set(ClientHandler.tokens(head.headers["connection"]))
+            var headers = HTTPHeaders()
+            for (name, value) in head.headers {
+                let lower = name.lowercased()
+                if ClientHandler.hopByHopResponseHeaders.contains(lower) || connectionTokens.contains(lower) { continue }
+                if lower == "content-length" && !bodyless { continue }
+                headers.add(name: name, value: StreamScrubber.scrub(value, with: patterns))
+            }
+            if !(e.keepAlive && e.version == .http1_1) || !e.requestEnded {
+                headers.add(name: "Connection", value: "close")
+                e.closeAfter = true
+            }
+            head.headers = headers
+            head.version = e.version
+            e.event.status = Int(head.status.code)
+            e.responseStarted = true
+            exchange = e
+            context.write(wrapOutboundOut(.head(head)), promise: nil)
+        case .body(let buffer):
+            e.event.bytesDown += Int64(buffer.readableBytes)
+            let clean = e.scrubber?.feed(buffer, allocator: context.channel.allocator) ?? buffer
+            exchange = e
+            if clean.readableBytes > 0 { context.write(wrapOutboundOut(.body(.byteBuffer(clean))), promise: nil) }
+        case .end:
+            if var tail = e.scrubber?.finish(allocator: context.channel.allocator), tail.readableBytes > 0 {
+                context.write(wrapOutboundOut(.body(.byteBuffer(tail))), promise: nil)
+                tail.clear()
+            }
+            e.responseEnded = true
+            exchange = e
+            let closeAfter = e.closeAfter
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in if closeAfter { channel.close(promise: nil) } }
+            finishExchange()
+            upstream?.close(promise: nil)
+            upstream = nil
+            upstreamReadPending = false
+            clientReadPending = false
+            state = closeAfter ? .refused : .idle
+            if !closeAfter { context.read() }
+        }
+    }
+
+    static let hopByHopResponseHeaders: Set<String> = [
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade",
+        "transfer-encoding",
+    ]
+
+    func upstreamReadComplete(from channel: any Channel) {
+        guard let context, channel === upstream, state == .forwarding || state == .awaitingResponse else { return }
+        context.flush()
+        if context.channel.isWritable { upstream?.read() } else { upstreamReadPending = true }
+    }
+
+    func upstreamWritabilityChanged(_ writable: Bool, from channel: any Channel) {
+        if writable, channel === upstream, clientReadPending, state == .forwarding {
+            clientReadPending = false
+            context?.read()
+        }
+    }
+
+    /// The upstream failed or closed: 502 before the response started, else the client is cut off.
+    func upstreamFailed(_ message: String, from channel: (any Channel)? = nil) {
+        if let channel, channel !== upstream { return }
+        guard let context, state == .connecting || state == .forwarding || state == .awaitingResponse else { return }
+        upstream?.close(promise: nil)
+        upstream = nil
+        if var e = exchange, !e.responseStarted {
+            e.event.status = 502
+            e.responseStarted = true
+            e.responseEnded = true
+            exchange = e
+            state = .refused
+            respond(status: 502, body: "vault-proxy: \(message)\n")
+            finishExchange()
+        } else {
+            state = .closed
+            context.close(promise: nil)
+        }
+    }
+
+    // MARK: - CONNECT
+
+    private func handleConnect(_ head: HTTPRequestHead) {
+        switch listener.checkConnect(head.uri) {
+        case .refused(let status, let host, let rule):
+            refuse(status: status, method: "CONNECT", host: host, rule: rule)
+        case .allowed(let host, let port, let rule):
+            guard let context else { return }
+            let shown = "\(host):\(port)"
+            let event = listener.event(allowed: true, method: "CONNECT", host: shown, rule: rule, status: 0)
+            exchange = Exchange(event: event, started: .now(), isHead: false, keepAlive: false, version: head.version)
+            state = .connecting
+            switch host {
+            case .address(let address):
+                // A literal the policy lists: the policy's author chose this address.
+                dialTunnel([address], port: port, shown: shown, rule: rule)
+            case .name(let name):
+                if let trusted = listener.proxy.configuration.trustedOverrides[name] {
+                    dialTunnel(trusted, port: port, shown: shown, rule: rule)
+                    return
+                }
+                let resolver = listener.proxy.configuration.resolver
+                context.eventLoop.makeFutureWithTask { try await resolver.resolve(name) }
+                    .assumeIsolated()
+                    .whenComplete { result in
+                        switch result {
+                        case .failure(let error):
+                            self.connectRefused(status: 502, host: shown, rule: "\(error)")
+                        case .success(let addresses):
+                            if addresses.isEmpty {
+                                self.connectRefused(status: 502, host: shown, rule: "\(name) has no addresses")
+                            } else if let bad = addresses.first(where: { $0.refusal != nil }) {
+                                self.connectRefused(status: 403, host: shown, rule: "\(name) resolves to \(bad), \(bad.refusal!)")
+                            } else {
+                                self.dialTunnel(addresses, port: port, shown: shown, rule: rule)
+                            }
+                        }
+                    }
+            }
+        }
+    }
+
+    private func connectRefused(status: Int, host: String, rule: String) {
+        guard state == .connecting else { return }
+        exchange = nil
+        refuse(status: status, method: "CONNECT", host: host, rule: rule)
+    }
+
+    /// Dials the checked addresses in order (no second lookup), then answers 200 and glues.
+    private func dialTunnel(_ addresses: [IPAddress], port: Int, shown: String, rule: String) {
+        guard let context, state == .connecting, let first = addresses.first else { return }
+        let address: SocketAddress
+        do {
+            address = try SocketAddress(ipAddress: first.description, port: port)
+        } catch {
+            connectRefused(status: 502, host: shown, rule: "cannot dial \(first): \(error)")
+            return
+        }
+        let idle = listener.proxy.configuration.idleTimeout
+        ClientBootstrap(group: context.eventLoop)
+            .connectTimeout(listener.proxy.configuration.connectTimeout)
+            .channelOption(.autoRead, value: false)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(IdleStateHandler(allTimeout: idle)) }
+            }
+            .connect(to: address)
+            .assumeIsolated()
+            .whenComplete { result in
+                switch result {
+                case .success(let channel): self.tunnelConnected(channel)
+                case .failure(let error):
+                    if addresses.count > 1 {
+                        self.dialTunnel(Array(addresses.dropFirst()), port: port, shown: shown, rule: rule)
+                    } else {
+                        self.connectRefused(status: 502, host: shown, rule: "cannot connect to \(shown) (\(first)): \(error)")
+                    }
+                }
+            }
+    }
+
+    private func tunnelConnected(_ remote: any Channel) {
+        guard let context, state == .connecting, var e = exchange else {
+            remote.close(promise: nil)
+            return
+        }
+        state = .tunnelling
+        e.event.status = 200
+        exchange = nil
+        let started = e.started
+        let emit = listener.proxy.emit
+        let event = e.event
+        let (local, far) = GlueHandler.pair { up, down in
+            var finished = event
+            finished.bytesUp = up
+            finished.bytesDown = down
+            finished.durationMs = Int64((NIODeadline.now() - started).nanoseconds / 1_000_000)
+            emit(finished)
+        }
+        do {
+            // The 200 goes out as raw bytes once the HTTP encoder is gone: nothing may frame
+            // the tunnel. Then the glue takes over, and the decoder leaves, handing on any
+            // bytes the client sent early (its TLS ClientHello).
+            let ops = context.pipeline.syncOperations
+            ops.removeHandler(encoder, promise: nil)
+            let version = e.version == .http1_0 ? "HTTP/1.0" : "HTTP/1.1"
+            context.writeAndFlush(NIOAny(ByteBuffer(string: "\(version) 200 Connection established\r\n\r\n")), promise: nil)
+            try ops.addHandler(local)
+            try remote.pipeline.syncOperations.addHandler(far)
+            ops.removeHandler(decoder, promise: nil)
+            ops.removeHandler(context: context, promise: nil)
+            context.channel.setOption(.autoRead, value: true).whenComplete { _ in }
+            remote.setOption(.autoRead, value: true).whenComplete { _ in }
+        } catch {
+            remote.close(promise: nil)
+            context.close(promise: nil)
+        }
+    }
+}
+
+/// Forwards upstream response parts and flow-control signals to the client's handler.
+final class UpstreamHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+
+    private let owner: ClientHandler
+
+    init(owner: ClientHandler) { self.owner = owner }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { owner.upstreamPart(unwrapInboundIn(data), from: context.channel) }
+    func channelReadComplete(context: ChannelHandlerContext) { owner.upstreamReadComplete(from: context.channel) }
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        owner.upstreamWritabilityChanged(context.channel.isWritable, from: context.channel)
+    }
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        owner.upstreamFailed("upstream failed: \(error)", from: context.channel)
+        context.close(promise: nil)
+    }
+    func channelInactive(context: ChannelHandlerContext) {
+        owner.upstreamFailed("the upstream closed the connection before its response was complete", from: context.channel)
+    }
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil) }
+    }
+}
