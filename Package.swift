@@ -144,7 +144,7 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "agentd-bench",
-            dependencies: ["AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands"],
+            dependencies: ["AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands", "SandboxAgentClient"],
             swiftSettings: strict),
         // A tiny Type=notify / socket-activated service for the SystemdBus service tests.
         // The sandbox agent: a static executable, PID 1 in every sandbox.

@@ -1,0 +1,110 @@
+import EngineAPI
+import Foundation
+import Hands
+import SandboxAgentClient
+import Synchronization
+
+/// Bulk throughput through the sandbox agent: 1 GiB of a command's output streamed out of a
+/// warm container sandbox, and a 1 GiB file written into and read back from its workspace,
+/// each against `cat` moving the same bytes on the host.
+enum ThroughputBench {
+    static let size = 1 << 30
+    static let mib = Double(1 << 20)
+
+    static func run(_ report: Reporter) async throws {
+        let engine = try EngineClient.fromEnvironment()
+        let instance = "bench" + String(UInt32.random(in: 0...UInt32.max), radix: 36)
+        let scratch = NSTemporaryDirectory() + "agentd-bench-throughput-" + instance
+        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let workspaces = try WorkspaceImages(directory: scratch + "/workspaces")
+        let agent = try AgentHands(directory: scratch + "/agents")
+        let driver = ContainerDriver(engine: engine, instance: instance, workspaces: workspaces, agent: agent)
+        var spec = SandboxSpec()
+        spec.diskBytes = 2 << 30  // room for the 1 GiB file
+        let sandbox = try await driver.provision(spec, labels: [SandboxLabel.session: "bench", SandboxLabel.task: "throughput"])
+        defer { Task { try? await driver.destroy(sandbox) } }
+        let client = agent.client(try agent.name(of: sandbox))
+
+        // 1. Output: `head -c 1G /dev/zero | cat` on the host into a pipe read and counted here,
+        // vs the same `head` in the warm sandbox, streamed through the agent and counted.
+        let hostOut = try hostPipe(["sh", "-c", "head -c \(size) /dev/zero | cat"])
+        let counted = Atomic<Int>(0)
+        let t0 = now()
+        let result = try await client.exec(
+            .shell("head -c \(size) /dev/zero", timeout: .seconds(600), outputLimit: size), keepOutput: false
+        ) { _, bytes in counted.add(bytes.count, ordering: .relaxed) }
+        let streamed = now() - t0
+        guard result.exitCode == 0, counted.load(ordering: .relaxed) == size, result.cutBytes == 0 else {
+            throw RawUnixHTTP.Failure(description: "the streamed command delivered \(counted.load(ordering: .relaxed)) of \(size) bytes (exit \(result.exitCode), cut \(result.cutBytes))")
+        }
+        report.figure("raw.host.cat_pipe_1GiB", Double(size) / mib / hostOut, "MiB/s")
+        report.figure("agent.exec.stream_1GiB", Double(size) / mib / streamed, "MiB/s")
+        report.ratio("agent.exec.stream_1GiB.vs_cat", "agent.exec.stream_1GiB", over: "raw.host.cat_pipe_1GiB", goal: ">= 0.5")
+
+        // 2. Files: `cat` copying a 1 GiB file on the host vs writing it into the workspace and
+        // reading it back through the agent's streamed file API, 1 MiB pieces at a time.
+        let source = scratch + "/source", copy = scratch + "/copy"
+        _ = try hostPipe(["sh", "-c", "head -c \(size) /dev/zero > \(source)"])
+        let hostCopy = try hostPipe(["sh", "-c", "cat \(source) > \(copy)"])
+        try? FileManager.default.removeItem(atPath: copy)
+        let path = ContainerDriver.workspace + "/big"
+        let t1 = now()
+        try await client.writeFile(path, chunks: Zeros(total: size, piece: 1 << 20), mode: nil, timeout: .seconds(600))
+        let wrote = now() - t1
+        let read = Atomic<Int>(0)
+        let t2 = now()
+        try await client.readFile(path, limit: size, timeout: .seconds(600)) { chunk in read.add(chunk.count, ordering: .relaxed) }
+        let readTime = now() - t2
+        guard read.load(ordering: .relaxed) == size else {
+            throw RawUnixHTTP.Failure(description: "reading \(path) back gave \(read.load(ordering: .relaxed)) of \(size) bytes")
+        }
+        report.figure("raw.host.cat_copy_1GiB", Double(size) / mib / hostCopy, "MiB/s")
+        report.figure("agent.file.write_1GiB", Double(size) / mib / wrote, "MiB/s")
+        report.figure("agent.file.read_1GiB", Double(size) / mib / readTime, "MiB/s")
+        report.ratio("agent.file.write_1GiB.vs_cat", "agent.file.write_1GiB", over: "raw.host.cat_copy_1GiB", goal: ">= 0.5")
+        report.ratio("agent.file.read_1GiB.vs_cat", "agent.file.read_1GiB", over: "raw.host.cat_copy_1GiB", goal: ">= 0.5")
+        try await driver.destroy(sandbox)
+    }
+
+    /// Runs `argv` with its stdout a pipe that is read here (1 MiB at a time) and counted;
+    /// returns the seconds until it ended.
+    static func hostPipe(_ argv: [String]) throws -> Double {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = argv
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        let t0 = now()
+        try process.run()
+        let fd = pipe.fileHandleForReading.fileDescriptor
+        try? pipe.fileHandleForWriting.close()
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n > 0 { continue }
+            if n < 0, errno == EINTR { continue }
+            break
+        }
+        process.waitUntilExit()
+        let t = now() - t0
+        guard process.terminationStatus == 0 else { throw RawUnixHTTP.Failure(description: "\(argv) exited \(process.terminationStatus)") }
+        return t
+    }
+}
+
+/// `total` zero bytes as pieces of `piece` bytes.
+private struct Zeros: AsyncSequence, Sendable {
+    let total: Int
+    let piece: Int
+    struct AsyncIterator: AsyncIteratorProtocol {
+        var left: Int
+        let chunk: [UInt8]
+        mutating func next() async -> [UInt8]? {
+            guard left > 0 else { return nil }
+            defer { left -= chunk.count }
+            return left >= chunk.count ? chunk : Array(chunk[0..<left])
+        }
+    }
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(left: total, chunk: [UInt8](repeating: 0, count: piece)) }
+}
