@@ -62,7 +62,7 @@ public struct SandboxAgentClient: Sendable {
             let writer = stdin.isEmpty ? nil : Task {
                 var offset = 0
                 while offset < stdin.count {
-                    let end = min(offset + AgentFrame.chunkSize * 4, stdin.count)
+                    let end = min(offset + AgentFrame.fileChunkSize, stdin.count)
                     try await outbound.write(Self.buffer(.stdinChunk(Array(stdin[offset..<end]))))
                     offset = end
                 }
@@ -157,7 +157,7 @@ public struct SandboxAgentClient: Sendable {
                     for try await piece in chunks {
                         var offset = 0
                         while offset < piece.count {
-                            let end = min(offset + AgentFrame.chunkSize * 4, piece.count)
+                            let end = min(offset + AgentFrame.fileChunkSize, piece.count)
                             try await outbound.write(Self.buffer(.fileChunk(Array(piece[offset..<end]))))
                             offset = end
                         }

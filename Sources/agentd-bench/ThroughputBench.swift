@@ -62,12 +62,29 @@ enum ThroughputBench {
         guard read.load(ordering: .relaxed) == size else {
             throw RawUnixHTTP.Failure(description: "reading \(path) back gave \(read.load(ordering: .relaxed)) of \(size) bytes")
         }
+        // For reference: the same 1 GiB written and read by a command inside the sandbox (its
+        // workspace is a filesystem image of its own), as the agent measures the command.
+        let inside = try await client.exec(
+            .shell("dd if=/dev/zero of=\(path).dd bs=1048576 count=\(size >> 20) 2>/dev/null && cat \(path).dd > /dev/null", timeout: .seconds(600), outputLimit: 4096),
+            output: nil)
+        let insideRead = try await client.exec(.shell("cat \(path).dd > /dev/null", timeout: .seconds(600), outputLimit: 4096), output: nil)
+        _ = try await client.exec(.shell("rm -f \(path).dd", timeout: .seconds(60), outputLimit: 4096), output: nil)
+        let insideWrite = inside.duration - insideRead.duration
+        report.figure("sandbox.dd_write_workspace_1GiB", Double(size) / mib / seconds(insideWrite), "MiB/s")
+        report.figure("sandbox.cat_read_workspace_1GiB", Double(size) / mib / seconds(insideRead.duration), "MiB/s")
         report.figure("raw.host.cat_copy_1GiB", Double(size) / mib / hostCopy, "MiB/s")
         report.figure("agent.file.write_1GiB", Double(size) / mib / wrote, "MiB/s")
         report.figure("agent.file.read_1GiB", Double(size) / mib / readTime, "MiB/s")
         report.ratio("agent.file.write_1GiB.vs_cat", "agent.file.write_1GiB", over: "raw.host.cat_copy_1GiB", goal: ">= 0.5")
         report.ratio("agent.file.read_1GiB.vs_cat", "agent.file.read_1GiB", over: "raw.host.cat_copy_1GiB", goal: ">= 0.5")
+        // The workspace's own filesystem bounds a write, whoever writes: the agent against `dd`
+        // writing the same bytes from inside the sandbox.
+        report.ratio("agent.file.write_1GiB.vs_sandbox_dd", "agent.file.write_1GiB", over: "sandbox.dd_write_workspace_1GiB", goal: "report (>= 1: the agent adds nothing to the workspace's own cost)")
         try await driver.destroy(sandbox)
+    }
+
+    static func seconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
     }
 
     /// Runs `argv` with its stdout a pipe that is read here (1 MiB at a time) and counted;
