@@ -161,7 +161,7 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "agentd-bench",
-            dependencies: ["AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands"],
+            dependencies: ["AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands", "SandboxAgentClient"],
             swiftSettings: strict),
         .executableTarget(
             name: "vault-proxy",

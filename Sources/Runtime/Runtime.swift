@@ -349,14 +349,17 @@ public actor Runtime {
         var output = store.redactor.redact(raw.output)
         var payload = JSONCoding.encode(event(output))
         if payload.count > limit {
-            let overhead = payload.count - JSONCoding.encodedLength(output)
-            let full = output.utf8.count
+            // The tool's closing notes (how much the output limit cut, a timeout, the exit
+            // code) stay at the end: the cut takes the output before them.
+            let (body, notes) = Self.closingNotes(of: output)
+            let overhead = payload.count - JSONCoding.encodedLength(body)
+            let full = body.utf8.count
             var budget = limit - overhead - 200
             while true {
-                let kept = JSONCoding.prefix(of: output, encodedBytes: max(0, budget))
+                let kept = JSONCoding.prefix(of: body, encodedBytes: max(0, budget))
                 let cut = full - kept.utf8.count
                 let note = "\n[result cut: \(cut) more bytes beyond the session's event limit of \(limit) bytes (session.maxEventSize)]"
-                let candidate = kept + note
+                let candidate = kept + note + notes
                 payload = JSONCoding.encode(event(candidate))
                 if payload.count <= limit || budget <= 0 {
                     output = candidate
@@ -366,6 +369,23 @@ public actor Runtime {
             }
         }
         return (payload, ToolResult(output: output, isError: raw.isError, exitCode: raw.exitCode))
+    }
+
+    /// The closing lines `Tools.render` adds to a command's output (`[output cut: …]`,
+    /// `[command timed out after …]`, `[exit code …]`), split from the output before them;
+    /// the notes come back with their leading newline.
+    static func closingNotes(of output: String) -> (body: String, notes: String) {
+        let prefixes = ["[output cut: ", "[command timed out after ", "[exit code "]
+        var body = Substring(output)
+        var notes = ""
+        for _ in prefixes.indices {
+            guard let newline = body.lastIndex(of: "\n") else { break }
+            let line = body[body.index(after: newline)...]
+            guard line.utf8.count <= 200, line.hasSuffix("]"), prefixes.contains(where: { line.hasPrefix($0) }) else { break }
+            notes = "\n" + line + notes
+            body = body[..<newline]
+        }
+        return (String(body), notes)
     }
 
     /// The journaled result of a completed key.

@@ -17,7 +17,7 @@ enum ConnectionEnd: Error {
 final class Connection {
     let fd: Int32
     private var decoder = FrameDecoder()
-    private var buffer = [UInt8](repeating: 0, count: 64 << 10)
+    private var buffer = [UInt8](repeating: 0, count: AgentFrame.fileChunkSize + AgentFrame.headerSize)
 
     init(fd: Int32) { self.fd = fd }
 

@@ -314,7 +314,11 @@ private struct ExecLoop {
                 pending.removeAll(keepingCapacity: true)
                 pendingOffset = 0
             }
-            pending.append(contentsOf: AgentMessage.output(stream, Array(buffer[0..<allowed])).frame())
+            // The frame straight from the read buffer (as `AgentMessage.output(…).frame()`, without
+            // its two intermediate copies).
+            let type = stream == .stdout ? AgentMessageType.stdoutChunk : .stderrChunk
+            pending.append(contentsOf: AgentFrame.header(type: type.rawValue, length: allowed))
+            pending.append(contentsOf: buffer[0..<allowed])
             forwarded += UInt64(allowed)
         }
         cut += UInt64(n - allowed)

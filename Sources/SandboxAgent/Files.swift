@@ -40,10 +40,12 @@ enum Files {
         }
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK)
         guard connection.send(.fileInfo(AgentFileInfo(size: size, mode: UInt32(st.st_mode & 0o7777)))) else { return }
-        var buffer = [UInt8](repeating: 0, count: AgentFrame.chunkSize)
+        // Each chunk is read straight behind its frame's header, and sent from there.
+        let header = AgentFrame.headerSize
+        var frame = [UInt8](repeating: 0, count: header + AgentFrame.fileChunkSize)
         var total: UInt64 = 0
         while true {
-            let n = Glibc.read(fd, &buffer, buffer.count)
+            let n = frame.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + header, $0.count - header) }
             if n < 0 {
                 if errno == EINTR { continue }
                 connection.send(.error(Posix.describe(errno, path)))
@@ -56,7 +58,8 @@ enum Files {
                 connection.send(.error(tooLarge(path, "grew past \(limit) bytes while being read", limit)))
                 return
             }
-            guard connection.send(.fileChunk(Array(buffer[0..<n]))) else { return }
+            frame.replaceSubrange(0..<header, with: AgentFrame.header(type: AgentMessageType.fileChunk.rawValue, length: n))
+            guard Posix.sendAll(connection.fd, frame, count: header + n) else { return }
         }
         connection.send(.fileEnd)
     }
@@ -198,7 +201,7 @@ enum Files {
         defer { close(input) }
         let output = Glibc.open(target, O_WRONLY | O_TRUNC | O_CLOEXEC | O_NOCTTY)
         guard output >= 0 else { return Posix.describe(errno, target) }
-        var buffer = [UInt8](repeating: 0, count: AgentFrame.chunkSize)
+        var buffer = [UInt8](repeating: 0, count: AgentFrame.fileChunkSize)
         while true {
             let n = Glibc.read(input, &buffer, buffer.count)
             if n < 0 && errno == EINTR { continue }

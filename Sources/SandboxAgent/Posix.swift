@@ -38,14 +38,20 @@ enum Posix {
     /// send timeout passed.
     @discardableResult
     static func sendAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
-        transferAll(bytes) { send(fd, $0, $1, csa_msg_nosignal()) }
+        sendAll(fd, bytes, count: bytes.count)
     }
 
-    private static func transferAll(_ bytes: [UInt8], _ call: (UnsafeRawPointer, Int) -> Int) -> Bool {
+    /// Sends the first `count` bytes of `bytes`.
+    static func sendAll(_ fd: Int32, _ bytes: [UInt8], count: Int) -> Bool {
+        transferAll(bytes, count: count) { send(fd, $0, $1, csa_msg_nosignal()) }
+    }
+
+    private static func transferAll(_ bytes: [UInt8], count: Int? = nil, _ call: (UnsafeRawPointer, Int) -> Int) -> Bool {
         bytes.withUnsafeBytes { raw in
+            let total = min(count ?? raw.count, raw.count)
             var offset = 0
-            while offset < raw.count {
-                let n = call(raw.baseAddress! + offset, raw.count - offset)
+            while offset < total {
+                let n = call(raw.baseAddress! + offset, total - offset)
                 if n < 0 {
                     if errno == EINTR { continue }
                     return false

@@ -63,6 +63,9 @@ extension SandboxAgentClient {
         do {
             channel = try await ClientBootstrap(group: group)
                 .connectTimeout(.nanoseconds(Self.nanoseconds(connectTimeout)))
+                // Reads of up to a whole file chunk's frame (NIO's default stops at 64 KiB): bulk
+                // data then takes one read and one decode per frame, not four or more.
+                .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: Self.readSize))
                 .connect(unixDomainSocketPath: socketPath) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(AgentFrameHandler())
@@ -135,6 +138,9 @@ extension SandboxAgentClient {
             throw ConnectionFailure.violation("the connection closed before \(what)")
         }
     }
+
+    /// The most one socket read takes: a file chunk's frame.
+    static let readSize = AgentFrame.headerSize + AgentFrame.fileChunkSize
 
     static func buffer(_ message: AgentMessage) -> ByteBuffer {
         ByteBuffer(bytes: message.frame())

@@ -44,8 +44,10 @@ public struct SandboxAgentClient: Sendable {
 
     /// Runs a command. Streams output to `output` as it arrives (at most `outputLimit` bytes in
     /// total are delivered/kept). The call ends by the command's timeout plus a grace period.
+    /// With `keepOutput` false the result's stdout and stderr stay empty: the output goes to
+    /// `output` only, so a caller that consumes it as it comes holds none of it.
     public func exec(
-        _ request: AgentExecRequest, output: (@Sendable (AgentStream, [UInt8]) -> Void)?
+        _ request: AgentExecRequest, keepOutput: Bool = true, output: (@Sendable (AgentStream, [UInt8]) -> Void)?
     ) async throws -> AgentExecResult {
         let stdin = request.stdin ?? []
         let message = AgentExecRequestMessage(
@@ -60,7 +62,7 @@ public struct SandboxAgentClient: Sendable {
             let writer = stdin.isEmpty ? nil : Task {
                 var offset = 0
                 while offset < stdin.count {
-                    let end = min(offset + AgentFrame.chunkSize * 4, stdin.count)
+                    let end = min(offset + AgentFrame.fileChunkSize, stdin.count)
                     try await outbound.write(Self.buffer(.stdinChunk(Array(stdin[offset..<end]))))
                     offset = end
                 }
@@ -80,7 +82,7 @@ public struct SandboxAgentClient: Sendable {
                     guard allowed > 0 else { continue }
                     let part = allowed == bytes.count ? bytes : Array(bytes[0..<allowed])
                     kept += allowed
-                    if stream == .stdout { stdout += part } else { stderr += part }
+                    if keepOutput { if stream == .stdout { stdout += part } else { stderr += part } }
                     output?(stream, part)
                 case .execResult(let r):
                     return AgentExecResult(
@@ -155,7 +157,7 @@ public struct SandboxAgentClient: Sendable {
                     for try await piece in chunks {
                         var offset = 0
                         while offset < piece.count {
-                            let end = min(offset + AgentFrame.chunkSize * 4, piece.count)
+                            let end = min(offset + AgentFrame.fileChunkSize, piece.count)
                             try await outbound.write(Self.buffer(.fileChunk(Array(piece[offset..<end]))))
                             offset = end
                         }

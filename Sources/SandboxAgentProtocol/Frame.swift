@@ -8,22 +8,28 @@ public enum AgentFrame {
     public static let headerSize = 5
     /// The largest payload a frame may carry (1 MiB).
     public static let maximumPayload = 1 << 20
-    /// The payload size senders use for streamed data (stdout, stderr, file contents, stdin).
+    /// The payload size the agent uses for a command's output: a pipe read (a command's pipes
+    /// hold up to `outputPipeSize`, a read takes at most this).
     public static let chunkSize = 64 << 10
+    /// The payload size senders use for file contents and stdin: bulk data, where fewer,
+    /// larger frames mean fewer system calls and wake-ups per byte.
+    public static let fileChunkSize = 256 << 10
 
     /// Encodes one frame: header and payload.
     public static func encode(type: UInt8, payload: [UInt8]) -> [UInt8] {
         precondition(payload.count <= maximumPayload, "frame payload over the protocol's maximum")
         var bytes: [UInt8] = []
         bytes.reserveCapacity(headerSize + payload.count)
-        let n = UInt32(payload.count)
-        bytes.append(UInt8(truncatingIfNeeded: n >> 24))
-        bytes.append(UInt8(truncatingIfNeeded: n >> 16))
-        bytes.append(UInt8(truncatingIfNeeded: n >> 8))
-        bytes.append(UInt8(truncatingIfNeeded: n))
-        bytes.append(type)
+        bytes.append(contentsOf: header(type: type, length: payload.count))
         bytes.append(contentsOf: payload)
         return bytes
+    }
+
+    /// A frame's header (length and type), for a sender that puts the payload after it itself.
+    public static func header(type: UInt8, length: Int) -> [UInt8] {
+        precondition(length >= 0 && length <= maximumPayload, "frame payload over the protocol's maximum")
+        let n = UInt32(length)
+        return [UInt8(truncatingIfNeeded: n >> 24), UInt8(truncatingIfNeeded: n >> 16), UInt8(truncatingIfNeeded: n >> 8), UInt8(truncatingIfNeeded: n), type]
     }
 }
 
