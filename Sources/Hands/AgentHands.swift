@@ -247,6 +247,15 @@ public struct AgentHands: Sendable {
             throw await translate(error, doing: "running \(Self.describe(argv))", sandbox: sandbox, commandTimeout: timeout, state: state)
         }
         if result.signal == Int(SIGKILL), !result.timedOut, let oom = await outOfMemory(connection, name: agentName, spec: sandbox.spec) { throw oom }
+        if result.exitCode == 126, Self.spawnFailedForWantOfProcesses(result.stderr) {
+            // The agent could not start the command at all: the sandbox's process slots are
+            // used up (a fork bomb's or an earlier command's background processes), and every
+            // later command would fail the same way.
+            throw await pidsUsedUp(sandbox)
+                ?? HandsError(
+                    .unusable,
+                    "the sandbox can no longer start processes (its agent says: \(Self.clip(String(decoding: result.stderr, as: UTF8.self)).trimmingCharacters(in: .whitespacesAndNewlines))): its process slots (limit \(sandbox.spec.pids) pids) are used up, e.g. by background processes an earlier command left running")
+        }
         return CommandOutput(
             stdout: result.stdout, stderr: result.stderr, exitCode: result.exitCode, truncated: result.cutBytes > 0, timedOut: result.timedOut,
             cutBytes: result.cutBytes)
@@ -351,6 +360,13 @@ public struct AgentHands: Sendable {
             if await answers(sandbox, timeout: .milliseconds(500)) || ContinuousClock.now >= deadline { return nil }
             try? await Task.sleep(for: .milliseconds(100))
         }
+    }
+
+    /// Whether a command's stderr is the agent's own report that it could not start the
+    /// command because no process could be made (`EAGAIN` from posix_spawn).
+    static func spawnFailedForWantOfProcesses(_ stderr: [UInt8]) -> Bool {
+        let text = String(decoding: stderr.prefix(512), as: UTF8.self)
+        return text.hasPrefix("agentd-sandbox-agent: ") && text.lowercased().contains("resource temporarily unavailable")
     }
 
     /// The error for a sandbox whose process slots are (nearly) all in use, as its agent's
