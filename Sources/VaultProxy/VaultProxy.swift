@@ -145,6 +145,11 @@ public final class VaultProxy: Sendable {
         context.intent.withLockedValue { $0 = (task ?? $0.task, seq) }
     }
 
+    /// How many connections `sandbox`'s listener holds open now (0 without a listener).
+    public func openConnections(sandbox: String) -> Int {
+        listeners.withLockedValue { $0[sandbox]?.context }?.connections.withLockedValue { $0.count } ?? 0
+    }
+
     /// The sandboxes with listeners.
     public var sandboxes: [String] { listeners.withLockedValue { Array($0.keys).sorted() } }
 

@@ -42,6 +42,7 @@ import TestSupport
         defer { for fd in held { close(fd) } }
         for _ in 0..<2 { held.append(try openUnix(fixture.socketPath)) }
         // Wait until the proxy has admitted both, then the third is closed without an answer.
+        #expect(await eventually { fixture.proxy.openConnections(sandbox: "sandbox-1") == 2 })
         let third = try fixture.raw("GET /echo/x HTTP/1.1\r\nHost: a\r\n\r\n")
         #expect(third.isEmpty)
         close(held.removeFirst())
