@@ -131,6 +131,7 @@ let package = Package(
         .target(
             name: "EgressProxy",
             dependencies: ["VaultProxy", "Vault", "Policy", .product(name: "Logging", package: "swift-log")],
+            exclude: ["README.md"],
             swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["AgentdAPI", "CurlHTTP", "JSONValues"], swiftSettings: strict),
         .target(

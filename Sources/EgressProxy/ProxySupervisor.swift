@@ -216,6 +216,14 @@ public final class ProxySupervisor: Sendable {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
         posix_spawn_file_actions_adddup2(&actions, pair[1], 3)
+        // Nothing else of agentd's reaches the proxy (an inherited pipe end would also keep
+        // another child's channel from ever closing).
+        // (addclosefrom_np is not visible to Swift: close each open descriptor above 3; one
+        // closed meanwhile is ignored by glibc.)
+        let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        for fd in open.compactMap(Int32.init) where fd > 3 && fd != pair[1] {
+            posix_spawn_file_actions_addclose(&actions, fd)
+        }
         let argv = [executable, "--control-fd", "3"] + arguments
         let cArgs = argv.map { strdup($0) } + [nil]
         let environment = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C"]
