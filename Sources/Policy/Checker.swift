@@ -19,7 +19,7 @@ struct PolicyChecker {
     static let poolKeys = ["size"]
     static let networkKeys = ["mode", "allowHosts"]
     static let credentialKeys = ["name", "source"]
-    static let routeKeys = ["name", "upstream", "credential", "header"]
+    static let routeKeys = ["name", "upstream", "credential", "header", "caFile"]
     static let gitKeys = ["repository", "branch", "route"]
     static let brainKeys = ["retries", "backoff"]
     static let sessionKeys = ["maxEventSize", "maxSandboxes"]
@@ -303,6 +303,17 @@ struct PolicyChecker {
             } else if f["header"] != nil {
                 itemOK = false
             }
+            var caFile: String?
+            if let (text, node) = stringNode(f, "caFile", label: "\(label): caFile") {
+                if !text.hasPrefix("/") || text.count > 4096 || text.contains(where: { $0.isNewline || $0 == "\0" }) {
+                    error(node.mark, "\(label): caFile '\(text.prefix(200))' must be an absolute path to a PEM file of CA certificates (caFile: /etc/agentd/ca.pem)")
+                    itemOK = false
+                } else {
+                    caFile = text
+                }
+            } else if f["caFile"] != nil {
+                itemOK = false
+            }
             guard itemOK, let (nameText, nameNode) = nameValue, checkName(nameText, node: nameNode, label: "\(label): name"),
                 let upstream
             else {
@@ -315,7 +326,7 @@ struct PolicyChecker {
                 continue
             }
             result.marks[nameText] = nameNode.mark
-            result.list.append(Route(name: nameText, upstream: upstream, credential: credential, header: header))
+            result.list.append(Route(name: nameText, upstream: upstream, credential: credential, header: header, caFile: caFile))
         }
         result.valid = ok
         return result

@@ -253,12 +253,16 @@ public struct Route: Sendable, Hashable, Codable {
     public var credential: String?
     /// `Header-Name: value with {{credential}}`; nil when `credential` is nil.
     public var header: String?
+    /// An absolute path to a PEM file: the upstream's certificate is checked against these CAs
+    /// only (nil: the system trust store).
+    public var caFile: String?
 
-    public init(name: String, upstream: String, credential: String? = nil, header: String? = nil) {
+    public init(name: String, upstream: String, credential: String? = nil, header: String? = nil, caFile: String? = nil) {
         self.name = name
         self.upstream = upstream
         self.credential = credential
         self.header = header ?? (credential == nil ? nil : Route.defaultHeader)
+        self.caFile = caFile
     }
 
     /// The header the proxy adds, with the placeholder replaced by `value`; nil without a template.

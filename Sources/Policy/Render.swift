@@ -42,6 +42,7 @@ extension Policy {
                 var r: [(String, Node)] = [("name", s(route.name)), ("upstream", s(route.upstream))]
                 if let credential = route.credential { r.append(("credential", s(credential))) }
                 if let header = route.header { r.append(("header", Node(header, .implicit, .doubleQuoted))) }
+                if let caFile = route.caFile { r.append(("caFile", s(caFile))) }
                 return map(r)
             })),
         ]

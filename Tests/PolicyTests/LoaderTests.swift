@@ -282,6 +282,24 @@ import Testing
             ])
     }
 
+    @Test func routeCAFileIsAnAbsolutePath() throws {
+        let good = minimal(
+            """
+            network: {mode: proxy}
+            routes: [{name: echo, upstream: "https://127.0.0.1:8443", caFile: /etc/agentd/test-ca.pem}]
+            """)
+        #expect(try policy(good).routes.first?.caFile == "/etc/agentd/test-ca.pem")
+        let bad = minimal(
+            """
+            network: {mode: proxy}
+            routes: [{name: echo, upstream: "https://127.0.0.1:8443", caFile: certs/ca.pem}]
+            """)
+        #expect(
+            errors(bad) == [
+                "t.yaml:6:67: route 'echo': caFile 'certs/ca.pem' must be an absolute path to a PEM file of CA certificates (caFile: /etc/agentd/ca.pem)"
+            ])
+    }
+
     @Test func gitRouteMustGoToTheRepositoryHost() {
         let yaml = minimal(
             """
