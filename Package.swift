@@ -130,7 +130,7 @@ let package = Package(
         // agentd's side of the egress proxy: supervises vault-proxy and drives its control channel.
         .target(
             name: "EgressProxy",
-            dependencies: ["VaultProxy", "Vault", "Policy", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["VaultProxy", "Vault", "Policy", "Hands", .product(name: "Logging", package: "swift-log")],
             exclude: ["README.md"],
             swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["AgentdAPI", "CurlHTTP", "JSONValues"], swiftSettings: strict),
@@ -151,7 +151,7 @@ let package = Package(
         .executableTarget(
             name: "agentd",
             dependencies: [
-                "EngineAPI", "SystemdBus", "SessionLog", "Policy", "Hands", "Runtime", "Service", "Vault",
+                "EngineAPI", "SystemdBus", "SessionLog", "Policy", "Hands", "Runtime", "Service", "Vault", "EgressProxy", "VaultProxy",
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

@@ -34,6 +34,12 @@ public enum Timeline {
         case "hands.released": return "\(s("task")): sandbox \(s("sandbox").prefix(12)) released (\(s("reason")))"
         case "hands.adopted": return "\(s("task")): sandbox \(s("sandbox").prefix(12)) adopted (\(s("reason")))"
         case "hands.failed": return "\(s("task")): sandbox \(s("sandbox").prefix(12)) failed: \(s("kind")) — \(short(s("message")))"
+        case "egress.allowed", "egress.denied":
+            let target = p["route"].map { "route \(text($0))\(s("path"))" } ?? s("host")
+            let via = p["credential"].map { " with \(text($0))" } ?? ""
+            let bytes = type == "egress.allowed" ? ", \(s("bytes_up")) B up, \(s("bytes_down")) B down" : ""
+            let intent = p["intent_seq"].map { " (intent #\(text($0)))" } ?? ""
+            return "\(s("task")): \(s("method")) \(short(target, 60))\(via) → \(s("status"))\(bytes); \(short(s("rule"), 80))\(intent)"
         case "task.ended": return "task \(s("task")) ended"
         case "agentd.lease": return "wake: a Brain took the session over"
         case "agentd.checkpoint": return "checkpoint stored"

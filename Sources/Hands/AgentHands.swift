@@ -40,13 +40,43 @@ public struct AgentHands: Sendable {
     public static let socketName = "agent.sock"
     /// The agent's socket inside the sandbox.
     public static let sandboxSocket = sandboxDirectory + "/" + socketName
-    /// The sandbox's PID 1: the agent on its socket.
-    public static let command = [sandboxExecutable, "--socket", sandboxSocket]
+    /// The vault-proxy's listener for the sandbox, next to the agent's socket (made by agentd
+    /// when the sandbox is attached; see `SandboxAttachments`).
+    public static let proxySocketName = "proxy.sock"
+    /// Where programs in a sandbox reach the vault-proxy: the agent bridges this loopback
+    /// address to `proxySocketName` (`--bridge`).
+    public static let proxyAddress = "127.0.0.1:3128"
+    /// The sandbox's PID 1: the agent on its socket, bridging the proxy port when the sandbox
+    /// reaches out through the vault-proxy.
+    public static func command(proxy: Bool) -> [String] {
+        [sandboxExecutable] + arguments(proxy: proxy)
+    }
+    /// The agent's arguments (after its executable's path).
+    public static func arguments(proxy: Bool) -> [String] {
+        var arguments = ["--socket", sandboxSocket]
+        if proxy { arguments += ["--bridge", "\(proxyAddress)=\(sandboxDirectory)/\(proxySocketName)"] }
+        return arguments
+    }
     /// The environment of every command: nothing of agentd's own, nothing of the image's.
     public static let environment = [
         "HOME": ContainerDriver.workspace,
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     ]
+    /// `environment`, and for a sandbox that reaches out through the vault-proxy the proxy
+    /// variables in both cases (curl reads only the lower-case `http_proxy`; Python and Go
+    /// read either), with loopback left direct: a route is addressed as
+    /// `http://127.0.0.1:3128/<route>/…`, the proxy itself.
+    public static func environment(proxy: Bool) -> [String: String] {
+        guard proxy else { return environment }
+        var env = environment
+        let url = "http://\(proxyAddress)"
+        let direct = "localhost,127.0.0.1,::1"
+        for (name, value) in [("HTTP_PROXY", url), ("HTTPS_PROXY", url), ("NO_PROXY", direct)] {
+            env[name] = value
+            env[name.lowercased()] = value
+        }
+        return env
+    }
     /// How long a new sandbox's agent has to answer after the sandbox started.
     public static let readyTimeout: Duration = .seconds(30)
     /// How long a file action may take.
@@ -109,6 +139,8 @@ public struct AgentHands: Sendable {
     public func hostDirectory(_ name: String) -> String { directory + "/" + name }
     /// The agent's socket on the host.
     public func socketPath(_ name: String) -> String { hostDirectory(name) + "/" + Self.socketName }
+    /// The vault-proxy's listener for agent `name`'s sandbox, on the host.
+    public func proxySocketPath(_ name: String) -> String { hostDirectory(name) + "/" + Self.proxySocketName }
 
     /// Makes agent `name`'s directory for a new sandbox, owned by `uid` (and gid), mode 0700;
     /// an existing one (a leftover) is emptied first. Returns its host path.
@@ -234,7 +266,7 @@ public struct AgentHands: Sendable {
         let agentName = try name(of: sandbox)
         let connection = client(agentName)
         let request = AgentExecRequest(
-            argv: argv, cwd: ContainerDriver.absolute(workingDirectory ?? ContainerDriver.workspace), environment: Self.environment, stdin: nil,
+            argv: argv, cwd: ContainerDriver.absolute(workingDirectory ?? ContainerDriver.workspace), environment: Self.environment(proxy: sandbox.spec.egressProxy), stdin: nil,
             timeout: timeout, outputLimit: sandbox.spec.outputLimitBytes)
         var forward: (@Sendable (AgentStream, [UInt8]) -> Void)?
         if let output {

@@ -61,7 +61,7 @@ public struct ContainerDriver: HandsDriver {
         let uid = workspace?.uid ?? 65534
         var container = ContainerSpec(
             image: spec.image,
-            command: agentName == nil ? ["sleep", "2147483647"] : AgentHands.command,
+            command: agentName == nil ? ["sleep", "2147483647"] : AgentHands.command(proxy: spec.egressProxy),
             user: "\(uid):\(uid)", workingDirectory: Self.workspace, labels: allLabels)
         var host = HostConfig()
         host.NetworkMode = "none"

@@ -31,6 +31,12 @@ public struct SandboxSpec: Sendable, Hashable, Codable {
     public var diskBytes: Int = 1 << 30
     /// Name of the policy the spec came from (labelled on every sandbox).
     public var policyName: String = "default"
+    /// The sandbox reaches out only through the vault-proxy (`network.mode: proxy`): its
+    /// agent bridges `127.0.0.1:3128` to the proxy's listener in the sandbox's socket
+    /// directory, and every command gets `HTTP_PROXY`/`HTTPS_PROXY` (both cases) and
+    /// `NO_PROXY` (see `AgentHands.environment(proxy:)`). The sandbox still has no network
+    /// interface of its own.
+    public var egressProxy: Bool = false
 
     public init() {}
 }

@@ -48,17 +48,21 @@ public actor HandsManager {
     /// Set by `restore` until it has gone through the listing once: every `reconcile` until
     /// then restores instead (the engine may not answer at start).
     private var pendingRestore: LiveTaskResolver?
+    /// The vault-proxy listener and git workspace of each task's sandbox, when agentd has them.
+    public nonisolated let attachments: (any SandboxAttachments)?
 
     /// - Parameters:
     ///   - limits: how many sandboxes, and how much of their memory, the host takes; live and
     ///     warm sandboxes count alike.
+    ///   - attachments: attached to every sandbox that serves a task (see `SandboxAttachments`).
     public init(
-        driver: any HandsDriver, instance: String, limits: HostLimits = HostLimits(), logger: Logger = Logger(label: "agentd.hands"),
-        onEvent: @escaping @Sendable (HandsEvent) async -> Void = { _ in }
+        driver: any HandsDriver, instance: String, limits: HostLimits = HostLimits(), attachments: (any SandboxAttachments)? = nil,
+        logger: Logger = Logger(label: "agentd.hands"), onEvent: @escaping @Sendable (HandsEvent) async -> Void = { _ in }
     ) {
         self.driver = driver
         self.instance = instance
         self.limits = limits
+        self.attachments = attachments
         self.logger = logger
         self.onEvent = onEvent
     }
@@ -78,7 +82,9 @@ public actor HandsManager {
     /// Runs the decoded `call` in the sandbox of `key`, provisioning it on first use.
     /// `output`, when given, sees a `bash` command's output as it is produced (as the driver
     /// gives it: neither cut nor redacted; the caller does both).
-    public func execute(_ key: TaskKey, spec: SandboxSpec, call: ToolCall, output: OutputSink? = nil) async -> ToolResult {
+    /// `intentSeq`: the journal's `tool.intent` seq of the call, named to the sandbox's
+    /// attachments (the vault-proxy journals each egress decision with it).
+    public func execute(_ key: TaskKey, spec: SandboxSpec, call: ToolCall, output: OutputSink? = nil, intentSeq: UInt64? = nil) async -> ToolResult {
         let sandbox: SandboxHandle
         do {
             sandbox = try await sandboxFor(key, spec: spec)
@@ -89,6 +95,7 @@ public actor HandsManager {
             return .error("could not provision a sandbox for task \(key.task): \(message); the next call will try again")
         }
         live[key]?.inFlight += 1
+        if let attachments, let intentSeq { await attachments.setIntent(sandbox, for: key, seq: intentSeq) }
         defer {
             live[key]?.inFlight -= 1
             live[key]?.lastUsed = .now
@@ -111,20 +118,35 @@ public actor HandsManager {
         // Checked and reserved before the first suspension: concurrent calls see each other.
         let (pooled, evicted) = try admit(key, spec: spec)
         let started = ContinuousClock.now
-        let task = Task { [driver] () async throws -> SandboxHandle in
+        let task = Task { [driver, attachments] () async throws -> SandboxHandle in
             for victim in evicted { try? await driver.destroy(victim) }
+            var sandbox: SandboxHandle?
             if let pooled {
                 do {
                     try await driver.assign(pooled, to: key)
                     var assigned = pooled
                     assigned.labels[SandboxLabel.session] = key.session
                     assigned.labels[SandboxLabel.task] = key.task
-                    return assigned
+                    sandbox = assigned
                 } catch {
                     try? await driver.destroy(pooled)
                 }
             }
-            return try await driver.provision(spec, labels: [SandboxLabel.session: key.session, SandboxLabel.task: key.task])
+            let made: SandboxHandle
+            if let sandbox {
+                made = sandbox
+            } else {
+                made = try await driver.provision(spec, labels: [SandboxLabel.session: key.session, SandboxLabel.task: key.task])
+            }
+            guard let attachments else { return made }
+            do {
+                try await attachments.attach(made, for: key, adopted: false)
+            } catch {
+                await attachments.detach(made)
+                try? await driver.destroy(made)
+                throw error
+            }
+            return made
         }
         provisioning[key] = task
         pendingMemory[key] = spec.memoryBytes
@@ -198,6 +220,7 @@ public actor HandsManager {
         if live[key]?.sandbox.id == sandbox.id { live[key] = nil }
         logger.warning("discarding sandbox", metadata: ["task": "\(key)", "sandbox": "\(sandbox.id.prefix(12))", "reason": "\(error.kind.rawValue)"])
         await onEvent(.failed(key, sandbox: sandbox.id, kind: error.kind.rawValue, message: error.message))
+        await attachments?.detach(sandbox)
         try? await driver.destroy(sandbox)
     }
 
@@ -209,6 +232,7 @@ public actor HandsManager {
     public func endTask(_ key: TaskKey, reason: String = "task ended") async -> Bool {
         if let pending = provisioning[key] { _ = try? await pending.value }
         guard let entry = live.removeValue(forKey: key) else { return false }
+        await attachments?.detach(entry.sandbox)
         do {
             try await driver.destroy(entry.sandbox)
         } catch {
@@ -311,6 +335,15 @@ public actor HandsManager {
                 done.removed.append(id)
                 await onEvent(.released(key, sandbox: id, reason: replaced))
                 continue
+            }
+            if let attachments {
+                do {
+                    try await attachments.attach(handle, for: key, adopted: true)
+                } catch {
+                    await attachments.detach(handle)
+                    doomed.append((id, key, "its network could not be restored after agentd restarted (\((error as? HandsError)?.message ?? "\(error)")); the task's next call provisions a fresh one"))
+                    continue
+                }
             }
             live[key] = Live(sandbox: handle, lastUsed: .now, inFlight: 0)
             done.adopted.append(handle)

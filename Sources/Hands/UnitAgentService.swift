@@ -50,13 +50,15 @@ enum UnitAgentService {
         var nofile: Int
         /// Names of the manager's own environment, removed from the service's.
         var unsetEnvironment: [String]
+        /// Whether the agent bridges the vault-proxy's port (`SandboxSpec.egressProxy`).
+        var proxy = false
     }
 
     /// The transient service's properties.
     static func properties(_ setup: Setup) -> [UnitProperty] {
         var properties: [UnitProperty] = [
             .string("Description", "agentd sandbox agent in \(setup.slice)"),
-            .execStart([agentPath, "--socket", AgentHands.sandboxSocket]),
+            .execStart([agentPath] + AgentHands.arguments(proxy: setup.proxy)),
             // The start job ends once the agent is exec'd; agentd then waits for it to answer.
             .string("Type", "exec"),
             .string("Slice", setup.slice),

@@ -155,7 +155,7 @@ public struct UnitDriver: HandsDriver {
         let setup = UnitAgentService.Setup(
             slice: sandbox.id, uid: workspace.uid, workspace: workspace.hostPath, socketDirectory: agent.hostDirectory(agentName),
             agent: agent.executable, rootDirectory: rootDirectory, nofile: sandbox.spec.nofile,
-            unsetEnvironment: try await cache.managerEnvironmentNames(manager))
+            unsetEnvironment: try await cache.managerEnvironmentNames(manager), proxy: sandbox.spec.egressProxy)
         do {
             let result = try await manager.startTransientUnit(service, properties: UnitAgentService.properties(setup))
             guard result == "done" else {

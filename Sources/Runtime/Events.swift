@@ -18,6 +18,52 @@ public enum EventType {
     public static let taskEnded = "task.ended"
     /// The session was deleted: it refuses every change from then on (reads keep working).
     public static let sessionDeleted = "session.deleted"
+    /// The vault-proxy let a request of the task's sandbox out (a route or a CONNECT tunnel).
+    public static let egressAllowed = "egress.allowed"
+    /// The vault-proxy refused a request of the task's sandbox (the rule says why).
+    public static let egressDenied = "egress.denied"
+}
+
+/// One egress decision of the vault-proxy, as journaled (`egress.allowed` / `egress.denied`).
+public struct EgressDecision: Codable, Sendable, Equatable {
+    public var task: String?
+    /// The `tool.intent` seq of the call whose commands were running (nil: none named yet).
+    public var intent_seq: UInt64?
+    public var sandbox: String
+    /// `GET`, `POST`, `CONNECT` …
+    public var method: String
+    /// Canonical `host:port` (a route's upstream, or the CONNECT target).
+    public var host: String
+    public var route: String?
+    /// Below the route's name, with any query replaced by `?[REDACTED]`.
+    public var path: String?
+    /// The name of the credential injected (never its value).
+    public var credential: String?
+    /// Why: `route github`, `network.allowHosts pypi.org`, or the refusal's rule.
+    public var rule: String
+    public var status: Int
+    public var bytes_up: Int64
+    public var bytes_down: Int64
+    public var duration_ms: Int64
+
+    public init(
+        task: String?, intent_seq: UInt64?, sandbox: String, method: String, host: String, route: String?, path: String?,
+        credential: String?, rule: String, status: Int, bytes_up: Int64, bytes_down: Int64, duration_ms: Int64
+    ) {
+        self.task = task
+        self.intent_seq = intent_seq
+        self.sandbox = sandbox
+        self.method = method
+        self.host = host
+        self.route = route
+        self.path = path
+        self.credential = credential
+        self.rule = rule
+        self.status = status
+        self.bytes_up = bytes_up
+        self.bytes_down = bytes_down
+        self.duration_ms = duration_ms
+    }
 }
 
 struct SessionCreated: Codable {

@@ -329,7 +329,7 @@ public actor Runtime {
         progress?(.accepted)
         let relay = progress.map { OutputRelay(limit: taskState.spec.outputLimitBytes, redactor: store.redactor, handler: $0) }
         let started = ContinuousClock.now
-        let raw = await hands.execute(TaskKey(session: session.rawValue, task: task), spec: taskState.spec, call: call, output: relay?.sink)
+        let raw = await hands.execute(TaskKey(session: session.rawValue, task: task), spec: taskState.spec, call: call, output: relay?.sink, intentSeq: intentSeq)
         relay?.finish()
         let elapsed = ContinuousClock.now - started
         let ms = Int(elapsed.components.seconds) * 1000 + Int(elapsed.components.attoseconds / 1_000_000_000_000_000)
@@ -596,6 +596,23 @@ public actor Runtime {
         }
     }
 
+    /// Journals one of the vault-proxy's decisions (`egress.allowed` / `egress.denied`) in
+    /// its session, redacted like everything else; nothing for a session that does not exist
+    /// or was deleted.
+    public func recordEgress(session id: String, allowed: Bool, _ decision: EgressDecision) async {
+        guard let session = try? SessionID(id), store.lastSeq(session: session) > 0,
+            let state = try? await state(of: session), state.deletedSeq == nil
+        else { return }
+        var d = decision
+        d.path = d.path.map { store.redactor.redact($0) }
+        d.rule = store.redactor.redact(d.rule)
+        do {
+            _ = try await append(session, allowed ? EventType.egressAllowed : EventType.egressDenied, JSONCoding.encode(d))
+        } catch {
+            logger.warning("could not journal an egress decision", metadata: ["session.id": "\(session)", "error": "\(error)"])
+        }
+    }
+
     // MARK: - restart
 
     /// After a start of agentd: takes over the sandboxes its predecessor left for tasks still
@@ -819,6 +836,7 @@ public actor Runtime {
         spec.workspace = h.workspace == .session ? .session : .task
         spec.policyName = policy.name
         spec.maxSandboxesPerSession = policy.session.maxSandboxes
+        spec.egressProxy = policy.network.mode == .proxy
         return spec
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import EgressProxy
 import EngineAPI
 import Foundation
 import Hands
@@ -10,6 +11,7 @@ import ServiceLifecycle
 import SessionLog
 import SystemdBus
 import Vault
+import VaultProxy
 
 /// agentd: the host service. Wires the Session journal, the Hands, the policies and the API
 /// together; all logic lives in the modules.
@@ -56,6 +58,9 @@ struct AgentD: AsyncParsableCommand {
 
     @Option(help: "The sandbox agent's static executable, every sandbox's PID 1; default agentd-sandbox-agent next to agentd's own executable.")
     var sandboxAgent: String?
+
+    @Option(help: "The vault-proxy executable, through which sandboxes of `network.mode: proxy` policies reach out with credentials they never hold; default vault-proxy next to agentd's own executable.")
+    var vaultProxy: String?
 
     @Option(help: "Free space (MiB) kept for the journal on the state directory's disk: a workspace is refused when it would leave less.")
     var workspaceReserveMib: Int = WorkspaceImages.defaultReserveBytes >> 20
@@ -140,6 +145,22 @@ struct AgentD: AsyncParsableCommand {
             }
         }
         let recorder = HandsEventForwarder()
+        // The vault-proxy: every proxy-mode sandbox's only way out. Credentials reach it over
+        // its private channel only.
+        let credentials = ProxyCredentials(resolver: CredentialResolver(environment: environment))
+        credentials.update(set)
+        let proxyPath = vaultProxy ?? (URL(fileURLWithPath: AgentHands.defaultExecutable()).deletingLastPathComponent().appendingPathComponent("vault-proxy").path)
+        var supervisor: ProxySupervisor? = ProxySupervisor(
+            executable: proxyPath, credentials: { credentials.all }, onEgress: { event in Task { await recorder.forward(event) } },
+            onChange: { change in logger.info("vault-proxy", metadata: ["change": "\(change)"]) }, logger: Logger(label: "agentd.egress"))
+        do {
+            try await supervisor?.start()
+        } catch {
+            logger.warning("no vault-proxy: sandboxes of network.mode: proxy policies will not be provisioned", metadata: ["error": "\(error)"])
+            supervisor?.stop()
+            supervisor = nil
+        }
+        let network = SandboxNetwork(supervisor: supervisor, agent: agent, policy: { await policyStore.policy(named: $0) })
         guard maxSandboxes >= 0 else { throw ValidationError("--max-sandboxes takes a number of sandboxes, or 0 for no limit; not \(maxSandboxes)") }
         let budget: (bytes: Int?, source: String)
         do {
@@ -149,7 +170,7 @@ struct AgentD: AsyncParsableCommand {
         }
         let limits = HostLimits(maxSandboxes: maxSandboxes == 0 ? nil : maxSandboxes, memoryBytes: budget.bytes, memorySource: budget.source)
         let hands = HandsManager(
-            driver: DriverRouter(drivers), instance: instance, limits: limits, logger: Logger(label: "agentd.hands"),
+            driver: DriverRouter(drivers), instance: instance, limits: limits, attachments: network, logger: Logger(label: "agentd.hands"),
             onEvent: { await recorder.forward($0) })
         let runtime = Runtime(
             store: store, hands: hands, policies: policyStore, images: containers,
@@ -217,6 +238,7 @@ struct AgentD: AsyncParsableCommand {
         }
         logger.info("stopping: releasing sandboxes and closing the journal")
         await hands.shutdown()
+        supervisor?.stop()
         manager?.close()
         do {
             try await store.close()
@@ -246,4 +268,13 @@ actor HandsEventForwarder {
     private var runtime: Runtime?
     func attach(_ runtime: Runtime) { self.runtime = runtime }
     func forward(_ event: HandsEvent) async { await runtime?.record(event) }
+    /// Journals one of the vault-proxy's decisions in the sandbox's session.
+    func forward(_ event: EgressEvent) async {
+        await runtime?.recordEgress(
+            session: event.session, allowed: event.type == EventType.egressAllowed,
+            EgressDecision(
+                task: event.task, intent_seq: event.toolIntentSeq.flatMap { UInt64(exactly: $0) }, sandbox: event.sandbox, method: event.method,
+                host: event.host, route: event.route, path: event.path, credential: event.credential, rule: event.rule, status: event.status,
+                bytes_up: event.bytesUp, bytes_down: event.bytesDown, duration_ms: event.durationMs))
+    }
 }

@@ -92,11 +92,12 @@ final class AgentdProcess: @unchecked Sendable {
 /// Runs `body` with a started agentd, stopping it and removing whatever sandboxes its instance
 /// left afterwards, whatever happens.
 func withAgentd<T>(
-    policies: String = AgentdProcess.policiesDirectory, arguments: [String] = [], _ body: (AgentdProcess) async throws -> T
+    policies: String = AgentdProcess.policiesDirectory, arguments: [String] = [], environment: [String: String] = [:],
+    _ body: (AgentdProcess) async throws -> T
 ) async throws -> T {
     let agentd = try AgentdProcess(policies: policies)
     do {
-        try await agentd.start(extraArguments: arguments)
+        try await agentd.start(extraArguments: arguments, extraEnvironment: environment)
         let result = try await body(agentd)
         await cleanup(agentd)
         return result

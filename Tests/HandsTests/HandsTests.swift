@@ -94,7 +94,7 @@ struct ContainerHandsTests {
             // PID 1 is the sandbox agent: its executable read-only, its own socket directory.
             #expect(host.Binds?.contains { $0.contains(":\(AgentHands.sandboxExecutable):ro") } == true, "\(host.Binds ?? [])")
             #expect(host.Binds?.contains { $0.contains(":\(AgentHands.sandboxDirectory):") } == true, "\(host.Binds ?? [])")
-            #expect(inspect.Config?.Cmd == AgentHands.command)
+            #expect(inspect.Config?.Cmd == AgentHands.command(proxy: false))
             let labels = try #require(inspect.Config?.Labels)
             #expect(labels[SandboxLabel.session] == "s2")
             #expect(labels[SandboxLabel.task] == "t1")
