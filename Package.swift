@@ -230,7 +230,7 @@ let package = Package(
         .testTarget(
             name: "VaultProxyTests",
             dependencies: [
-                "VaultProxy", "EgressProxy", "SessionLog", "TestSupport", "vault-proxy",
+                "VaultProxy", "EgressProxy", "Policy", "SessionLog", "TestSupport", "vault-proxy",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -20,7 +20,8 @@ struct PolicyChecker {
     static let networkKeys = ["mode", "allowHosts"]
     static let credentialKeys = ["name", "source"]
     static let routeKeys = ["name", "upstream", "credential", "header", "caFile"]
-    static let gitKeys = ["repository", "branch", "route"]
+    static let gitKeys = ["repository", "branch", "route", "push"]
+    static let gitPushKeys = ["branches", "tags"]
     static let brainKeys = ["retries", "backoff"]
     static let sessionKeys = ["maxEventSize", "maxSandboxes"]
 
@@ -170,25 +171,10 @@ struct PolicyChecker {
         result.mode = enumValue(f, "mode", label: "network.mode", what: "network mode", as: NetworkMode.self)
             .or(.none, &ok)
         if let items = sequence(f, "allowHosts", label: "network.allowHosts") {
-            var seen: [String: Mark?] = [:]
-            for (index, item) in items.enumerated() {
-                let label = "network.allowHosts[\(index)]"
-                guard let host = scalarString(item, label: label, expected: "a host name") else {
-                    ok = false
-                    continue
-                }
-                let normalized = host.lowercased()
-                if !Self.isHostPattern(normalized) {
-                    error(item.mark, "\(label): '\(host)' is not a host (write host, host:port or *.domain)")
-                    ok = false
-                } else if let first = seen[normalized] {
-                    error(item.mark, "\(label): duplicate host '\(host)' (first listed at \(Self.at(first)))")
-                    ok = false
-                } else {
-                    seen[normalized] = item.mark
-                    result.allowHosts.append(normalized)
-                }
-            }
+            result.allowHosts = uniqueList(
+                items, label: "network.allowHosts", expected: "a host name", what: "host", normalize: { $0.lowercased() },
+                problem: { Self.isHostPattern($0) ? nil : "is not a host (write host, host:port or *.domain)" }
+            ).or([], &ok)
             if result.mode == .none, !items.isEmpty, let key = f.key("allowHosts") {
                 error(
                     key.mark,
@@ -349,7 +335,7 @@ struct PolicyChecker {
         }
         var branch: String?
         if let (text, node) = stringNode(f, "branch", label: "git.branch") {
-            if Self.isBranchName(text) {
+            if GitPushPolicy.isBranchName(text) {
                 branch = text
             } else {
                 error(node.mark, "git.branch: '\(text)' is not a valid branch name")
@@ -369,6 +355,11 @@ struct PolicyChecker {
                             node.mark,
                             "git.route: route '\(text)' goes to \(routeHost), but git.repository is on \(repositoryHost)")
                         ok = false
+                    } else if let repository, GitPolicy(repository: repository).repositoryPath(below: target.upstream) == nil {
+                        error(
+                            node.mark,
+                            "git.route: route '\(text)' goes to \(target.upstream), and git.repository is not below it (the proxy serves the repository's path below the route's upstream; make the upstream https://HOST[:PORT] or a prefix of the repository URL)")
+                        ok = false
                     }
                 }
             } else {
@@ -379,8 +370,33 @@ struct PolicyChecker {
         } else if f["route"] != nil {
             ok = false
         }
+        var push = GitPushPolicy()
+        if let pushNode = f["push"] {
+            if f["route"] == nil, let key = f.key("push") {
+                error(key.mark, "git.push has no effect without git.route (the route's proxy enforces it); add route: NAME")
+                ok = false
+            }
+            if let value = gitPush(pushNode) { push = value } else { ok = false }
+        }
         guard ok, let repository else { return .invalid }
-        return .value(GitPolicy(repository: repository, branch: branch, route: route))
+        return .value(GitPolicy(repository: repository, branch: branch, route: route, push: push))
+    }
+
+    /// `git.push`: `branches` (branch patterns, default `agent/*`) and `tags` (default false).
+    mutating func gitPush(_ node: Node) -> GitPushPolicy? {
+        guard let f = mapping(node, label: "git.push", keys: Self.gitPushKeys) else { return nil }
+        var ok = true
+        var push = GitPushPolicy()
+        if let items = sequence(f, "branches", label: "git.push.branches") {
+            push.branches = uniqueList(
+                items, label: "git.push.branches", expected: "a branch pattern such as agent/*", what: "pattern",
+                problem: GitPushPolicy.patternProblem
+            ).or([], &ok)
+        } else if f["branches"] != nil {
+            ok = false
+        }
+        push.tags = bool(f, "tags", label: "git.push.tags").or(push.tags, &ok)
+        return ok ? push : nil
     }
 
     mutating func brain(_ node: Node?) -> BrainPolicy? {
@@ -460,6 +476,35 @@ struct PolicyChecker {
         sequence(f[key], label: label)
     }
 
+    /// A list of strings, each normalized and checked by `problem` (nil: fine), without
+    /// duplicates; every bad entry is reported at its own mark.
+    mutating func uniqueList(
+        _ items: [Node], label: String, expected: String, what: String, normalize: (String) -> String = { $0 }, problem: (String) -> String?
+    ) -> Read<[String]> {
+        var ok = true
+        var values: [String] = []
+        var seen: [String: Mark?] = [:]
+        for (index, item) in items.enumerated() {
+            let itemLabel = "\(label)[\(index)]"
+            guard let text = scalarString(item, label: itemLabel, expected: expected) else {
+                ok = false
+                continue
+            }
+            let value = normalize(text)
+            if let problem = problem(value) {
+                error(item.mark, "\(itemLabel): '\(Self.clip(text))' \(problem)")
+                ok = false
+            } else if let first = seen[value] {
+                error(item.mark, "\(itemLabel): duplicate \(what) '\(Self.clip(text))' (first listed at \(Self.at(first)))")
+                ok = false
+            } else {
+                seen[value] = item.mark
+                values.append(value)
+            }
+        }
+        return ok ? .value(values) : .invalid
+    }
+
     /// A non-null scalar's text; reports and returns nil otherwise.
     mutating func scalarString(_ node: Node, label: String, expected: String) -> String? {
         if case .scalar(let scalar) = node, !Self.isNull(node) { return scalar.string }
@@ -535,6 +580,18 @@ struct PolicyChecker {
         return .value(value)
     }
 
+
+    mutating func bool(_ f: Fields, _ key: String, label: String) -> Read<Bool> {
+        guard let node = f[key] else { return .absent }
+        guard let text = scalarString(node, label: label, expected: "true or false") else { return .invalid }
+        switch text {
+        case "true", "True", "TRUE": return .value(true)
+        case "false", "False", "FALSE": return .value(false)
+        default:
+            error(node.mark, "\(label): expected true or false, found '\(Self.clip(text))'")
+            return .invalid
+        }
+    }
 
     mutating func int(_ f: Fields, _ key: String, label: String, min: Int, max: Int) -> Read<Int> {
         guard let node = f[key] else { return .absent }
@@ -765,14 +822,6 @@ struct PolicyChecker {
         return nil
     }
 
-    /// A subset of `git check-ref-format`.
-    static func isBranchName(_ text: String) -> Bool {
-        guard !text.isEmpty, text.count <= 255, !text.hasPrefix("-"), !text.hasPrefix("/"), !text.hasSuffix("/"),
-            !text.hasSuffix(".lock"), !text.hasSuffix("."), !text.contains(".."), !text.contains("//"),
-            !text.contains("@{"), text != "@"
-        else { return false }
-        return text.unicodeScalars.allSatisfy { $0.value > 0x20 && $0.value != 0x7f && !"~^:?*[\\".unicodeScalars.contains($0) }
-    }
 
     /// The closest of `candidates` to `word`, if close enough to be a likely typo.
     static func suggestion(for word: String, among candidates: [String]) -> String? {

@@ -280,13 +280,85 @@ public struct GitPolicy: Sendable, Hashable, Codable {
     public var repository: String
     /// Branch to check out; nil uses the remote's default branch.
     public var branch: String?
-    /// The route the workspace remote points at, so pushes carry the route's credential.
+    /// The route the workspace remote points at, so pushes carry the route's credential. The
+    /// proxy makes it a git route: only this repository's smart-HTTP endpoints, and pushes
+    /// checked against `push`.
     public var route: String?
+    /// Which refs a push through `route` may touch (`git.push`).
+    public var push: GitPushPolicy
 
-    public init(repository: String, branch: String? = nil, route: String? = nil) {
+    public init(repository: String, branch: String? = nil, route: String? = nil, push: GitPushPolicy = GitPushPolicy()) {
         self.repository = repository
         self.branch = branch
         self.route = route
+        self.push = push
+    }
+
+    private enum CodingKeys: String, CodingKey { case repository, branch, route, push }
+
+    /// Decodes JSON written before `push` existed with the default push policy.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        repository = try c.decode(String.self, forKey: .repository)
+        branch = try c.decodeIfPresent(String.self, forKey: .branch)
+        route = try c.decodeIfPresent(String.self, forKey: .route)
+        push = try c.decodeIfPresent(GitPushPolicy.self, forKey: .push) ?? GitPushPolicy()
+    }
+
+    /// The repository's path below `upstream` (a route's `https://host[:port][/prefix]`), e.g.
+    /// `/example/widgets.git` for `https://github.com`; nil when the repository is not on that
+    /// host and port or not below the prefix.
+    public func repositoryPath(below upstream: String) -> String? {
+        guard let repo = URLComponents(string: repository), let route = URLComponents(string: upstream),
+            repo.scheme?.lowercased() == "https", route.scheme?.lowercased() == "https",
+            let repoHost = repo.host?.lowercased(), repoHost == route.host?.lowercased(), (repo.port ?? 443) == (route.port ?? 443)
+        else { return nil }
+        var prefix = route.percentEncodedPath
+        while prefix.hasSuffix("/") { prefix.removeLast() }
+        var path = repo.percentEncodedPath
+        while path.hasSuffix("/") { path.removeLast() }
+        guard path.hasPrefix(prefix + "/") else { return nil }
+        let below = String(path.dropFirst(prefix.count))
+        return below.count > 1 ? below : nil
+    }
+}
+
+/// Which refs a push may touch (`git.push`); the vault-proxy reads each push's commands and
+/// refuses the whole push if any is not allowed. Deleting a ref is never allowed.
+public struct GitPushPolicy: Sendable, Hashable, Codable {
+    /// The default `git.push.branches`: the agent's own namespace.
+    public static let defaultBranches = ["agent/*"]
+
+    /// Glob patterns over branch names (without `refs/heads/`) that may be created or updated:
+    /// `*` matches within one path segment (not `/`), `**` across segments.
+    public var branches: [String]
+    /// Whether new tags may be pushed (an existing tag is never moved or deleted).
+    public var tags: Bool
+
+    public init(branches: [String] = GitPushPolicy.defaultBranches, tags: Bool = false) {
+        self.branches = branches
+        self.tags = tags
+    }
+
+    /// Why `pattern` is not a branch pattern, or nil when it is one.
+    public static func patternProblem(_ pattern: String) -> String? {
+        if pattern.isEmpty { return "is empty" }
+        if pattern.hasPrefix("refs/") { return "names a ref; write the branch name without refs/heads/ (e.g. agent/*)" }
+        if pattern.contains("***") { return "has more than two '*' in a row (* matches within a path segment, ** across segments)" }
+        let literal = pattern.replacingOccurrences(of: "**", with: "x").replacingOccurrences(of: "*", with: "x")
+        guard isBranchName(literal) else {
+            return "is not a branch pattern (branch-name characters; * matches within a path segment, ** across segments)"
+        }
+        return nil
+    }
+
+    /// A subset of `git check-ref-format`.
+    static func isBranchName(_ text: String) -> Bool {
+        guard !text.isEmpty, text.count <= 255, !text.hasPrefix("-"), !text.hasPrefix("/"), !text.hasSuffix("/"),
+            !text.hasSuffix(".lock"), !text.hasSuffix("."), !text.contains(".."), !text.contains("//"),
+            !text.contains("@{"), text != "@"
+        else { return false }
+        return text.unicodeScalars.allSatisfy { $0.value > 0x20 && $0.value != 0x7f && !"~^:?*[\\".unicodeScalars.contains($0) }
     }
 }
 

@@ -50,6 +50,10 @@ extension Policy {
             var g: [(String, Node)] = [("repository", s(git.repository))]
             if let branch = git.branch { g.append(("branch", s(branch))) }
             if let route = git.route { g.append(("route", s(route))) }
+            g.append(("push", map([
+                ("branches", Node(git.push.branches.map { Node($0, .implicit, .doubleQuoted) })),
+                ("tags", s(git.push.tags ? "true" : "false")),
+            ])))
             pairs.append(("git", map(g)))
         }
         pairs.append(("brain", map([

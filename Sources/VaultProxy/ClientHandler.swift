@@ -13,7 +13,21 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
-    enum State { case idle, refused, connecting, forwarding, awaitingResponse, tunnelling, closed }
+    /// `inspecting`: reading a push's command list before deciding; `draining`: discarding a
+    /// refused push's body before its report goes back.
+    enum State { case idle, refused, inspecting, draining, connecting, forwarding, awaitingResponse, tunnelling, closed }
+
+    /// A push on a git route, from its head until it is forwarded or refused.
+    struct PushInspection {
+        let route: ResolvedRoute
+        let git: ResolvedGitRoute
+        let head: HTTPRequestHead
+        var reader: GitCommandListReader
+        /// The report-status for a refused push, once decided.
+        var report: [UInt8] = []
+        var drained: Int64 = 0
+        var deadline: Scheduled<Void>?
+    }
 
     /// One request and its decision, turned into an event when it ends.
     struct Exchange {
@@ -40,6 +54,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var clientReadPending = false
     private var upstreamReadPending = false
     private var expectContinue = false
+    private var push: PushInspection?
 
     init(context: ListenerContext, decoder: ByteToMessageHandler<HTTPRequestDecoder>, encoder: HTTPResponseEncoder) {
         self.listener = context
@@ -55,6 +70,8 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        push?.deadline?.cancel()
+        push = nil
         if state != .tunnelling {
             upstream?.close(promise: nil)
             if var e = exchange, !e.responseEnded {
@@ -76,7 +93,11 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        if error is HTTPParserError, state == .idle || state == .connecting, exchange == nil || exchange?.responseStarted == false {
+        if error is HTTPParserError, state == .idle || state == .connecting || state == .inspecting,
+            exchange == nil || exchange?.responseStarted == false
+        {
+            push = nil
+            pendingBody = []
             upstream?.close(promise: nil)
             upstream = nil
             exchange = nil
@@ -100,6 +121,12 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
             switch state {
             case .connecting: pendingBody.append(buffer)
             case .forwarding: upstream?.write(HTTPClientRequestPart.body(.byteBuffer(buffer)), promise: nil)
+            case .inspecting:
+                pendingBody.append(buffer)
+                inspect(buffer)
+            case .draining:
+                push?.drained += Int64(buffer.readableBytes)
+                if let drained = push?.drained, drained > listener.proxy.configuration.gitRefusedPushDrainLimit { answerRefusedPush() }
             default: break
             }
         case .end:
@@ -109,6 +136,8 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
                 upstream?.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
                 state = .awaitingResponse
                 upstream?.read()
+            case .inspecting: refusePush(status: 400, rule: "the push's body ended before its command list's flush-pkt (0000)")
+            case .draining: answerRefusedPush()
             default: break
             }
         }
@@ -116,7 +145,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelReadComplete(context: ChannelHandlerContext) {
         switch state {
-        case .idle:
+        case .idle, .inspecting, .draining:
             context.read()
         case .forwarding:
             upstream?.flush()
@@ -177,7 +206,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         let body: String
         switch status {
         case 403: body = listener.refusal(host, rule)
-        case 400: body = "request refused by the vault-proxy (policy \(listener.spec.policy)): \(rule)\n"
+        case 400, 415: body = "request refused by the vault-proxy (policy \(listener.spec.policy)): \(rule)\n"
         default: body = "\(rule)\n"
         }
         exchange = Exchange(event: event, started: .now(), isHead: false, keepAlive: false, version: .http1_1)
@@ -188,15 +217,21 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         finishExchange()
     }
 
+    /// Answers with `body` and closes the connection.
     private func respond(status: Int, body: String) {
+        respond(status: status, body: ByteBuffer(string: body), contentType: "text/plain; charset=utf-8")
+    }
+
+    private func respond(status: Int, body: ByteBuffer, contentType: String) {
         guard let context else { return }
         var headers = HTTPHeaders()
-        headers.add(name: "Content-Type", value: "text/plain; charset=utf-8")
-        headers.add(name: "Content-Length", value: String(body.utf8.count))
+        headers.add(name: "Content-Type", value: contentType)
+        headers.add(name: "Content-Length", value: String(body.readableBytes))
+        headers.add(name: "Cache-Control", value: "no-cache")
         headers.add(name: "Connection", value: "close")
         let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: status), headers: headers)
         context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
         let channel = context.channel
         context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
     }
@@ -255,6 +290,23 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
                 route: name, path: shownPath)
             return
         }
+        var gitEndpoint: GitEndpoint?
+        if let git = route.git {
+            let query = rest.firstIndex(of: "?").map { rest[rest.index(after: $0)...] }
+            gitEndpoint = git.endpoint(method: method, path: pathOnly, query: query)
+            guard gitEndpoint != nil else {
+                refuse(status: 403, method: method, host: upstreamHost, rule: git.onlyRule(route: name), route: name, path: shownPath)
+                return
+            }
+            let encodings = ClientHandler.tokens(head.headers["content-encoding"]).filter { $0 != "identity" }
+            if gitEndpoint == .receivePack, !encodings.isEmpty {
+                refuse(
+                    status: 415, method: method, host: upstreamHost,
+                    rule: "route \(name): a push's body must not be compressed (Content-Encoding \(encodings.joined(separator: ", "))): the vault-proxy reads its commands",
+                    route: name, path: shownPath)
+                return
+            }
+        }
         var headerValue: String?
         if let credentialName = route.rule.credential {
             guard let secret = listener.proxy.secret(named: credentialName) else {
@@ -299,8 +351,98 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         exchange = Exchange(
             event: event, started: .now(), isHead: head.method == .HEAD, keepAlive: head.isKeepAlive, version: head.version,
             scrubber: StreamScrubber(listener.proxy.patterns))
+        if gitEndpoint == .receivePack, let git = route.git {
+            inspectPush(route: route, git: git, head: upstreamHead)
+            return
+        }
         state = .connecting
         connectRoute(route, head: upstreamHead)
+    }
+
+    // MARK: - Pushes on a git route
+
+    /// Reads the push's command list before anything goes upstream (see `inspect`).
+    private func inspectPush(route: ResolvedRoute, git: ResolvedGitRoute, head: HTTPRequestHead) {
+        state = .inspecting
+        push = PushInspection(route: route, git: git, head: head, reader: GitCommandListReader(limit: listener.proxy.configuration.gitCommandListLimit))
+        if expectContinue, let context {
+            expectContinue = false
+            context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .continue))), promise: nil)
+        }
+    }
+
+    /// Feeds a body part to the command list reader: a complete list the policy allows is
+    /// forwarded (the buffered parts first, then the rest streams); one it refuses is drained
+    /// and answered with a report-status; a malformed one gets 400.
+    private func inspect(_ buffer: ByteBuffer) {
+        guard var inspection = push else { return }
+        let outcome = inspection.reader.feed(buffer.readableBytesView)
+        push = inspection
+        switch outcome {
+        case .needMore: return
+        case .malformed(let problem): refusePush(status: 400, rule: "malformed git push: \(problem)")
+        case .complete(let commands, let capabilities):
+            let verdicts = inspection.git.verdicts(commands)
+            let refused = verdicts.filter { $0.refusal != nil }
+            guard !refused.isEmpty else {
+                push = nil
+                if !commands.isEmpty { exchange?.event.rule += "; git.push " + ClientHandler.listed(commands.map(\.ref)) }
+                state = .connecting
+                connectRoute(inspection.route, head: inspection.head)
+                return
+            }
+            guard let context else { return }
+            pendingBody = []
+            let policy = listener.spec.policy
+            if capabilities.contains("report-status") || capabilities.contains("report-status-v2") {
+                inspection.report = GitReceivePackReport.refusal(verdicts, policy: policy, capabilities: capabilities)
+            }
+            let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
+            inspection.deadline = context.eventLoop.scheduleTask(in: listener.proxy.configuration.gitRefusedPushDrainTimeout) {
+                bound.value.answerRefusedPush()
+            }
+            push = inspection
+            exchange?.event.type = "egress.denied"
+            exchange?.event.credential = nil
+            exchange?.event.rule = "git.push: " + ClientHandler.listed(refused.compactMap(\.refusal))
+            state = .draining
+        }
+    }
+
+    /// The first few of `items`, joined, and how many more there are.
+    static func listed(_ items: [String], first: Int = 5) -> String {
+        items.prefix(first).joined(separator: "; ") + (items.count > first ? " (and \(items.count - first) more)" : "")
+    }
+
+    /// Sends a refused push's report-status (200, as git's receive-pack does: git prints each
+    /// ref's reason) once its body has been drained, or its time or size bound is reached;
+    /// then closes. A client that asked for no report-status gets 403 with the reasons.
+    private func answerRefusedPush() {
+        guard state == .draining, let inspection = push, var e = exchange else { return }
+        inspection.deadline?.cancel()
+        push = nil
+        state = .refused
+        e.responseStarted = true
+        e.responseEnded = true
+        if inspection.report.isEmpty {
+            e.event.status = 403
+            exchange = e
+            respond(status: 403, body: listener.refusal(e.event.host, e.event.rule))
+        } else {
+            e.event.status = 200
+            exchange = e
+            respond(status: 200, body: ByteBuffer(bytes: inspection.report), contentType: "application/x-git-receive-pack-result")
+        }
+        finishExchange()
+    }
+
+    /// Refuses a push being inspected (malformed command list) with `status`.
+    private func refusePush(status: Int, rule: String) {
+        guard let e = exchange else { return }
+        push = nil
+        pendingBody = []
+        exchange = nil
+        refuse(status: status, method: e.event.method, host: e.event.host, rule: rule, route: e.event.route, path: e.event.path)
     }
 
     /// The comma-separated tokens of header values, trimmed and lowercased.

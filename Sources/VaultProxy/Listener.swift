@@ -14,6 +14,12 @@ public struct ProxyConfiguration: Sendable {
     public var connectTimeout: TimeAmount = .seconds(15)
     /// Open connections per sandbox listener; more are closed at once.
     public var maxConnectionsPerListener = 128
+    /// Longest command list a git route reads at the start of a push (more gets 400).
+    public var gitCommandListLimit = 64 * 1024
+    /// A refused push's body is read and discarded up to this many bytes, or for this long,
+    /// before the report goes back (then the connection closes, whatever is left unsent).
+    public var gitRefusedPushDrainLimit: Int64 = 256 << 20
+    public var gitRefusedPushDrainTimeout: TimeAmount = .seconds(60)
     /// Resolves CONNECT host names; its answers are checked (no private addresses).
     public var resolver: any HostResolver = SystemResolver()
     /// Canonical host name → addresses used for CONNECT *without* the address check. For tests

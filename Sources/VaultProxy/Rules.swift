@@ -22,13 +22,19 @@ public struct RouteRule: Codable, Sendable, Hashable {
     public var header: String?
     /// A PEM file of CA certificates the upstream is verified against instead of the system's.
     public var caFile: String?
+    /// Makes this a git route: only this repository's smart-HTTP endpoints, pushes checked
+    /// against its ref policy. nil: any path below the upstream.
+    public var git: GitRouteRule?
 
-    public init(name: String, upstream: String, credential: String? = nil, header: String? = nil, caFile: String? = nil) {
+    public init(
+        name: String, upstream: String, credential: String? = nil, header: String? = nil, caFile: String? = nil, git: GitRouteRule? = nil
+    ) {
         self.name = name
         self.upstream = upstream
         self.credential = credential
         self.header = header
         self.caFile = caFile
+        self.git = git
     }
 }
 
@@ -113,9 +119,12 @@ struct ResolvedRoute: Sendable {
     let prefix: String
     let headerName: String
     let headerTemplate: String
+    /// The route's git restriction, if it is a git route.
+    let git: ResolvedGitRoute?
 
     init(_ rule: RouteRule) throws(ProxyError) {
         self.rule = rule
+        if let gitRule = rule.git { git = try ResolvedGitRoute(gitRule, route: rule.name) } else { git = nil }
         guard RouteRule.validName(rule.name) else {
             throw ProxyError("route name '\(rule.name)' must be 1–64 characters of [A-Za-z0-9._-]")
         }
