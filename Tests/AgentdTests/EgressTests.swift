@@ -183,10 +183,11 @@ struct EgressTests {
                 let proxies = { Loopback.descendants(of: agentdPID).filter { Self.name(of: $0) == "vault-proxy" } }
                 let proxy = try #require(proxies().first, "agentd runs the vault-proxy")
 
-                // A slow download through the route is under way when the proxy dies.
+                // A download through the route (of 4 GB at 4 MB/s: whatever the sockets buffer drains
+                // in seconds) is under way when the proxy dies.
                 let slow = Task {
                     try await bash(
-                        c, session, "curl -sS --limit-rate 200k -o /dev/null http://127.0.0.1:3128/echo/bytes/50000000 2>&1; echo exit=$?", replies: replies)
+                        c, session, "curl -sS --limit-rate 4M -o /dev/null http://127.0.0.1:3128/echo/bytes/4000000000 2>&1; echo exit=$?", replies: replies)
                 }
                 let downloading = await eventually(.seconds(30)) { Self.hasUpstreamConnection(pid: proxy, port: server.port) }
                 #expect(downloading, "the proxy is carrying the download")
@@ -210,19 +211,10 @@ struct EgressTests {
         ((try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
-    /// Whether process `pid` holds an established TCP connection to 127.0.0.1:`port` (its
-    /// sockets' inodes against the host's /proc/net/tcp).
+    /// Whether process `pid` holds an established TCP connection to 127.0.0.1:`port` (as
+    /// iproute2's `ss` lists sockets with their processes).
     static func hasUpstreamConnection(pid: pid_t, port: Int) -> Bool {
-        let fdDirectory = "/proc/\(pid)/fd"
-        let inodes = Set(((try? FileManager.default.contentsOfDirectory(atPath: fdDirectory)) ?? []).compactMap { fd -> String? in
-            guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: fdDirectory + "/" + fd), target.hasPrefix("socket:[") else { return nil }
-            return String(target.dropFirst(8).dropLast())
-        })
-        let table = (try? String(contentsOfFile: "/proc/\(pid)/net/tcp", encoding: .utf8)) ?? ""
-        let remote = String(format: "0100007F:%04X", port)
-        return table.split(separator: "\n").dropFirst().contains { line in
-            let fields = line.split(separator: " ")
-            return fields.count > 9 && fields[2] == remote && fields[3] == "01" && inodes.contains(String(fields[9]))
-        }
+        let listing = (try? TestCommand.check(["ss", "-Htnp", "state", "established", "dst", "127.0.0.1:\(port)"])) ?? ""
+        return listing.contains("pid=\(pid),")
     }
 }
