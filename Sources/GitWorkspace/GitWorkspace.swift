@@ -1,6 +1,7 @@
 import CGitWorkspace
 import Foundation
 import Glibc
+import Policy
 
 /// The host-side git initialization of a sandbox's workspace: the repository fetched and the
 /// branch checked out by the host's git, running as the sandbox's uid, with the credential
@@ -303,7 +304,7 @@ private struct Initializer {
         guard !initialization.originURL.isEmpty, !Self.hasControl(initialization.originURL) else {
             throw refuse("the origin URL '\(initialization.originURL)' is not a URL")
         }
-        if let branch = initialization.branch, !Self.isBranchName(branch) { throw refuse("'\(branch)' is not a valid branch name") }
+        if let branch = initialization.branch, !GitPolicy.isBranchName(branch) { throw refuse("'\(branch)' is not a valid branch name") }
         if let header = initialization.header {
             guard !header.name.isEmpty, header.name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7f && $0 != UInt8(ascii: ":") }),
                 !Self.hasControl(header.value)
@@ -318,17 +319,6 @@ private struct Initializer {
     }
 
     static func hasControl(_ text: String) -> Bool { text.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7f } }
-
-    /// A subset of `git check-ref-format --branch`.
-    static func isBranchName(_ name: String) -> Bool {
-        guard !name.isEmpty, name.utf8.count <= 255, !name.hasPrefix("-"), !name.hasPrefix("/"), !name.hasSuffix("/"),
-            !name.hasSuffix("."), !name.hasSuffix(".lock"), !name.contains(".."), !name.contains("//"), !name.contains("@{"),
-            name != "@", name != "HEAD"
-        else { return false }
-        let forbidden = Set(" ~^:?*[\\".unicodeScalars)
-        return !name.unicodeScalars.contains { $0.value < 0x20 || $0.value == 0x7f || forbidden.contains($0) }
-            && !name.split(separator: "/").contains { $0.hasPrefix(".") }
-    }
 
     static func locate(_ candidates: [String], what: String, repository: String) throws -> String {
         guard let path = candidates.first(where: { access($0, X_OK) == 0 }) else {

@@ -349,7 +349,7 @@ struct PolicyChecker {
         }
         var branch: String?
         if let (text, node) = stringNode(f, "branch", label: "git.branch") {
-            if Self.isBranchName(text) {
+            if GitPolicy.isBranchName(text) {
                 branch = text
             } else {
                 error(node.mark, "git.branch: '\(text)' is not a valid branch name")
@@ -763,15 +763,6 @@ struct PolicyChecker {
             return "uses \(Route.placeholder) but the route names no credential (add credential: NAME)"
         }
         return nil
-    }
-
-    /// A subset of `git check-ref-format`.
-    static func isBranchName(_ text: String) -> Bool {
-        guard !text.isEmpty, text.count <= 255, !text.hasPrefix("-"), !text.hasPrefix("/"), !text.hasSuffix("/"),
-            !text.hasSuffix(".lock"), !text.hasSuffix("."), !text.contains(".."), !text.contains("//"),
-            !text.contains("@{"), text != "@"
-        else { return false }
-        return text.unicodeScalars.allSatisfy { $0.value > 0x20 && $0.value != 0x7f && !"~^:?*[\\".unicodeScalars.contains($0) }
     }
 
     /// The closest of `candidates` to `word`, if close enough to be a likely typo.

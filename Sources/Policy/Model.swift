@@ -288,6 +288,19 @@ public struct GitPolicy: Sendable, Hashable, Codable {
         self.branch = branch
         self.route = route
     }
+
+    /// Whether `name` is a branch name `git.branch` accepts: a subset of
+    /// `git check-ref-format --branch` (no component starting with `.`, no `..`, `@{`, `//`,
+    /// control characters, space or `~^:?*[\`, not ending in `/`, `.` or `.lock`, not `@`,
+    /// `HEAD` or starting with `-`).
+    public static func isBranchName(_ name: String) -> Bool {
+        guard !name.isEmpty, name.utf8.count <= 255, !name.hasPrefix("-"), !name.hasPrefix("/"), !name.hasSuffix("/"),
+            !name.hasSuffix(".lock"), !name.hasSuffix("."), !name.contains(".."), !name.contains("//"), !name.contains("@{"),
+            name != "@", name != "HEAD"
+        else { return false }
+        return name.unicodeScalars.allSatisfy { $0.value > 0x20 && $0.value != 0x7f && !"~^:?*[\\".unicodeScalars.contains($0) }
+            && !name.split(separator: "/").contains { $0.hasPrefix(".") }
+    }
 }
 
 /// The Brain's retry behaviour (`brain:`).

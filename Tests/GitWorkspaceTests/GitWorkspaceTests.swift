@@ -11,7 +11,7 @@ import Testing
 @Suite struct GitWorkspaceTests {
     @Test func theDefaultBranchIsCheckedOutAsTheSandboxUserWithNoTraceOfTheCredential() async throws {
         try await GitHTTPServer.with { server in
-            let workspace = try TestWorkspace()
+            let workspace = try TestWorkspace(ext4: true)
             defer { workspace.remove() }
             let origin = "http://127.0.0.1:3128/gh/agentd/widgets.git"
             let summary = try await GitWorkspace.initialize(server.initialization(origin: origin), in: workspace.path, uid: workspace.uid)
@@ -40,6 +40,9 @@ import Testing
             let log = try server.accessLog()
             #expect(log.contains { $0.path.hasSuffix("/git-upload-pack") && $0.status == 200 })
             #expect(!log.isEmpty && log.allSatisfy { $0.tokenID == server.tokenID })
+            // git's tmpfs and bind mount lived in its own mount namespace only.
+            let mounts = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8).split(separator: "\n")
+            #expect(!mounts.contains { $0.split(separator: " ").dropFirst(4).first == "/tmp/workspace" })
         }
     }
 
@@ -314,23 +317,36 @@ extension GitHTTPServer {
 }
 
 /// A workspace as agentd mounts one: a directory owned by a uid of its own, holding a
-/// root-only `lost+found`, below a root-only directory the uid cannot search.
+/// root-only `lost+found`, below a root-only directory the uid cannot search; with `ext4`, a
+/// loop-mounted ext4 image made as `WorkspaceImages` makes them (`mkfs.ext4 -E root_owner=`).
 struct TestWorkspace {
     let root: String
     let path: String
     let uid: Int
+    let ext4: Bool
 
-    init() throws {
+    init(ext4: Bool = false) throws {
         uid = 61000 + Int.random(in: 0..<4000)
+        self.ext4 = ext4
         root = NSTemporaryDirectory() + "agentd-gitws-\(Components.testID())"
         path = root + "/mnt/ws"
         try FileManager.default.createDirectory(atPath: root + "/mnt", withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o755])
+        if ext4 {
+            let image = root + "/ws.img"
+            try TestCommand.check(["truncate", "-s", "64M", image])
+            try TestCommand.check(["mkfs.ext4", "-q", "-E", "root_owner=\(uid):\(uid)", image])
+            try TestCommand.check(["mount", "-o", "loop,nosuid,nodev", image, path])
+            return
+        }
         guard chown(path, uid_t(uid), gid_t(uid)) == 0 else { throw FixtureError(description: "chown \(path): \(String(cString: strerror(errno)))") }
         try FileManager.default.createDirectory(atPath: path + "/lost+found", withIntermediateDirectories: false, attributes: [.posixPermissions: 0o700])
     }
 
-    func remove() { try? FileManager.default.removeItem(atPath: root) }
+    func remove() {
+        if ext4 { _ = try? TestCommand.run(["umount", path]) }
+        try? FileManager.default.removeItem(atPath: root)
+    }
 
     /// git in the workspace, as root (the test's own view), its output trimmed.
     @discardableResult
