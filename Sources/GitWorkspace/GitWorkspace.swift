@@ -53,8 +53,9 @@ public enum GitWorkspace {
     /// made, so that a retry starts afresh. Runs on a thread of its own; cancelling the calling
     /// task kills git.
     ///
-    /// Call it before the sandbox starts, or while no process of `uid` runs, and at most once
-    /// at a time per directory.
+    /// Call it at most once at a time per directory, best before the sandbox starts: processes
+    /// of `uid` that run meanwhile cannot read the credential from git (it is not dumpable),
+    /// but they could change the workspace under it.
     /// - Throws: `GitWorkspaceError` naming the repository, never the credential.
     public static func initialize(_ initialization: GitInitialization, in directory: String, uid: Int) async throws -> Summary {
         let control = RunControl()
@@ -297,7 +298,7 @@ private struct Initializer {
     private func validate() throws {
         func refuse(_ message: String) -> GitWorkspaceError { GitWorkspaceError(.invalidRequest, repository: repository, message) }
         guard geteuid() == 0 else { throw refuse("agentd must run as root to initialize a workspace as the sandbox's uid") }
-        guard uid > 0, uid < Int(UInt32.max) else { throw refuse("uid \(uid) is not a sandbox uid") }
+        guard uid > 0, uid < Int(UInt32.max), uid != Int(GitSandbox.realGID) else { throw refuse("uid \(uid) is not a sandbox uid") }
         guard let url = URLComponents(string: repository), url.scheme?.lowercased() == "https", url.host?.isEmpty == false,
             url.user == nil, url.password == nil, !Self.hasControl(repository), !repository.contains(" ")
         else { throw refuse("the repository URL must be https://HOST/PATH without user info or spaces") }
