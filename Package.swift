@@ -112,6 +112,11 @@ let package = Package(
             swiftSettings: strict),
 
         .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
+        // fork → private mount namespace → setresuid → exec, for git run as a sandbox's uid.
+        .target(name: "CGitWorkspace"),
+        // The host-side git initialization of a workspace: fetch and checkout as the sandbox's
+        // uid, the credential only in that git's environment, origin left at the route.
+        .target(name: "GitWorkspace", dependencies: ["CGitWorkspace", "Policy"], exclude: ["README.md"], swiftSettings: strict),
         // The egress proxy: per-sandbox listeners, routes with injected credentials, CONNECT to
         // allowlisted hosts, response scrubbing, egress events over a private control channel.
         .target(
@@ -242,6 +247,7 @@ let package = Package(
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "TestServerTests", dependencies: ["TestSupport"], swiftSettings: strict),
+        .testTarget(name: "GitWorkspaceTests", dependencies: ["GitWorkspace", "Policy", "TestSupport"], swiftSettings: strict),
         // Streaming execute through the real server and client, over a driver that streams.
         .testTarget(
             name: "StreamingTests",

@@ -335,7 +335,7 @@ struct PolicyChecker {
         }
         var branch: String?
         if let (text, node) = stringNode(f, "branch", label: "git.branch") {
-            if GitPushPolicy.isBranchName(text) {
+            if GitPolicy.isBranchName(text) {
                 branch = text
             } else {
                 error(node.mark, "git.branch: '\(text)' is not a valid branch name")
@@ -821,7 +821,6 @@ struct PolicyChecker {
         }
         return nil
     }
-
 
     /// The closest of `candidates` to `word`, if close enough to be a likely typo.
     static func suggestion(for word: String, among candidates: [String]) -> String? {

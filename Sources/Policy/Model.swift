@@ -346,19 +346,25 @@ public struct GitPushPolicy: Sendable, Hashable, Codable {
         if pattern.hasPrefix("refs/") { return "names a ref; write the branch name without refs/heads/ (e.g. agent/*)" }
         if pattern.contains("***") { return "has more than two '*' in a row (* matches within a path segment, ** across segments)" }
         let literal = pattern.replacingOccurrences(of: "**", with: "x").replacingOccurrences(of: "*", with: "x")
-        guard isBranchName(literal) else {
+        guard GitPolicy.isBranchName(literal) else {
             return "is not a branch pattern (branch-name characters; * matches within a path segment, ** across segments)"
         }
         return nil
     }
+}
 
-    /// A subset of `git check-ref-format`.
-    static func isBranchName(_ text: String) -> Bool {
-        guard !text.isEmpty, text.count <= 255, !text.hasPrefix("-"), !text.hasPrefix("/"), !text.hasSuffix("/"),
-            !text.hasSuffix(".lock"), !text.hasSuffix("."), !text.contains(".."), !text.contains("//"),
-            !text.contains("@{"), text != "@"
+extension GitPolicy {
+    /// Whether `name` is a branch name `git.branch` accepts: a subset of
+    /// `git check-ref-format --branch` (no component starting with `.`, no `..`, `@{`, `//`,
+    /// control characters, space or `~^:?*[\`, not ending in `/`, `.` or `.lock`, not `@`,
+    /// `HEAD` or starting with `-`).
+    public static func isBranchName(_ name: String) -> Bool {
+        guard !name.isEmpty, name.utf8.count <= 255, !name.hasPrefix("-"), !name.hasPrefix("/"), !name.hasSuffix("/"),
+            !name.hasSuffix(".lock"), !name.hasSuffix("."), !name.contains(".."), !name.contains("//"), !name.contains("@{"),
+            name != "@", name != "HEAD"
         else { return false }
-        return text.unicodeScalars.allSatisfy { $0.value > 0x20 && $0.value != 0x7f && !"~^:?*[\\".unicodeScalars.contains($0) }
+        return name.unicodeScalars.allSatisfy { $0.value > 0x20 && $0.value != 0x7f && !"~^:?*[\\".unicodeScalars.contains($0) }
+            && !name.split(separator: "/").contains { $0.hasPrefix(".") }
     }
 }
 

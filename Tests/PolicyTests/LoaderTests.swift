@@ -94,6 +94,15 @@ import Testing
         #expect(errors(minimal("hands:\n  disk: 1MiB\n")).first?.contains("hands.disk") == true)
     }
 
+    @Test func gitBranchFollowsGitsRefRules() {
+        for good in ["main", "agent/feature-1", "release/v1.2", "a.b"] { #expect(GitPolicy.isBranchName(good), "\(good)") }
+        for bad in ["", "-x", "HEAD", "@", "a..b", "a/.hidden", ".x", "x.lock", "x/", "a b", "a~1", "a:b", "a@{1}", "a\u{7}"] {
+            #expect(!GitPolicy.isBranchName(bad), "\(bad)")
+        }
+        let git = "routes: []\ngit:\n  repository: https://github.com/acme/w.git\n  branch: a/.hidden\n"
+        #expect(errors(minimal(git)) == ["t.yaml:8:11: git.branch: 'a/.hidden' is not a valid branch name"])
+    }
+
     @Test func unknownKeysSuggestTheNearestKnownOne() {
         #expect(
             errors(minimal("hands:\n  memroy: 1GiB\nnetwrok: {}\n"))
