@@ -135,7 +135,7 @@ let package = Package(
         // agentd's side of the egress proxy: supervises vault-proxy and drives its control channel.
         .target(
             name: "EgressProxy",
-            dependencies: ["VaultProxy", "Vault", "Policy", "Hands", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["VaultProxy", "Vault", "Policy", "Hands", "GitWorkspace", .product(name: "Logging", package: "swift-log")],
             exclude: ["README.md"],
             swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["AgentdAPI", "CurlHTTP", "JSONValues"], swiftSettings: strict),

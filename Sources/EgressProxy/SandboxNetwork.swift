@@ -1,4 +1,5 @@
 import Foundation
+import GitWorkspace
 import Hands
 import Logging
 import Policy
@@ -14,6 +15,11 @@ import VaultProxy
 ///   for the sandbox is its agent name (the `agentd.agent` label).
 /// - **Intent.** Before each tool call, the call's `tool.intent` seq is named to the proxy,
 ///   which journals every decision with it.
+/// - **Repository.** For a policy with `git`, a fresh sandbox's workspace is initialized on
+///   the host before its first command (`GitWorkspace`: fetched with the route's credential as
+///   the sandbox's uid, `origin` pointing at the route, `git.branch` checked out); a workspace
+///   that holds `.git` already (a session's, from an earlier task) is left alone. One
+///   initialization per workspace at a time.
 /// - **Detach** removes the listener before the sandbox goes.
 ///
 /// A proxy-mode sandbox is never served without its listener: when the proxy is not there
@@ -22,7 +28,9 @@ public final class SandboxNetwork: SandboxAttachments {
     private let supervisor: ProxySupervisor?
     private let agent: AgentHands
     private let policy: @Sendable (String) async -> Policy?
-    private let prepareWorkspace: (@Sendable (SandboxHandle, TaskKey, Policy) async throws -> Void)?
+    private let workspaces: WorkspaceImages?
+    private let credentials: ProxyCredentials?
+    private let initializing = KeyedSerializer()
     private let logger: Logger
 
     /// - Parameters:
@@ -30,17 +38,18 @@ public final class SandboxNetwork: SandboxAttachments {
     ///     sandboxes are then refused with an error saying so).
     ///   - agent: where the sandboxes' socket directories are.
     ///   - policy: the policy in force by name.
-    ///   - prepareWorkspace: run once for a fresh (not adopted) sandbox whose policy names
-    ///     `git` (the host-side clone; see `GitWorkspace`).
+    ///   - workspaces: where the sandboxes' workspaces are mounted on the host, for `git`
+    ///     (nil: a policy with `git` is refused).
+    ///   - credentials: the credential values, for the route `git.route` names.
     public init(
         supervisor: ProxySupervisor?, agent: AgentHands, policy: @escaping @Sendable (String) async -> Policy?,
-        prepareWorkspace: (@Sendable (SandboxHandle, TaskKey, Policy) async throws -> Void)? = nil,
-        logger: Logger = Logger(label: "agentd.egress")
+        workspaces: WorkspaceImages? = nil, credentials: ProxyCredentials? = nil, logger: Logger = Logger(label: "agentd.egress")
     ) {
         self.supervisor = supervisor
         self.agent = agent
         self.policy = policy
-        self.prepareWorkspace = prepareWorkspace
+        self.workspaces = workspaces
+        self.credentials = credentials
         self.logger = logger
     }
 
@@ -72,8 +81,28 @@ public final class SandboxNetwork: SandboxAttachments {
                 throw HandsError(.provisioning, "the vault-proxy could not give the sandbox its listener: \(error)")
             }
         }
-        if !adopted, policy.git != nil, let prepareWorkspace {
-            try await prepareWorkspace(sandbox, key, policy)
+        if !adopted, policy.git != nil {
+            try await initializeRepository(sandbox, policy: policy)
+        }
+    }
+
+    /// The host-side git initialization of the sandbox's workspace (see the type's notes).
+    private func initializeRepository(_ sandbox: SandboxHandle, policy: Policy) async throws {
+        guard let workspaces, let workspace = sandbox.workspace, let uid = sandbox.uid else {
+            throw HandsError(.provisioning, "policy '\(policy.name)' names a git repository, but the sandbox has no workspace agentd can initialize")
+        }
+        let credentialName = policy.git?.route.flatMap { policy.route(named: $0) }?.credential
+        let started = ContinuousClock.now
+        do {
+            let initialization = try GitInitialization(policy: policy, credential: credentialName.flatMap { credentials?.value(named: $0) })
+            let summary = try await initializing.run(workspace) {
+                try await GitWorkspace.initialize(initialization, in: workspaces.hostPath(workspace), uid: uid)
+            }
+            logger.info(
+                "workspace repository ready",
+                metadata: ["sandbox": "\(sandbox.id.prefix(12))", "outcome": "\(summary.outcome)", "branch": "\(summary.branch ?? "-")", "elapsed": "\(ContinuousClock.now - started)"])
+        } catch let error as GitWorkspaceError {
+            throw HandsError(.provisioning, "the workspace's git repository could not be set up: \(error)")
         }
     }
 
@@ -88,11 +117,33 @@ public final class SandboxNetwork: SandboxAttachments {
     }
 
     public func detach(_ sandbox: SandboxHandle) async {
+        // (The workspace stays: its repository belongs to the workspace, not the listener.)
         guard let supervisor, let agentName = sandbox.agent else { return }
         do {
             try await supervisor.removeSandbox(agentName)
         } catch {
             logger.debug("could not remove a sandbox's vault-proxy listener", metadata: ["sandbox": "\(agentName)", "error": "\(error)"])
         }
+    }
+}
+
+/// Runs one body at a time per key (one git initialization per workspace).
+actor KeyedSerializer {
+    private var busy: Set<String> = []
+    private var waiters: [String: [CheckedContinuation<Void, Never>]] = [:]
+
+    func run<T: Sendable>(_ key: String, _ body: @Sendable () async throws -> T) async throws -> T {
+        while busy.contains(key) {
+            await withCheckedContinuation { waiters[key, default: []].append($0) }
+        }
+        busy.insert(key)
+        defer {
+            busy.remove(key)
+            if var queue = waiters[key], !queue.isEmpty {
+                queue.removeFirst().resume()
+                waiters[key] = queue.isEmpty ? nil : queue
+            }
+        }
+        return try await body()
     }
 }

@@ -160,7 +160,8 @@ struct AgentD: AsyncParsableCommand {
             supervisor?.stop()
             supervisor = nil
         }
-        let network = SandboxNetwork(supervisor: supervisor, agent: agent, policy: { await policyStore.policy(named: $0) })
+        let network = SandboxNetwork(
+            supervisor: supervisor, agent: agent, policy: { await policyStore.policy(named: $0) }, workspaces: workspaces, credentials: credentials)
         guard maxSandboxes >= 0 else { throw ValidationError("--max-sandboxes takes a number of sandboxes, or 0 for no limit; not \(maxSandboxes)") }
         let budget: (bytes: Int?, source: String)
         do {
