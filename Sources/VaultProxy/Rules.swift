@@ -22,13 +22,17 @@ public struct RouteRule: Codable, Sendable, Hashable {
     public var header: String?
     /// A PEM file of CA certificates the upstream is verified against instead of the system's.
     public var caFile: String?
+    /// The same as PEM text (agentd reads `caFile` and sends this, so the proxy opens no
+    /// file); takes precedence over `caFile`.
+    public var ca: String?
 
-    public init(name: String, upstream: String, credential: String? = nil, header: String? = nil, caFile: String? = nil) {
+    public init(name: String, upstream: String, credential: String? = nil, header: String? = nil, caFile: String? = nil, ca: String? = nil) {
         self.name = name
         self.upstream = upstream
         self.credential = credential
         self.header = header
         self.caFile = caFile
+        self.ca = ca
     }
 }
 
