@@ -130,7 +130,7 @@ let package = Package(
         // agentd's side of the egress proxy: supervises vault-proxy and drives its control channel.
         .target(
             name: "EgressProxy",
-            dependencies: ["VaultProxy", "Vault", "Policy", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["VaultProxy", "Vault", "Policy", "SystemdBus", .product(name: "Logging", package: "swift-log")],
             exclude: ["README.md"],
             swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["AgentdAPI", "CurlHTTP", "JSONValues"], swiftSettings: strict),
@@ -230,7 +230,7 @@ let package = Package(
         .testTarget(
             name: "VaultProxyTests",
             dependencies: [
-                "VaultProxy", "EgressProxy", "SessionLog", "TestSupport", "vault-proxy",
+                "VaultProxy", "EgressProxy", "SessionLog", "SystemdBus", "TestSupport", "vault-proxy",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
