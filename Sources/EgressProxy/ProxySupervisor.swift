@@ -699,6 +699,8 @@ public final class ProxySupervisor: Sendable {
         } catch {
             close(control)
             unlink(unit.controlSocket)
+            // A unit whose start failed would be restarted forever (Restart=always).
+            await Self.stopUnit(unit)
             throw error
         }
     }

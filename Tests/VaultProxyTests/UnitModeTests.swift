@@ -162,6 +162,22 @@ import TestSupport
         #expect(after.activeState != "active", "the unit outlived the failed start: \(after.activeState)")
     }
 
+    @Test func unitWhoseStartFailsIsNotLeftRestarting() async throws {
+        let manager = try await Components.systemd()
+        defer { manager.close() }
+        let control = try ControlDirectory()
+        let broken = control.path + "/broken-proxy"
+        try "#!/nonexistent/interpreter\n".write(toFile: broken, atomically: true, encoding: .utf8)
+        chmod(broken, 0o755)
+        let unit = Self.unit(manager, control)
+        let supervisor = ProxySupervisor(executable: broken, unit: unit, credentials: { [:] }, onEgress: { _ in })
+        let error = await #expect(throws: (any Error).self) { try await supervisor.start() }
+        #expect("\(error.map { "\($0)" } ?? "")".contains("exit status 203"), "\(error.map { "\($0)" } ?? "")")
+        let after = try await manager.unitProperties(unit.name)
+        #expect(after.loadState != "loaded" || after.activeState == "inactive", "\(after.activeState)/\(after.subState)")
+        #expect(!FileManager.default.fileExists(atPath: unit.controlSocket))
+    }
+
     @Test func controlSocketTheProxyCannotReachIsRefusedBeforeStarting() async throws {
         let manager = try await Components.systemd()
         defer { manager.close() }
