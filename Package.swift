@@ -135,7 +135,7 @@ let package = Package(
         // agentd's side of the egress proxy: supervises vault-proxy and drives its control channel.
         .target(
             name: "EgressProxy",
-            dependencies: ["VaultProxy", "Vault", "Policy", "Hands", "GitWorkspace", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["VaultProxy", "Vault", "Policy", "Hands", "GitWorkspace", "SystemdBus", .product(name: "Logging", package: "swift-log")],
             exclude: ["README.md"],
             swiftSettings: strict),
         .target(name: "AgentdClient", dependencies: ["AgentdAPI", "CurlHTTP", "JSONValues"], swiftSettings: strict),
@@ -235,7 +235,7 @@ let package = Package(
         .testTarget(
             name: "VaultProxyTests",
             dependencies: [
-                "VaultProxy", "EgressProxy", "Policy", "SessionLog", "TestSupport", "vault-proxy",
+                "VaultProxy", "EgressProxy", "Policy", "SessionLog", "SystemdBus", "TestSupport", "vault-proxy",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Policy
 import Synchronization
+import SystemdBus
 import Vault
 import VaultProxy
 
@@ -9,62 +10,94 @@ import VaultProxy
 import Glibc
 #endif
 
-/// Runs `vault-proxy --control-fd 3` as agentd's supervised child: sends it the credentials
-/// (values only on the private socketpair, never logged), announces every live sandbox
-/// (`addSandbox`), restarts it when it dies and then re-sends credentials and sandboxes, and
-/// hands each `egress` event to `onEgress`.
+/// Runs the `vault-proxy` and drives it: sends it the credentials (values only on the private
+/// control channel, never logged), announces every live sandbox (`addSandbox`) with the
+/// sandbox's listening socket, which agentd binds and passes as a descriptor, restarts it when
+/// it dies and then re-sends credentials and sandboxes, and hands each `egress` event to
+/// `onEgress`.
 ///
-/// Fails closed: while the proxy is down its listening sockets are gone, so a sandbox has no
-/// way out at all; `addSandbox` while it is down throws.
+/// Two modes: with a `SystemdUnit`, the proxy is a hardened transient service of its own
+/// (its own uid, no writable path) that connects to agentd's control socket, and agentd
+/// checks the peer before anything is sent; without, it is agentd's child with one end of a
+/// socketpair as fd 3 (`--control-fd 3`).
+///
+/// Fails closed: while the proxy is down agentd closes and removes the sandboxes' listening
+/// sockets, so a sandbox's connection is refused at once; `addSandbox` while it is down throws.
 public final class ProxySupervisor: Sendable {
     /// What a state change looks like (for logs and tests).
     public enum Change: Sendable, Equatable {
         /// The proxy (re)started and every live sandbox was announced again; `generation`
         /// counts starts from 1.
         case running(generation: Int, pid: Int32)
-        /// The proxy exited; it is restarted after `restartIn`.
+        /// The proxy exited (its wait status as a child; -1 as a unit, whose status is
+        /// systemd's) and is started again.
         case exited(generation: Int, status: Int32)
     }
 
+    private struct Announced {
+        /// As sent: route CAs inline (`ca`), no `caFile`.
+        var spec: SandboxSpec
+        /// agentd's listening socket for the sandbox; -1 while the proxy is down.
+        var listener: Int32 = -1
+    }
+
     private struct State {
+        /// The live control connection (-1 when none) and the count of connections so far.
         var fd: Int32 = -1
+        var epoch = 0
         var pid: Int32 = 0
         var generation = 0
         var stopped = false
         var nextID: Int64 = 1
-        var sandboxes: [String: SandboxSpec] = [:]
+        var sandboxes: [String: Announced] = [:]
         var pending: [Int64: CheckedContinuation<Void, any Error>] = [:]
-        var changeWaiters: [(Int, CheckedContinuation<Void, Never>)] = []
+        var nextWaiter = 0
+        var changeWaiters: [(id: Int, generation: Int, continuation: CheckedContinuation<Bool, Never>)] = []
         var running = false
         /// The id of the last startup message; its answer means the proxy is running.
         var startupID: Int64?
+        /// Sandboxes announced at the current start.
+        var announced = 0
+        /// Why the last life ended badly (for `start()`'s error).
+        var lastFailure: String?
+        /// The supervision thread's wake-up socket (its write end) and whether it has ended.
+        var wake: Int32 = -1
+        var finished = false
+        var finishWaiters: [CheckedContinuation<Void, Never>] = []
     }
 
     private let executable: String
     private let arguments: [String]
+    private let unit: SystemdUnit?
+    private let startTimeout: Duration
     private let credentials: @Sendable () -> [String: String]
     private let onEgress: @Sendable (EgressEvent) -> Void
     private let onChange: @Sendable (Change) -> Void
     private let logger: Logger
     private let state = Mutex(State())
     private let writeLock = Mutex(())
-    /// Sandboxes re-announced at the current start (only touched on the supervision thread).
-    nonisolated(unsafe) private var announced = 0
 
     /// - Parameters:
     ///   - executable: the `vault-proxy` binary.
-    ///   - arguments: extra arguments after `--control-fd 3` (e.g. `--log-level`).
+    ///   - arguments: extra arguments after `--control-fd 3` / `--control-socket PATH` (e.g.
+    ///     `--log-level`).
+    ///   - unit: run the proxy as this transient systemd unit; nil: as agentd's child.
+    ///   - startTimeout: how long a (re)started proxy has to answer its startup messages (and,
+    ///     as a unit, to connect); `start()` throws after it, a later start is killed and
+    ///     retried.
     ///   - credentials: name → value of every credential the policies name; called at each
     ///     (re)start and by `reloadCredentials()`.
     ///   - onEgress: each `egress.allowed` / `egress.denied` event.
     ///   - onChange: starts and exits of the proxy.
     public init(
-        executable: String, arguments: [String] = [], credentials: @escaping @Sendable () -> [String: String],
-        onEgress: @escaping @Sendable (EgressEvent) -> Void, onChange: @escaping @Sendable (Change) -> Void = { _ in },
-        logger: Logger = Logger(label: "agentd.egress")
+        executable: String, arguments: [String] = [], unit: SystemdUnit? = nil, startTimeout: Duration = .seconds(10),
+        credentials: @escaping @Sendable () -> [String: String], onEgress: @escaping @Sendable (EgressEvent) -> Void,
+        onChange: @escaping @Sendable (Change) -> Void = { _ in }, logger: Logger = Logger(label: "agentd.egress")
     ) {
         self.executable = executable
         self.arguments = arguments
+        self.unit = unit
+        self.startTimeout = startTimeout
         self.credentials = credentials
         self.onEgress = onEgress
         self.onChange = onChange
@@ -79,26 +112,75 @@ public final class ProxySupervisor: Sendable {
         return values
     }
 
-    /// Starts the supervision thread; returns once the first proxy has started and announced
-    /// itself (or throws if the executable cannot be started at all).
+    /// Starts the proxy (as a unit: the unit, after checking its paths) and its supervision;
+    /// returns once the first proxy has answered its startup messages.
+    /// - Throws: when the executable or (as a unit) the control socket is unusable, the
+    ///   manager refuses the unit, or the proxy has not answered within `startTimeout` (it is
+    ///   then stopped).
     public func start() async throws {
         guard FileManager.default.isExecutableFile(atPath: executable) else {
             throw VaultError("vault-proxy is not an executable at \(executable) (install it next to agentd or pass --vault-proxy PATH)")
         }
-        let thread = Thread { [self] in supervise() }
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            throw VaultError("cannot make a socketpair: \(String(cString: strerror(errno)))")
+        }
+        var control: Int32 = -1
+        if let unit {
+            do {
+                control = try await startUnit(unit)
+            } catch {
+                close(pair[0])
+                close(pair[1])
+                throw error
+            }
+        }
+        state.withLock { $0.wake = pair[1] }
+        let (wake, listening) = (pair[0], control)
+        let thread = Thread { [self] in supervise(control: listening, wake: wake) }
         thread.name = "agentd.egress"
         thread.start()
-        await waitForGeneration(atLeast: 1)
+        guard await waitForGeneration(atLeast: 1, within: startTimeout) else {
+            var why = state.withLock { $0.lastFailure } ?? "it never answered"
+            if let unit, let status = try? await unit.manager.unitProperties(unit.name) {
+                why += "; unit \(unit.name) is \(status.activeState)/\(status.subState), result \(status.result), exit status \(status.execMainStatus)"
+            }
+            await stopAndWait()
+            let log = unit.map { "journalctl -u \($0.name)" } ?? "agentd's stderr"
+            throw VaultError("vault-proxy did not answer its startup messages within \(startTimeout) (\(why)); it was stopped. See its log (\(log)).")
+        }
     }
 
-    /// Stops the proxy for good: closes the channel (the proxy exits) and does not restart it.
+    /// Stops the proxy for good and does not restart it; the sandboxes' listening sockets are
+    /// closed and removed. Returns at once; `stopAndWait()` waits until it is gone.
     public func stop() {
-        let (fd, pid) = state.withLock { s -> (Int32, Int32) in
+        state.withLock { s in
             s.stopped = true
-            return (s.fd, s.pid)
+            var byte: UInt8 = 1
+            if s.wake >= 0 { _ = Glibc.send(s.wake, &byte, 1, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT)) }
         }
-        if fd >= 0 { shutdown(fd, Int32(SHUT_RDWR)) }
-        if pid > 0 { kill(pid, SIGTERM) }
+        if let unit {
+            Task { [unit] in await Self.stopUnit(unit) }
+        }
+    }
+
+    /// `stop()`, then waits until the supervision has ended and (as a unit) the unit has stopped.
+    public func stopAndWait() async {
+        stop()
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let done = state.withLock { s -> Bool in
+                if s.finished || s.wake < 0 { return true }
+                s.finishWaiters.append(c)
+                return false
+            }
+            if done { c.resume() }
+        }
+        if let unit { await Self.stopUnit(unit) }
+    }
+
+    private static func stopUnit(_ unit: SystemdUnit) async {
+        _ = try? await unit.manager.stopUnitAndWait(unit.name, timeout: .seconds(15))
+        try? await unit.manager.resetFailedUnit(unit.name)
     }
 
     /// The running proxy's pid (0 when none).
@@ -106,36 +188,76 @@ public final class ProxySupervisor: Sendable {
     /// Starts so far.
     public var generation: Int { state.withLock { $0.generation } }
 
-    /// Waits until the proxy has (re)started `generation` times and announced every sandbox.
+    /// Waits until the proxy has (re)started `generation` times and announced every sandbox
+    /// (or the supervisor was stopped).
     public func waitForGeneration(atLeast generation: Int) async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let now = state.withLock { s -> Bool in
-                if s.generation >= generation && s.running { return true }
-                s.changeWaiters.append((generation, c))
-                return false
+        _ = await waitForGeneration(atLeast: generation, within: nil)
+    }
+
+    /// - Returns: false when `timeout` passed or the supervisor stopped first.
+    private func waitForGeneration(atLeast generation: Int, within timeout: Duration?) async -> Bool {
+        let id = state.withLock { s -> Int in
+            s.nextWaiter += 1
+            return s.nextWaiter
+        }
+        let timer = timeout.map { timeout in
+            Task { [self] in
+                try? await Task.sleep(for: timeout)
+                let waiter = state.withLock { s -> CheckedContinuation<Bool, Never>? in
+                    guard let i = s.changeWaiters.firstIndex(where: { $0.id == id }) else { return nil }
+                    return s.changeWaiters.remove(at: i).continuation
+                }
+                waiter?.resume(returning: false)
             }
-            if now { c.resume() }
+        }
+        defer { timer?.cancel() }
+        return await withCheckedContinuation { (c: CheckedContinuation<Bool, Never>) in
+            let now = state.withLock { s -> Bool? in
+                if s.generation >= generation && s.running { return true }
+                if s.finished { return false }
+                s.changeWaiters.append((id, generation, c))
+                return nil
+            }
+            if let now { c.resume(returning: now) }
         }
     }
 
-    /// Announces a sandbox; its listener exists once this returns. Kept and re-announced after
-    /// every restart until `removeSandbox`.
-    /// - Throws: the proxy's error, or that the proxy is not running (fail closed).
+    /// Announces a sandbox: binds its listening socket at `spec.socketPath` (mode 0666;
+    /// access is its directory's), reads the routes' `caFile`s, and passes both to the proxy;
+    /// the sandbox can connect once this returns. Kept and re-announced after every restart
+    /// until `removeSandbox`.
+    /// - Throws: a `caFile` that cannot be read, a socket that cannot be bound, the proxy's
+    ///   error, or that the proxy is not running (fail closed).
     public func addSandbox(_ spec: SandboxSpec) async throws {
-        state.withLock { $0.sandboxes[spec.sandbox] = spec }
+        let wire = try Self.inliningCAs(spec)
+        try state.withLock { s in
+            guard s.running, s.fd >= 0 else { throw Self.notRunning }
+            guard s.sandboxes[spec.sandbox] == nil else {
+                throw VaultError("sandbox \(spec.sandbox) is already announced to the egress proxy; remove it first")
+            }
+            let listener = try Self.bindListener(spec)
+            s.sandboxes[spec.sandbox] = Announced(spec: wire, listener: listener)
+        }
         do {
-            try await request { .addSandbox(id: $0, spec) }
+            try await request(listenerOf: spec.sandbox) { .addSandbox(id: $0, wire, listenerFD: true) }
         } catch {
-            _ = state.withLock { $0.sandboxes.removeValue(forKey: spec.sandbox) }
+            forget(spec.sandbox)
+            // The proxy may have got it through a restart meanwhile.
+            try? await request { .removeSandbox(id: $0, sandbox: spec.sandbox) }
             throw error
         }
     }
 
-    /// Removes a sandbox's listener (best effort when the proxy is down: it is not re-announced).
+    /// Removes a sandbox: its listening socket is closed and removed at once (whether the
+    /// proxy is up or not), and the proxy closes its connections.
+    /// - Throws: the proxy's error.
     public func removeSandbox(_ sandbox: String) async throws {
-        let known = state.withLock { $0.sandboxes.removeValue(forKey: sandbox) != nil }
-        guard known else { return }
-        try await request { .removeSandbox(id: $0, sandbox: sandbox) }
+        guard forget(sandbox) else { return }
+        do {
+            try await request { .removeSandbox(id: $0, sandbox: sandbox) }
+        } catch let error as VaultError where error.message == Self.notRunning.message {
+            // Down: nothing to tell it; it is not announced again.
+        }
     }
 
     /// Names the `tool.intent` seq the sandbox's next egress belongs to.
@@ -150,61 +272,159 @@ public final class ProxySupervisor: Sendable {
         try await request { .credentials(id: $0, values) }
     }
 
-    // MARK: - the channel
+    // MARK: - sandboxes' sockets
 
-    private func request(_ make: (Int64) -> ControlMessage) async throws {
-        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-            let (fd, id) = state.withLock { s -> (Int32, Int64) in
-                guard s.running, s.fd >= 0 else { return (-1, 0) }
-                let id = s.nextID
-                s.nextID += 1
-                s.pending[id] = c
-                return (s.fd, id)
+    private static let notRunning = VaultError("the egress proxy is not running (it is being restarted); no egress until it is back")
+
+    /// Bounds a route CA file read by agentd for the proxy.
+    private static let maxCABytes = 1 << 20
+
+    /// `spec` as the proxy gets it: every route's `caFile` read into `ca` (so the proxy, which
+    /// may read no file of agentd's, needs none).
+    static func inliningCAs(_ spec: SandboxSpec) throws -> SandboxSpec {
+        var wire = spec
+        for i in wire.routes.indices {
+            guard wire.routes[i].ca == nil, let path = wire.routes[i].caFile else { continue }
+            let name = wire.routes[i].name
+            guard let handle = FileHandle(forReadingAtPath: path) else {
+                throw VaultError("route \(name): cannot read its caFile \(path): \(String(cString: strerror(errno)))")
             }
-            guard fd >= 0 else {
-                c.resume(throwing: VaultError("the egress proxy is not running (it is being restarted); no egress until it is back"))
-                return
+            defer { try? handle.close() }
+            let data = (try? handle.read(upToCount: maxCABytes + 1)) ?? Data()
+            guard data.count <= maxCABytes else { throw VaultError("route \(name): caFile \(path) is larger than \(maxCABytes) bytes") }
+            let text = String(decoding: data, as: UTF8.self)
+            guard text.contains("-----BEGIN CERTIFICATE-----") else {
+                throw VaultError("route \(name): caFile \(path) holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
             }
-            if !send(make(id), on: fd) {
-                if let c = state.withLock({ $0.pending.removeValue(forKey: id) }) {
-                    c.resume(throwing: VaultError("the egress proxy's control channel is closed"))
-                }
-            }
+            wire.routes[i].ca = text
+            wire.routes[i].caFile = nil
+        }
+        return wire
+    }
+
+    /// A listening socket at `spec.socketPath` (0666; its directory made 0700 if missing).
+    private static func bindListener(_ spec: SandboxSpec) throws -> Int32 {
+        let directory = (spec.socketPath as NSString).deletingLastPathComponent
+        guard spec.socketPath.hasPrefix("/") else { throw VaultError("sandbox \(spec.sandbox): socketPath must be absolute, not \(spec.socketPath)") }
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        do {
+            return try UnixSocket.listen(path: spec.socketPath, mode: 0o666)
+        } catch {
+            throw VaultError("sandbox \(spec.sandbox): \(error)")
         }
     }
 
-    private func send(_ message: ControlMessage, on fd: Int32) -> Bool {
-        let bytes = message.line()
-        return writeLock.withLock { _ in
-            var offset = 0
-            while offset < bytes.count {
-                let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + offset, bytes.count - offset, Int32(MSG_NOSIGNAL)) }
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 { return false }
-                offset += n
-            }
+    /// Closes and removes a listening socket: a connection attempt is refused from now on.
+    private static func closeListener(_ entry: inout Announced) {
+        guard entry.listener >= 0 else { return }
+        close(entry.listener)
+        entry.listener = -1
+        unlink(entry.spec.socketPath)
+    }
+
+    /// Drops a sandbox and its socket. - Returns: whether it was known.
+    @discardableResult
+    private func forget(_ sandbox: String) -> Bool {
+        state.withLock { s in
+            guard var entry = s.sandboxes.removeValue(forKey: sandbox) else { return false }
+            Self.closeListener(&entry)
             return true
         }
     }
 
-    /// The supervision loop (its own thread): spawn, announce, read until EOF, reap, back off.
-    private func supervise() {
+    // MARK: - the channel
+
+    /// Sends a request and waits for its answer. `listenerOf`: the sandbox whose listening
+    /// socket goes with it (a copy taken under the lock, so a restart cannot swap it).
+    private func request(listenerOf sandbox: String? = nil, _ make: (Int64) -> ControlMessage) async throws {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+            let taken = state.withLock { s -> (epoch: Int, id: Int64, listener: Int32?)? in
+                guard s.running, s.fd >= 0 else { return nil }
+                var listener: Int32?
+                if let sandbox {
+                    guard let fd = s.sandboxes[sandbox]?.listener, fd >= 0 else { return nil }
+                    listener = dup(fd)
+                }
+                let id = s.nextID
+                s.nextID += 1
+                s.pending[id] = c
+                return (s.epoch, id, listener)
+            }
+            guard let taken else {
+                c.resume(throwing: Self.notRunning)
+                return
+            }
+            let sent = send(make(taken.id), epoch: taken.epoch, passing: taken.listener)
+            if let listener = taken.listener { close(listener) }
+            if !sent, let c = state.withLock({ $0.pending.removeValue(forKey: taken.id) }) {
+                c.resume(throwing: VaultError("the egress proxy's control channel is closed"))
+            }
+        }
+    }
+
+    /// Writes one message (one `sendmsg` for its first bytes and `passing`) on the connection
+    /// of `epoch`, if it is still the live one.
+    private func send(_ message: ControlMessage, epoch: Int, passing descriptor: Int32? = nil) -> Bool {
+        let bytes = message.line()
+        return writeLock.withLock { _ in
+            let fd = state.withLock { s in s.epoch == epoch ? s.fd : -1 }
+            guard fd >= 0 else { return false }
+            return UnixSocket.send(fd, bytes, passing: descriptor)
+        }
+    }
+
+    // MARK: - supervision (its own thread)
+
+    /// A connected proxy: the control connection and its process.
+    private struct Peer {
+        var fd: Int32
+        var pid: Int32
+    }
+
+    private var isStopped: Bool { state.withLock { $0.stopped } }
+
+    /// The loop: get a proxy (spawn a child / accept the unit's connection), serve it until
+    /// it is gone, and again until stopped.
+    private func supervise(control: Int32, wake: Int32) {
         var delayMs = 100
-        while !state.withLock({ $0.stopped }) {
-            let started = Date()
-            if let status = runOnce() {
+        while !isStopped {
+            let began = ContinuousClock.now
+            let peer: Peer?
+            if let unit { peer = acceptProxy(control: control, wake: wake, unit: unit) } else { peer = spawnChild() }
+            if let peer {
+                let status = serve(peer, control: control, wake: wake)
                 let generation = state.withLock { $0.generation }
                 logger.warning("vault-proxy exited (status \(status)); sandboxes have no egress until it is restarted")
                 onChange(.exited(generation: generation, status: status))
             }
-            if state.withLock({ $0.stopped }) { break }
-            delayMs = Date().timeIntervalSince(started) > 10 ? 100 : min(delayMs * 2, 5000)
-            usleep(useconds_t(delayMs * 1000))
+            // A unit is restarted by systemd (accept waits for it); a child after a pause.
+            guard unit == nil, !isStopped else { continue }
+            delayMs = ContinuousClock.now - began > .seconds(10) ? 100 : min(delayMs * 2, 5000)
+            var wakeup = pollfd(fd: wake, events: Int16(POLLIN), revents: 0)
+            _ = poll(&wakeup, 1, Int32(delayMs))
         }
+        if control >= 0 {
+            close(control)
+            if let unit { unlink(unit.controlSocket) }
+        }
+        let (waiters, finishers, writeEnd) = state.withLock { s in
+            s.finished = true
+            defer {
+                s.changeWaiters.removeAll()
+                s.finishWaiters.removeAll()
+                s.wake = -1
+            }
+            return (s.changeWaiters.map(\.continuation), s.finishWaiters, s.wake)
+        }
+        close(wake)
+        close(writeEnd)
+        waiters.forEach { $0.resume(returning: false) }
+        finishers.forEach { $0.resume() }
     }
 
-    /// One life of the proxy. Returns its wait status (nil if it could not be started).
-    private func runOnce() -> Int32? {
+    /// Spawns `vault-proxy --control-fd 3` with a socketpair end as fd 3 and nothing else of
+    /// agentd's (stdin/stdout /dev/null, stderr agentd's).
+    private func spawnChild() -> Peer? {
         var pair: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
             logger.error("vault-proxy: cannot make a socketpair: \(String(cString: strerror(errno)))")
@@ -234,49 +454,139 @@ public final class ProxySupervisor: Sendable {
         close(pair[1])
         guard rc == 0 else {
             close(pair[0])
-            logger.error("vault-proxy: cannot start \(executable): \(String(cString: strerror(rc)))")
+            let why = "cannot start \(executable): \(String(cString: strerror(rc)))"
+            state.withLock { $0.lastFailure = why }
+            logger.error("vault-proxy: \(why)")
             return nil
         }
-        let fd = pair[0]
-        state.withLock { s in
-            s.fd = fd
-            s.pid = pid
+        return Peer(fd: pair[0], pid: pid)
+    }
+
+    /// Waits for the unit's proxy to connect to the control socket and checks who it is: the
+    /// peer (SO_PEERCRED) must run as the unit's uid and be a process of the unit. Anyone else
+    /// is closed at once, having been sent nothing. Nil when stopped.
+    private func acceptProxy(control: Int32, wake: Int32, unit: SystemdUnit) -> Peer? {
+        while !isStopped {
+            var fds = [pollfd(fd: control, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+            guard poll(&fds, 2, -1) > 0 else { continue }
+            if fds[1].revents != 0 { continue }
+            if let peer = acceptAndCheck(control, unit: unit) { return peer }
         }
-        // Credentials first, then every live sandbox; the proxy counts as running once it has
-        // answered the last of these (so every listener exists again).
-        let (sandboxes, firstID) = state.withLock { s -> ([SandboxSpec], Int64) in
-            let list = Array(s.sandboxes.values)
+        return nil
+    }
+
+    /// Accepts one connection on the control socket; the peer if it is the unit's proxy.
+    private func acceptAndCheck(_ control: Int32, unit: SystemdUnit) -> Peer? {
+        let fd = accept(control, nil, nil)
+        guard fd >= 0 else { return nil }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        guard let peer = UnixSocket.peerCredentials(fd) else {
+            logger.warning("refused a connection to the proxy's control socket: its peer's credentials are unreadable")
+            close(fd)
+            return nil
+        }
+        var refusal: String?
+        if peer.uid != unit.uid {
+            refusal = "it runs as uid \(peer.uid), the proxy as \(unit.uid)"
+        } else {
+            let pid = peer.pid
+            let owner: String?
+            do { owner = try blockingAwait { try await unit.manager.unit(ofPID: pid) } } catch {
+                owner = nil
+                refusal = "cannot ask systemd which unit pid \(pid) is in: \(error)"
+            }
+            if refusal == nil, owner != unit.name { refusal = "it is in \(owner ?? "no unit"), not \(unit.name)" }
+        }
+        if let refusal {
+            logger.warning("refused a connection to the proxy's control socket from pid \(peer.pid): \(refusal)")
+            close(fd)
+            return nil
+        }
+        return Peer(fd: fd, pid: peer.pid)
+    }
+
+    /// One life of a connected proxy: announce, read until it is gone (or stopped, or silent
+    /// past the start deadline), then tear down. Returns its wait status (-1 as a unit).
+    private func serve(_ peer: Peer, control: Int32, wake: Int32) -> Int32 {
+        // Credentials first, then every live sandbox with a freshly bound socket; the proxy
+        // counts as running once it has answered the last of these (so every listener exists).
+        let (epoch, firstID, announce) = state.withLock { s -> (Int, Int64, [(SandboxSpec, Int32)]) in
+            s.epoch += 1
+            s.fd = peer.fd
+            s.pid = peer.pid
+            var announce: [(SandboxSpec, Int32)] = []
+            for name in s.sandboxes.keys.sorted() {
+                guard var entry = s.sandboxes[name] else { continue }
+                if entry.listener < 0 {
+                    do { entry.listener = try Self.bindListener(entry.spec) } catch {
+                        logger.error("sandbox \(name) has no egress: \(error)")
+                        continue
+                    }
+                    s.sandboxes[name] = entry
+                }
+                announce.append((entry.spec, dup(entry.listener)))
+            }
             let first = s.nextID
-            s.nextID += Int64(list.count + 1)
-            s.startupID = first + Int64(list.count)
-            return (list, first)
+            s.nextID += Int64(announce.count + 1)
+            s.startupID = first + Int64(announce.count)
+            s.announced = announce.count
+            return (s.epoch, first, announce)
         }
-        var ok = send(.credentials(id: firstID, credentials()), on: fd)
-        for (i, spec) in sandboxes.enumerated() where ok { ok = send(.addSandbox(id: firstID + 1 + Int64(i), spec), on: fd) }
-        announced = sandboxes.count
-        if ok { readUntilClosed(fd) }
+        var ok = send(.credentials(id: firstID, credentials()), epoch: epoch)
+        for (i, (spec, listener)) in announce.enumerated() {
+            if ok { ok = send(.addSandbox(id: firstID + 1 + Int64(i), spec, listenerFD: true), epoch: epoch, passing: listener) }
+            close(listener)
+        }
+        if ok { readUntilGone(peer, control: control, wake: wake) }
 
         let pending = state.withLock { s -> [CheckedContinuation<Void, any Error>] in
             s.running = false
             s.startupID = nil
             s.fd = -1
-            let p = Array(s.pending.values)
-            s.pending.removeAll()
-            return p
+            for name in Array(s.sandboxes.keys) { Self.closeListener(&s.sandboxes[name]!) }
+            defer { s.pending.removeAll() }
+            return Array(s.pending.values)
         }
-        _ = writeLock.withLock { _ in close(fd) }
+        writeLock.withLock { _ in _ = close(peer.fd) }
         for c in pending { c.resume(throwing: VaultError("the egress proxy exited before answering")) }
-        kill(pid, SIGKILL)
+        guard unit == nil else { return -1 }
+        kill(peer.pid, SIGKILL)
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        while waitpid(peer.pid, &status, 0) < 0 && errno == EINTR {}
         return status
     }
 
-    private func readUntilClosed(_ fd: Int32) {
+    /// Reads the proxy's messages until it closes the channel, the supervisor is stopped, or
+    /// it has not answered its startup messages by the deadline (then it is killed). Further
+    /// connections to the control socket meanwhile are refused.
+    private func readUntilGone(_ peer: Peer, control: Int32, wake: Int32) {
+        let deadline = ContinuousClock.now + startTimeout
         var buffer = [UInt8](repeating: 0, count: 64 << 10)
         var line: [UInt8] = []
+        var fds = [pollfd(fd: peer.fd, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+        if control >= 0 { fds.append(pollfd(fd: control, events: Int16(POLLIN), revents: 0)) }
         while true {
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            var timeout: Int32 = -1
+            if !state.withLock({ $0.running }) {
+                let left = deadline - ContinuousClock.now
+                timeout = Int32(max(0, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+            }
+            let ready = poll(&fds, nfds_t(fds.count), timeout)
+            if ready < 0 && errno == EINTR { continue }
+            if ready == 0 {
+                let why = "pid \(peer.pid) did not answer its startup messages within \(startTimeout)"
+                state.withLock { $0.lastFailure = why }
+                logger.error("vault-proxy \(why); killing it")
+                kill(peer.pid, SIGKILL)
+                return
+            }
+            if ready < 0 || isStopped { return }
+            if fds.count > 2 && fds[2].revents != 0, let extra = acceptAndCheck(control, unit: unit!) {
+                logger.warning("refused a second connection from the proxy's unit (pid \(extra.pid)): one is live")
+                close(extra.fd)
+            }
+            guard fds[0].revents != 0 else { continue }
+            let n = buffer.withUnsafeMutableBytes { read(peer.fd, $0.baseAddress, $0.count) }
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { return }
             var start = 0
@@ -288,26 +598,32 @@ public final class ProxySupervisor: Sendable {
             }
             line += buffer[start..<n]
             // A proxy that never ends a line is broken: drop it (4 MiB, the channel's bound).
-            if line.count > 4 << 20 { return }
+            if line.count > ControlChannel.maxMessageBytes {
+                logger.error("vault-proxy sent a line longer than \(ControlChannel.maxMessageBytes) bytes; dropping it")
+                kill(peer.pid, SIGKILL)
+                return
+            }
         }
     }
 
     /// Whether `id` answers the last startup message; if so the proxy is now running.
     private func startupAnswered(_ id: Int64?) -> Bool {
         guard let id else { return false }
-        let result = state.withLock { s -> (Int, Int32, [CheckedContinuation<Void, Never>])? in
+        let result = state.withLock { s -> (Int, Int32, Int, [CheckedContinuation<Bool, Never>])? in
             guard s.startupID == id else { return nil }
             s.startupID = nil
             s.generation += 1
             s.running = true
-            let ready = s.changeWaiters.filter { $0.0 <= s.generation }.map(\.1)
-            s.changeWaiters.removeAll { $0.0 <= s.generation }
-            return (s.generation, s.pid, ready)
+            s.lastFailure = nil
+            let generation = s.generation
+            let ready = s.changeWaiters.filter { $0.generation <= generation }.map(\.continuation)
+            s.changeWaiters.removeAll { $0.generation <= generation }
+            return (generation, s.pid, s.announced, ready)
         }
-        guard let (generation, pid, waiters) = result else { return false }
+        guard let (generation, pid, announced, waiters) = result else { return false }
         logger.info("vault-proxy started (pid \(pid), \(announced) sandbox(es) announced)")
         onChange(.running(generation: generation, pid: pid))
-        waiters.forEach { $0.resume() }
+        waiters.forEach { $0.resume(returning: true) }
         return true
     }
 
@@ -334,6 +650,58 @@ public final class ProxySupervisor: Sendable {
         case .egress(let event): onEgress(event)
         case .credentials, .addSandbox, .removeSandbox, .setIntent:
             logger.warning("vault-proxy sent an agentd → proxy message; ignored")
+        }
+    }
+
+    // MARK: - unit mode
+
+    /// Checks the paths, makes the uid known, listens on the control socket (owned by the
+    /// proxy's uid, 0600) and starts the unit (replacing one of that name left over).
+    /// - Returns: the listening control socket.
+    private func startUnit(_ unit: SystemdUnit) async throws -> Int32 {
+        try unit.checkReachable(executable, what: "the vault-proxy executable", executable: true)
+        try unit.checkReachable(unit.controlSocket, what: "the proxy's control socket")
+        try unit.ensureUserRecord()
+        let control: Int32
+        do {
+            control = try UnixSocket.listen(path: unit.controlSocket, mode: 0o600, backlog: 16)
+        } catch {
+            throw VaultError("the proxy's control socket: \(error)")
+        }
+        do {
+            guard chown(unit.controlSocket, unit.uid, unit.uid) == 0 else {
+                throw VaultError("cannot give the control socket \(unit.controlSocket) to uid \(unit.uid): \(String(cString: strerror(errno)))")
+            }
+            _ = try? await unit.manager.stopUnitAndWait(unit.name, timeout: .seconds(15))
+            try? await unit.manager.resetFailedUnit(unit.name)
+            var owner = unit.boundTo
+            if owner == nil, let own = try? await unit.manager.unit(ofPID: getpid()), own != "init.scope",
+                own.hasSuffix(".service") || own.hasSuffix(".scope")
+            {
+                owner = own
+            }
+            let argv = [executable, "--control-socket", unit.controlSocket] + arguments
+            var result = try await unit.manager.startTransientUnit(unit.name, properties: unit.properties(argv: argv, owner: owner))
+            if result != "done", try await unit.manager.unitProperties(unit.name).execMainStatus == 226 {
+                logger.warning(
+                    "the systemd manager cannot set up \(SystemdUnit.kernelProtections.joined(separator: "/")) (exit status 226); starting \(unit.name) without them")
+                await Self.stopUnit(unit)
+                result = try await unit.manager.startTransientUnit(
+                    unit.name, properties: unit.properties(argv: argv, owner: owner, kernelProtections: false))
+            }
+            guard result == "done" else {
+                let status = try? await unit.manager.unitProperties(unit.name)
+                throw VaultError(
+                    "the start job of \(unit.name) ended with '\(result)'\(status.map { " (result \($0.result), exit status \($0.execMainStatus))" } ?? ""); see journalctl -u \(unit.name)")
+            }
+            logger.info("vault-proxy runs as unit \(unit.name) (uid \(unit.uid)), connecting to \(unit.controlSocket)")
+            return control
+        } catch {
+            close(control)
+            unlink(unit.controlSocket)
+            // A unit whose start failed would be restarted forever (Restart=always).
+            await Self.stopUnit(unit)
+            throw error
         }
     }
 }

@@ -480,7 +480,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard let context else { return }
         let tls: NIOSSLContext
         do {
-            tls = try listener.proxy.tlsContext(caFile: route.rule.caFile)
+            tls = try listener.proxy.tlsContext(for: route.rule)
         } catch {
             upstreamFailed("route \(route.rule.name): TLS setup failed: \(error)")
             return

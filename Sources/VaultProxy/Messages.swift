@@ -61,7 +61,9 @@ public struct EgressEvent: Codable, Sendable, Hashable {
 public enum ControlMessage: Sendable {
     /// agentd → proxy: credential values by name; merged into those known.
     case credentials(id: Int64?, [String: String])
-    case addSandbox(id: Int64?, SandboxSpec)
+    /// agentd → proxy: a sandbox and its rules; `listenerFD`: its listening socket comes with
+    /// the line (SCM_RIGHTS) instead of the proxy binding `socketPath` itself.
+    case addSandbox(id: Int64?, SandboxSpec, listenerFD: Bool = false)
     case removeSandbox(id: Int64?, sandbox: String)
     /// agentd → proxy: the current task and `tool.intent` seq of a sandbox (seq nil: none).
     case setIntent(id: Int64?, sandbox: String, task: String?, seq: Int64?)
@@ -77,7 +79,7 @@ extension ControlMessage: CustomStringConvertible {
     public var description: String {
         switch self {
         case .credentials(let id, let values): return "credentials(id: \(id.map(String.init) ?? "-"), names: \(values.keys.sorted()))"
-        case .addSandbox(let id, let spec): return "addSandbox(id: \(id.map(String.init) ?? "-"), sandbox: \(spec.sandbox))"
+        case .addSandbox(let id, let spec, _): return "addSandbox(id: \(id.map(String.init) ?? "-"), sandbox: \(spec.sandbox))"
         case .removeSandbox(let id, let sandbox): return "removeSandbox(id: \(id.map(String.init) ?? "-"), sandbox: \(sandbox))"
         case .setIntent(_, let sandbox, let task, let seq): return "setIntent(sandbox: \(sandbox), task: \(task ?? "-"), seq: \(seq.map(String.init) ?? "-"))"
         case .ready: return "ready"
@@ -91,7 +93,7 @@ extension ControlMessage: CustomStringConvertible {
 extension ControlMessage: Codable {
     private enum Keys: String, CodingKey {
         case type, id, credentials, sandbox, task, seq, message, event
-        case session, policy, socketPath, network, routes
+        case session, policy, socketPath, network, routes, listenerFD
     }
 
     public init(from decoder: any Decoder) throws {
@@ -100,7 +102,8 @@ extension ControlMessage: Codable {
         let id = try c.decodeIfPresent(Int64.self, forKey: .id)
         switch type {
         case "credentials": self = .credentials(id: id, try c.decode([String: String].self, forKey: .credentials))
-        case "addSandbox": self = .addSandbox(id: id, try SandboxSpec(from: decoder))
+        case "addSandbox":
+            self = .addSandbox(id: id, try SandboxSpec(from: decoder), listenerFD: try c.decodeIfPresent(Bool.self, forKey: .listenerFD) ?? false)
         case "removeSandbox": self = .removeSandbox(id: id, sandbox: try c.decode(String.self, forKey: .sandbox))
         case "setIntent":
             self = .setIntent(
@@ -124,9 +127,10 @@ extension ControlMessage: Codable {
             try c.encode("credentials", forKey: .type)
             try c.encodeIfPresent(id, forKey: .id)
             try c.encode(values, forKey: .credentials)
-        case .addSandbox(let id, let spec):
+        case .addSandbox(let id, let spec, let listenerFD):
             try c.encode("addSandbox", forKey: .type)
             try c.encodeIfPresent(id, forKey: .id)
+            if listenerFD { try c.encode(true, forKey: .listenerFD) }
             try spec.encode(to: encoder)
         case .removeSandbox(let id, let sandbox):
             try c.encode("removeSandbox", forKey: .type)

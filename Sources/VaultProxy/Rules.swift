@@ -22,18 +22,23 @@ public struct RouteRule: Codable, Sendable, Hashable {
     public var header: String?
     /// A PEM file of CA certificates the upstream is verified against instead of the system's.
     public var caFile: String?
+    /// The same as PEM text (agentd reads `caFile` and sends this, so the proxy opens no
+    /// file); takes precedence over `caFile`.
+    public var ca: String?
     /// Makes this a git route: only this repository's smart-HTTP endpoints, pushes checked
     /// against its ref policy. nil: any path below the upstream.
     public var git: GitRouteRule?
 
     public init(
-        name: String, upstream: String, credential: String? = nil, header: String? = nil, caFile: String? = nil, git: GitRouteRule? = nil
+        name: String, upstream: String, credential: String? = nil, header: String? = nil, caFile: String? = nil, ca: String? = nil,
+        git: GitRouteRule? = nil
     ) {
         self.name = name
         self.upstream = upstream
         self.credential = credential
         self.header = header
         self.caFile = caFile
+        self.ca = ca
         self.git = git
     }
 }

@@ -35,14 +35,21 @@ final class ProxyCore: Sendable {
     func secret(named name: String) -> Secret? { secrets.withLockedValue { $0[name] } }
     var patterns: ScrubPatterns { scrub.withLockedValue { $0 } }
 
-    /// The client TLS context for a route: system trust roots, or only the CAs in `caFile`.
-    func tlsContext(caFile: String?) throws -> NIOSSLContext {
-        let key = caFile ?? ""
+    /// The client TLS context for a route: system trust roots, or only the CAs of its `ca`
+    /// (PEM text) or `caFile`.
+    func tlsContext(for rule: RouteRule) throws -> NIOSSLContext {
+        let key = rule.ca.map { "pem:" + $0 } ?? "file:" + (rule.caFile ?? "")
         if let cached = tlsContexts.withLockedValue({ $0[key] }) { return cached }
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv12
         tls.certificateVerification = .fullVerification
-        if let caFile { tls.trustRoots = .file(caFile) }
+        if let ca = rule.ca {
+            let certificates = try NIOSSLCertificate.fromPEMBytes(Array(ca.utf8))
+            guard !certificates.isEmpty else { throw ProxyError("route \(rule.name): ca holds no PEM certificate") }
+            tls.trustRoots = .certificates(certificates)
+        } else if let caFile = rule.caFile {
+            tls.trustRoots = .file(caFile)
+        }
         let context = try NIOSSLContext(configuration: tls)
         tlsContexts.withLockedValue { $0[key] = context }
         return context
@@ -54,7 +61,13 @@ final class ProxyCore: Sendable {
 /// per decision. See the module README.
 public final class VaultProxy: Sendable {
     private let core: ProxyCore
-    private let listeners = NIOLockedValueBox<[String: (context: ListenerContext, channel: any Channel)]>([:])
+    private struct Entry {
+        let context: ListenerContext
+        let channel: any Channel
+        /// Whether the proxy bound the socket file (and so removes it).
+        let ownsSocketFile: Bool
+    }
+    private let listeners = NIOLockedValueBox<[String: Entry]>([:])
 
     /// - Parameters:
     ///   - events: called for every egress decision (on an event loop; must not block).
@@ -72,21 +85,37 @@ public final class VaultProxy: Sendable {
         core.logger.info("credentials known: \(secrets.map(\.name).sorted())")
     }
 
-    /// Starts `spec`'s listener. Fails when the sandbox exists, a rule is invalid or the
-    /// socket cannot be bound. The socket's directory is created (0700) when missing.
-    public func addSandbox(_ spec: SandboxSpec) async throws {
+    /// Starts `spec`'s listener: on `listener`, a listening unix stream socket agentd bound
+    /// (the proxy takes it over and closes it when the sandbox goes; the socket file is
+    /// agentd's), or else on a socket the proxy binds at `spec.socketPath` itself (its
+    /// directory is created 0700 when missing; the socket is 0666 and removed with the sandbox).
+    /// Fails when the sandbox exists, a rule is invalid or the socket cannot be used.
+    public func addSandbox(_ spec: SandboxSpec, listener: CInt? = nil) async throws {
+        var descriptor = listener
+        defer { if let descriptor { close(descriptor) } }
         guard listeners.withLockedValue({ $0[spec.sandbox] == nil }) else {
             throw ProxyError("sandbox \(spec.sandbox) already has a listener; remove it first")
         }
         let context = try ListenerContext(spec: spec, proxy: core)
-        let directory = (spec.socketPath as NSString).deletingLastPathComponent
-        guard spec.socketPath.hasPrefix("/"), spec.socketPath.utf8.count < 100 else {
-            throw ProxyError("socketPath must be an absolute path shorter than 100 bytes")
+        // A route's CA text is checked now, not at its first request.
+        for rule in spec.routes where rule.ca != nil { _ = try core.tlsContext(for: rule) }
+        if let fd = descriptor {
+            guard UnixSocket.isListeningUnixStream(fd) else {
+                throw ProxyError("sandbox \(spec.sandbox): the descriptor that came with addSandbox is not a listening unix stream socket")
+            }
+        } else {
+            guard spec.socketPath.hasPrefix("/"), spec.socketPath.utf8.count < 100 else {
+                throw ProxyError("socketPath must be an absolute path shorter than 100 bytes")
+            }
+            let directory = (spec.socketPath as NSString).deletingLastPathComponent
+            try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            // Who may connect is decided by the directory's permissions (agentd's per-sandbox
+            // directory); the socket itself is open to the sandbox user.
+            descriptor = try UnixSocket.listen(path: spec.socketPath, mode: 0o666, backlog: 128)
         }
-        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        unlink(spec.socketPath)
+        let ownsSocketFile = listener == nil
         let configuration = core.configuration
-        let channel = try await ServerBootstrap(group: core.group)
+        let bootstrap = ServerBootstrap(group: core.group)
             .serverChannelOption(.backlog, value: 128)
             .childChannelOption(.autoRead, value: false)
             .childChannelInitializer { channel in
@@ -111,31 +140,37 @@ public final class VaultProxy: Sendable {
                     ])
                 }
             }
-            .bind(unixDomainSocketPath: spec.socketPath, cleanupExistingSocketFile: true)
-            .get()
-        // Who may connect is decided by the directory's permissions (agentd's per-sandbox
-        // directory); the socket itself is open to the sandbox user.
-        chmod(spec.socketPath, 0o666)
+        // The channel owns the descriptor from here on (and closes it, also on failure).
+        let fd = descriptor!
+        descriptor = nil
+        let channel: any Channel
+        do {
+            channel = try await bootstrap.withBoundSocket(fd).get()
+        } catch {
+            if ownsSocketFile { unlink(spec.socketPath) }
+            throw ProxyError("sandbox \(spec.sandbox): cannot serve its listening socket: \(error)")
+        }
         let raced = listeners.withLockedValue { current -> Bool in
             guard current[spec.sandbox] == nil else { return true }
-            current[spec.sandbox] = (context, channel)
+            current[spec.sandbox] = Entry(context: context, channel: channel, ownsSocketFile: ownsSocketFile)
             return false
         }
         if raced {
             try? await channel.close()
             throw ProxyError("sandbox \(spec.sandbox) already has a listener; remove it first")
         }
-        core.logger.info("sandbox \(spec.sandbox): listening on \(spec.socketPath) (policy \(spec.policy), routes \(spec.routes.map(\.name)), \(spec.network.allowHosts.count) allowed hosts)")
+        core.logger.info("sandbox \(spec.sandbox): listening on \(spec.socketPath)\(ownsSocketFile ? "" : " (agentd's socket)") (policy \(spec.policy), routes \(spec.routes.map(\.name)), \(spec.network.allowHosts.count) allowed hosts)")
     }
 
-    /// Stops `sandbox`'s listener and removes its socket; open connections are closed.
+    /// Stops `sandbox`'s listener and removes its socket (if the proxy bound it); open
+    /// connections are closed.
     public func removeSandbox(_ sandbox: String) async throws {
         guard let entry = listeners.withLockedValue({ $0.removeValue(forKey: sandbox) }) else {
             throw ProxyError("no sandbox \(sandbox)")
         }
         try? await entry.channel.close()
         for connection in entry.context.connections.withLockedValue({ Array($0.values) }) { connection.close(promise: nil) }
-        unlink(entry.context.spec.socketPath)
+        if entry.ownsSocketFile { unlink(entry.context.spec.socketPath) }
         core.logger.info("sandbox \(sandbox): listener removed")
     }
 
@@ -161,7 +196,7 @@ public final class VaultProxy: Sendable {
         }
         for entry in all {
             try? await entry.channel.close()
-            unlink(entry.context.spec.socketPath)
+            if entry.ownsSocketFile { unlink(entry.context.spec.socketPath) }
         }
     }
 }

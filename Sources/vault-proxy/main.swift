@@ -11,13 +11,22 @@ struct VaultProxyCommand: AsyncParsableCommand {
         commandName: "vault-proxy",
         abstract: "Egress proxy for agentd sandboxes: routes with credentials the sandbox never holds, allowlisted CONNECT.",
         discussion: """
-            Commands arrive on the control descriptor as newline-delimited JSON (credentials, addSandbox, \
+            Commands arrive on the control channel as newline-delimited JSON (credentials, addSandbox, \
             removeSandbox, setIntent); answers and egress events go back on it. Credentials never come \
-            through arguments or the environment.
+            through arguments or the environment. The channel is an inherited descriptor (--control-fd) or \
+            a connection to agentd's control socket (--control-socket, when agentd runs the proxy as a \
+            systemd unit). Exit status \(unreachableStatus): the control socket could not be reached \
+            (agentd is gone; systemd does not restart the unit for it).
             """)
+
+    /// The exit status when `--control-socket` cannot be connected to.
+    static let unreachableStatus: Int32 = 3
 
     @Option(name: .customLong("control-fd"), help: "Descriptor of the control channel (a socket); 0 reads stdin and writes stdout.")
     var controlFD: Int32 = 0
+
+    @Option(name: .customLong("control-socket"), help: "Connect to agentd's control socket at this path instead of using --control-fd.")
+    var controlSocket: String?
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
@@ -53,8 +62,19 @@ struct VaultProxyCommand: AsyncParsableCommand {
             configuration.trustedOverrides[name, default: []].append(address)
         }
         let logger = Logger(label: "vault-proxy")
-        let output = controlFD == 0 ? 1 : controlFD
+        var input = controlFD
+        var output = controlFD == 0 ? 1 : controlFD
+        if let controlSocket {
+            guard controlFD == 0 else { throw ValidationError("give --control-fd or --control-socket, not both") }
+            do {
+                input = try UnixSocket.connect(path: controlSocket)
+            } catch {
+                logger.error("\(error)")
+                throw ExitCode(Self.unreachableStatus)
+            }
+            output = input
+        }
         try await ControlChannel.run(
-            input: controlFD, output: output, group: MultiThreadedEventLoopGroup.singleton, configuration: configuration, logger: logger)
+            input: input, output: output, group: MultiThreadedEventLoopGroup.singleton, configuration: configuration, logger: logger)
     }
 }
