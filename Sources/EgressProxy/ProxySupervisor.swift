@@ -694,7 +694,7 @@ public final class ProxySupervisor: Sendable {
                 throw VaultError(
                     "the start job of \(unit.name) ended with '\(result)'\(status.map { " (result \($0.result), exit status \($0.execMainStatus))" } ?? ""); see journalctl -u \(unit.name)")
             }
-            logger.info("vault-proxy runs as unit \(unit.name) (uid \(unit.uid)), connecting to \(unit.controlSocket)")
+            logger.info("vault-proxy runs as unit \(unit.name) (uid \(unit.uid)), connecting to \(unit.controlSocket)\(owner.map { ", bound to \($0)" } ?? "")")
             return control
         } catch {
             close(control)

@@ -62,6 +62,12 @@ struct AgentD: AsyncParsableCommand {
     @Option(help: "The vault-proxy executable, through which sandboxes of `network.mode: proxy` policies reach out with credentials they never hold; default vault-proxy next to agentd's own executable.")
     var vaultProxy: String?
 
+    @Option(help: "The uid the vault-proxy runs as when it is a systemd unit (its own, outside --sandbox-uids and used by nothing else).")
+    var vaultProxyUid: UInt32 = ProxySupervisor.SystemdUnit.defaultUID
+
+    @Option(help: "Where agentd listens for the vault-proxy unit's control connection; default <dir>/<instance>.sock with <dir> $AGENTD_VAULT_PROXY_DIR or /run/agentd-vault-proxy (made 0755; not under /tmp or a home: the unit's are private).")
+    var vaultProxyControl: String?
+
     @Option(help: "Free space (MiB) kept for the journal on the state directory's disk: a workspace is refused when it would leave less.")
     var workspaceReserveMib: Int = WorkspaceImages.defaultReserveBytes >> 20
 
@@ -150,15 +156,37 @@ struct AgentD: AsyncParsableCommand {
         let credentials = ProxyCredentials(resolver: CredentialResolver(environment: environment))
         credentials.update(set)
         let proxyPath = vaultProxy ?? (URL(fileURLWithPath: AgentHands.defaultExecutable()).deletingLastPathComponent().appendingPathComponent("vault-proxy").path)
-        var supervisor: ProxySupervisor? = ProxySupervisor(
-            executable: proxyPath, credentials: { credentials.all }, onEgress: { event in Task { await recorder.forward(event) } },
-            onChange: { change in logger.info("vault-proxy", metadata: ["change": "\(change)"]) }, logger: Logger(label: "agentd.egress"))
-        do {
-            try await supervisor?.start()
-        } catch {
-            logger.warning("no vault-proxy: sandboxes of network.mode: proxy policies will not be provisioned", metadata: ["error": "\(error)"])
-            supervisor?.stop()
-            supervisor = nil
+        guard !uids.range.contains(Int(vaultProxyUid)) else {
+            throw ValidationError("--vault-proxy-uid \(vaultProxyUid) lies inside --sandbox-uids \(sandboxUids); the proxy needs a uid no sandbox gets")
+        }
+        // A hardened transient unit when there is a manager, else a supervised child; a unit
+        // that cannot start (a path its uid cannot reach) falls back to the child.
+        let makeSupervisor = { (unit: ProxySupervisor.SystemdUnit?) in
+            ProxySupervisor(
+                executable: proxyPath, unit: unit, credentials: { credentials.all }, onEgress: { event in Task { await recorder.forward(event) } },
+                onChange: { change in logger.info("vault-proxy", metadata: ["change": "\(change)"]) }, logger: Logger(label: "agentd.egress"))
+        }
+        var supervisor: ProxySupervisor?
+        var proxyModes: [ProxySupervisor.SystemdUnit?] = [nil]
+        if let manager {
+            let control = vaultProxyControl ?? "\(environment["AGENTD_VAULT_PROXY_DIR"] ?? "/run/agentd-vault-proxy")/\(instance).sock"
+            try? FileManager.default.createDirectory(
+                atPath: (control as NSString).deletingLastPathComponent, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+            proxyModes.insert(ProxySupervisor.SystemdUnit(manager: manager, instance: instance, controlSocket: control, uid: vaultProxyUid), at: 0)
+        }
+        for unit in proxyModes {
+            let candidate = makeSupervisor(unit)
+            do {
+                try await candidate.start()
+                supervisor = candidate
+                logger.info("vault-proxy started", metadata: ["mode": "\(unit == nil ? "child" : "unit agentd-vault-proxy-\(instance).service")"])
+                break
+            } catch {
+                await candidate.stopAndWait()
+                logger.warning(
+                    unit == nil ? "no vault-proxy: sandboxes of network.mode: proxy policies will not be provisioned" : "the vault-proxy unit did not start; trying a supervised child",
+                    metadata: ["error": "\(error)"])
+            }
         }
         let network = SandboxNetwork(
             supervisor: supervisor, agent: agent, policy: { await policyStore.policy(named: $0) }, workspaces: workspaces, credentials: credentials)
@@ -239,7 +267,7 @@ struct AgentD: AsyncParsableCommand {
         }
         logger.info("stopping: releasing sandboxes and closing the journal")
         await hands.shutdown()
-        supervisor?.stop()
+        await supervisor?.stopAndWait()
         manager?.close()
         do {
             try await store.close()

@@ -179,8 +179,7 @@ struct EgressTests {
                 let session = try #require(replies.add(try await c.post("/v1/sessions", ["policy": "egress-test"]))["id"] as? String)
                 let first = try await bash(c, session, "curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:3128/echo/ping", replies: replies)
                 #expect(first.output.hasPrefix("200"), "\(first.output)")
-                let agentdPID = try #require(agentd.pid)
-                let proxies = { Loopback.descendants(of: agentdPID).filter { Self.name(of: $0) == "vault-proxy" } }
+                let proxies = { Self.proxies(instance: agentd.instance) }
                 let proxy = try #require(proxies().first, "agentd runs the vault-proxy")
 
                 // A download through the route (of 4 GB at 4 MB/s: whatever the sockets buffer drains
@@ -197,7 +196,7 @@ struct EgressTests {
                 #expect(cut.output.contains("exit="), "\(cut.output)")
 
                 // The proxy comes back (a new pid) and the next call works.
-                let back = await eventually(.seconds(30)) { proxies().contains { $0 != proxy } && agentd.log.contains("running(generation: 2") }
+                let back = await eventually(.seconds(30)) { proxies().contains { $0 != proxy } && agentd.log.contains("generation: 2") }
                 #expect(back, "the vault-proxy was restarted")
                 let next = try await bash(c, session, "curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:3128/echo/ping", replies: replies)
                 #expect(next.output.hasPrefix("200"), "\(next.output)")
@@ -207,8 +206,14 @@ struct EgressTests {
         }
     }
 
-    static func name(of pid: pid_t) -> String {
-        ((try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+    /// The vault-proxy processes of agentd `instance` (its unit's, whose control socket is
+    /// named after the instance, or its child's).
+    static func proxies(instance: String) -> [pid_t] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap { pid_t($0) }.filter { pid in
+            let comm = ((try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+            let cmdline = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? ""
+            return comm == "vault-proxy" && cmdline.contains(instance)
+        }
     }
 
     /// Whether process `pid` holds an established TCP connection to 127.0.0.1:`port` (as
