@@ -13,6 +13,11 @@ public struct Canary: Sendable, CustomStringConvertible {
         value = "cnry+\(hex())/\(hex())"
     }
 
+    /// A canary made elsewhere (a test server's token).
+    public init(_ value: String) {
+        self.value = value
+    }
+
     /// Every form searched for.
     public var forms: [String: String] {
         var forms = [
