@@ -13,7 +13,7 @@ struct EgressTests {
 
     /// A policies directory holding one proxy-mode policy whose route `echo` goes to `server`
     /// with the credential from `credentialVariable` as `X-Api-Key`.
-    static func policies(_ server: HTTPSEchoServer) throws -> String {
+    static func policies(_ server: HTTPSEchoServer, driver: String = "container") throws -> String {
         let directory = NSTemporaryDirectory() + "agentd-egress-policies-\(Components.testID())"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let yaml = """
@@ -22,8 +22,8 @@ struct EgressTests {
             metadata:
               name: egress-test
             hands:
-              driver: container
-              image: agentd-dev:latest
+              driver: \(driver)
+            \(driver == "container" ? "  image: agentd-dev:latest" : "")
               memory: 512MiB
               commandTimeout: 60s
               workspace: task
@@ -163,6 +163,28 @@ struct EgressTests {
                 #expect(canary.found(underDirectory: agentd.stateDir + "/journal").isEmpty, "journal: \(canary.found(underDirectory: agentd.stateDir + "/journal"))")
                 #expect(canary.found(in: agentd.log).isEmpty, "agentd log: \(canary.found(in: agentd.log))")
                 #expect(canary.found(in: replies.all).isEmpty, "API answers: \(canary.found(in: replies.all))")
+            }
+        }
+    }
+
+    @Test("a unit-driver sandbox reaches the route through the same bridge and has no other way out")
+    func unitSandboxes() async throws {
+        let canary = Canary()
+        try await HTTPSEchoServer.with { server in
+            let policies = try Self.policies(server, driver: "unit")
+            defer { try? FileManager.default.removeItem(atPath: policies) }
+            let replies = Replies()
+            try await withAgentd(policies: policies, environment: [Self.credentialVariable: canary.value]) { agentd in
+                let c = agentd.client
+                let session = try #require(replies.add(try await c.post("/v1/sessions", ["policy": "egress-test"]))["id"] as? String)
+                let route = try await bash(c, session, "curl -sS 'http://127.0.0.1:3128/echo/unit'", replies: replies)
+                #expect(route.output.contains("\"path\": \"/unit\"") && route.output.contains("[REDACTED:echo_token]"), "\(route.output)")
+                let direct = try await bash(
+                    c, session, "curl -sS --noproxy '*' --max-time 5 \(server.url("/")) 2>&1; echo exit=$?; ls /sys/class/net", replies: replies)
+                #expect(direct.output.contains("exit=7") || direct.output.contains("exit=28"), "\(direct.output)")
+                #expect(direct.output.hasSuffix("lo\n"), "only loopback: \(direct.output)")
+                #expect(canary.found(in: replies.all).isEmpty)
+                #expect(canary.found(in: agentd.log).isEmpty)
             }
         }
     }
