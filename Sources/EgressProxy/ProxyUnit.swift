@@ -1,4 +1,5 @@
 import Foundation
+import Hands
 import SystemdBus
 import Vault
 
@@ -162,25 +163,10 @@ extension ProxySupervisor {
         /// otherwise a user and a group record in `/run/userdb` (nss-systemd serves them).
         func ensureUserRecord() throws {
             if getpwuid(uid) != nil && getgrgid(uid) != nil { return }
-            let name = "agentd-vault-proxy-\(uid)"
-            let directory = "/run/userdb"
-            let files = [
-                ("\(name).user", #"{"userName":"\#(name)","uid":\#(uid),"gid":\#(uid),"homeDirectory":"/","shell":"/usr/sbin/nologin","disposition":"container"}"#),
-                ("\(name).group", #"{"groupName":"\#(name)","gid":\#(uid),"disposition":"container"}"#),
-            ]
             do {
-                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
-                for (file, json) in files {
-                    try json.write(toFile: directory + "/" + file, atomically: true, encoding: .utf8)
-                    chmod(directory + "/" + file, 0o644)
-                }
-                for kind in ["user", "group"] {
-                    let link = directory + "/\(uid).\(kind)"
-                    unlink(link)
-                    guard symlink("\(name).\(kind)", link) == 0 else { throw VaultError("symlink \(link): \(String(cString: strerror(errno)))") }
-                }
-            } catch {
-                throw VaultError("cannot make uid \(uid) known to systemd (user record in \(directory)): \(error)")
+                try UserRecords.write(Int(uid), name: "agentd-vault-proxy-\(uid)", home: "/", shell: "/usr/sbin/nologin")
+            } catch let error as HandsError {
+                throw VaultError("cannot make uid \(uid) known to systemd: \(error.message)")
             }
         }
     }

@@ -8,15 +8,16 @@ import Glibc
 /// Why: systemd refuses a numeric `User=` that no user database knows (exit status 217,
 /// EXIT_USER), and the uids agentd allocates are nobody's. The records live in `/run`, so they
 /// go with a reboot; a record left by a crash names a uid that nothing runs as.
-enum UserRecords {
+/// The vault-proxy's unit uses them too (`agentd-vault-proxy-<uid>`).
+public enum UserRecords {
     static let directory = "/run/userdb"
 
-    /// Writes the records of `uid` (idempotent).
+    /// Writes the records of `uid` (idempotent), named `name` (default `agentd-<uid>`).
     /// - Throws: `HandsError.provisioning` when they cannot be written.
-    static func write(_ uid: Int) throws {
-        let name = "agentd-\(uid)"
+    public static func write(_ uid: Int, name: String? = nil, home: String = "/workspace", shell: String = "/bin/sh") throws {
+        let name = name ?? "agentd-\(uid)"
         let files: [(String, String)] = [
-            ("\(name).user", #"{"userName":"\#(name)","uid":\#(uid),"gid":\#(uid),"homeDirectory":"/workspace","shell":"/bin/sh","disposition":"container"}"#),
+            ("\(name).user", #"{"userName":"\#(name)","uid":\#(uid),"gid":\#(uid),"homeDirectory":"\#(home)","shell":"\#(shell)","disposition":"container"}"#),
             ("\(name).group", #"{"groupName":"\#(name)","gid":\#(uid),"disposition":"container"}"#),
         ]
         do {

@@ -68,16 +68,42 @@ struct EgressTests {
 
     func payload(_ event: [String: Any]) -> [String: Any] { event["payload"] as? [String: Any] ?? [:] }
 
-    @Test("a route injects the credential and the echoed canary comes back scrubbed; CONNECT elsewhere and direct connections are refused; every decision is journaled; the canary is nowhere")
-    func routesAndRefusals() async throws {
+    /// Runs `body` with an echo upstream, agentd on a proxy-mode policy (`driver`) whose route
+    /// carries a fresh canary, and a session of it.
+    func withEgress(
+        driver: String = "container", _ body: (_ agentd: AgentdProcess, _ server: HTTPSEchoServer, _ session: String, _ canary: Canary, _ replies: Replies) async throws -> Void
+    ) async throws {
         let canary = Canary()
         try await HTTPSEchoServer.with { server in
-            let policies = try Self.policies(server)
+            let policies = try Self.policies(server, driver: driver)
             defer { try? FileManager.default.removeItem(atPath: policies) }
             let replies = Replies()
             try await withAgentd(policies: policies, environment: [Self.credentialVariable: canary.value]) { agentd in
+                let session = try #require(replies.add(try await agentd.client.post("/v1/sessions", ["policy": "egress-test"]))["id"] as? String)
+                try await body(agentd, server, session, canary, replies)
+            }
+        }
+    }
+
+    /// Searches the sandbox's whole filesystem (but /proc and /sys) for every form of
+    /// `canary`, each given to the search in two halves, so that the search's own argv is the
+    /// only place the value is assembled; returns what was found, by form.
+    func canaryInSandbox(_ c: AgentdClient, _ session: String, _ canary: Canary, replies: Replies) async throws -> [String] {
+        var found: [String] = []
+        for (name, form) in canary.forms.sorted(by: { $0.key < $1.key }) {
+            let half = form.index(form.startIndex, offsetBy: form.count / 2)
+            let search = try await bash(
+                c, session, "a='\(form[..<half])'; b='\(form[half...])'; grep -rlsF --exclude-dir=proc --exclude-dir=sys \"$a$b\" / | head -5; echo searched",
+                replies: replies)
+            if search.output.trimmingCharacters(in: .whitespacesAndNewlines) != "searched" { found.append("\(name): \(search.output)") }
+        }
+        return found
+    }
+
+    @Test("a route injects the credential and the echoed canary comes back scrubbed; CONNECT elsewhere and direct connections are refused; every decision is journaled; the canary is nowhere")
+    func routesAndRefusals() async throws {
+        try await withEgress { agentd, server, session, canary, replies in
                 let c = agentd.client
-                let session = try #require(replies.add(try await c.post("/v1/sessions", ["policy": "egress-test"]))["id"] as? String)
 
                 // A route: the sandbox forges the header; the proxy replaces it with the
                 // credential, and the upstream's echo of it is scrubbed on the way back.
@@ -143,16 +169,9 @@ struct EgressTests {
                 // The canary, in any form, is nowhere: the sandbox's environment and processes…
                 let procs = try await bash(c, session, "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'; cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '", replies: replies)
                 #expect(canary.found(in: procs.output).isEmpty, "sandbox /proc: \(canary.found(in: procs.output))")
-                // …its whole filesystem (searched for the forms in two halves, so that the
-                // search's own argv is the only place the value is assembled; /proc excluded)…
-                for (name, form) in canary.forms {
-                    let half = form.index(form.startIndex, offsetBy: form.count / 2)
-                    let search = try await bash(
-                        c, session,
-                        "a='\(form[..<half])'; b='\(form[half...])'; grep -rlsF --exclude-dir=proc --exclude-dir=sys \"$a$b\" / | head -5; echo searched",
-                        replies: replies)
-                    #expect(search.output.trimmingCharacters(in: .whitespacesAndNewlines) == "searched", "\(name) found in the sandbox: \(search.output)")
-                }
+                // …its whole filesystem…
+                let inSandbox = try await canaryInSandbox(c, session, canary, replies: replies)
+                #expect(inSandbox.isEmpty, "found in the sandbox: \(inSandbox)")
                 // …the engine's inspect output…
                 let engine = try await Components.engine()
                 for container in try await engine.listContainers(labels: ["agentd.instance": agentd.instance]) {
@@ -163,20 +182,13 @@ struct EgressTests {
                 #expect(canary.found(underDirectory: agentd.stateDir + "/journal").isEmpty, "journal: \(canary.found(underDirectory: agentd.stateDir + "/journal"))")
                 #expect(canary.found(in: agentd.log).isEmpty, "agentd log: \(canary.found(in: agentd.log))")
                 #expect(canary.found(in: replies.all).isEmpty, "API answers: \(canary.found(in: replies.all))")
-            }
         }
     }
 
     @Test("a unit-driver sandbox reaches the route through the same bridge and has no other way out")
     func unitSandboxes() async throws {
-        let canary = Canary()
-        try await HTTPSEchoServer.with { server in
-            let policies = try Self.policies(server, driver: "unit")
-            defer { try? FileManager.default.removeItem(atPath: policies) }
-            let replies = Replies()
-            try await withAgentd(policies: policies, environment: [Self.credentialVariable: canary.value]) { agentd in
+        try await withEgress(driver: "unit") { agentd, server, session, canary, replies in
                 let c = agentd.client
-                let session = try #require(replies.add(try await c.post("/v1/sessions", ["policy": "egress-test"]))["id"] as? String)
                 let route = try await bash(c, session, "curl -sS 'http://127.0.0.1:3128/echo/unit'", replies: replies)
                 #expect(route.output.contains("\"path\": \"/unit\"") && route.output.contains("[REDACTED:echo_token]"), "\(route.output)")
                 let direct = try await bash(
@@ -185,20 +197,13 @@ struct EgressTests {
                 #expect(direct.output.hasSuffix("lo\n"), "only loopback: \(direct.output)")
                 #expect(canary.found(in: replies.all).isEmpty)
                 #expect(canary.found(in: agentd.log).isEmpty)
-            }
         }
     }
 
     @Test("the vault-proxy killed during a call: the call gets an error, the proxy comes back, and the next call works")
     func proxyKilledFailsClosedAndRecovers() async throws {
-        let canary = Canary()
-        try await HTTPSEchoServer.with { server in
-            let policies = try Self.policies(server)
-            defer { try? FileManager.default.removeItem(atPath: policies) }
-            let replies = Replies()
-            try await withAgentd(policies: policies, environment: [Self.credentialVariable: canary.value]) { agentd in
+        try await withEgress { agentd, server, session, canary, replies in
                 let c = agentd.client
-                let session = try #require(replies.add(try await c.post("/v1/sessions", ["policy": "egress-test"]))["id"] as? String)
                 let first = try await bash(c, session, "curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:3128/echo/ping", replies: replies)
                 #expect(first.output.hasPrefix("200"), "\(first.output)")
                 let proxies = { Self.proxies(instance: agentd.instance) }
@@ -224,7 +229,6 @@ struct EgressTests {
                 #expect(next.output.hasPrefix("200"), "\(next.output)")
                 #expect(canary.found(in: agentd.log).isEmpty)
                 #expect(canary.found(in: replies.all).isEmpty)
-            }
         }
     }
 

@@ -109,12 +109,8 @@ struct GitEgressTests {
                 // journal, agentd's log and the API's answers.
                 let procs = try await bash("env; cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n'; cat /workspace/.git/config")
                 #expect(canary.found(in: procs).isEmpty, "\(canary.found(in: procs))")
-                for (name, form) in canary.forms {
-                    let half = form.index(form.startIndex, offsetBy: form.count / 2)
-                    let search = try await bash(
-                        "a='\(form[..<half])'; b='\(form[half...])'; grep -rlsF --exclude-dir=proc --exclude-dir=sys \"$a$b\" / | head -5; echo searched")
-                    #expect(search.trimmingCharacters(in: .whitespacesAndNewlines) == "searched", "\(name) found in the sandbox: \(search)")
-                }
+                let inSandbox = try await egress.canaryInSandbox(c, session, canary, replies: replies)
+                #expect(inSandbox.isEmpty, "found in the sandbox: \(inSandbox)")
                 #expect(canary.found(underDirectory: agentd.stateDir + "/journal").isEmpty)
                 #expect(canary.found(in: agentd.log).isEmpty, "\(canary.found(in: agentd.log))")
                 #expect(canary.found(in: replies.all).isEmpty, "\(canary.found(in: replies.all))")

@@ -69,9 +69,17 @@ struct SessionDeleteTests {
 
     @Test("deleting a session with workspace: session removes its workspace image and mount")
     func deleteRemovesTheSessionWorkspace() async throws {
-        try await withAgentd { agentd in
+        // The shipped default with `workspace: session` (the shipped coding-agent, which has
+        // one too, needs a GitHub token for its repository).
+        let policies = NSTemporaryDirectory() + "agentd-session-ws-\(Components.testID())"
+        try FileManager.default.createDirectory(atPath: policies, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: policies) }
+        let shipped = try String(contentsOfFile: AgentdProcess.policiesDirectory + "/default.yaml", encoding: .utf8)
+        try shipped.replacingOccurrences(of: "workspace: task", with: "workspace: session").replacingOccurrences(of: "name: default", with: "name: session-workspace")
+            .write(toFile: policies + "/session-workspace.yaml", atomically: true, encoding: .utf8)
+        try await withAgentd(policies: policies) { agentd in
             let c = agentd.client
-            let id = try await c.createSession(policy: "coding-agent").id
+            let id = try await c.createSession(policy: "session-workspace").id
             let wrote = try await c.execute(session: id, tool: "write_file", input: Data(#"{"path": "kept.txt", "content": "kept"}"#.utf8))
             #expect(!wrote.isError, "\(wrote.output)")
             _ = try await c.endTask(id)
