@@ -36,6 +36,7 @@ bench: ## print benchmark figures (`name value unit`), baselines first; AREAS="a
 	@scripts/env-up >/dev/null
 	@$(QUIET_BUILD) .build/bench-build.log $(SWIFT) build -c release --product agentd
 	@$(QUIET_BUILD) .build/bench-build-agent.log $(SWIFT) build -c release --product agentd-sandbox-agent
+	@$(QUIET_BUILD) .build/bench-build-proxy.log $(SWIFT) build -c release --product vault-proxy
 	@$(QUIET_BUILD) .build/bench-build-tool.log $(SWIFT) build -c release --product agentd-bench
 	@$(WITH_ENV) .build/release/agentd-bench $(AREAS)
 

@@ -172,7 +172,14 @@ let package = Package(
             swiftSettings: strict),
         .executableTarget(
             name: "agentd-bench",
-            dependencies: ["AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "Hands", "SandboxAgentClient"],
+            dependencies: [
+                "AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "CCurl", "Hands", "SandboxAgentClient",
+                "EgressProxy", "VaultProxy",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ],
             swiftSettings: strict),
         .executableTarget(
             name: "vault-proxy",

@@ -29,6 +29,11 @@ static inline CURLcode ccurl_easy_setopt_data_callback(CURL *handle, CURLoption 
 static inline CURLcode ccurl_easy_setopt_xferinfo_callback(CURL *handle, ccurl_xferinfo_callback cb) {
     return curl_easy_setopt(handle, CURLOPT_XFERINFOFUNCTION, cb);
 }
+/// `CURLOPT_OPENSOCKETFUNCTION`: the callback makes the socket and may change the address it
+/// connects to (e.g. to an HTTP proxy's unix socket, which libcurl cannot reach otherwise).
+static inline CURLcode ccurl_easy_setopt_opensocket_callback(CURL *handle, curl_opensocket_callback cb) {
+    return curl_easy_setopt(handle, CURLOPT_OPENSOCKETFUNCTION, cb);
+}
 static inline CURLcode ccurl_easy_getinfo_long(CURL *handle, CURLINFO info, long *value) {
     return curl_easy_getinfo(handle, info, value);
 }

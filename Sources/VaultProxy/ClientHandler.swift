@@ -697,6 +697,9 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(listener.proxy.configuration.connectTimeout)
             .channelOption(.autoRead, value: false)
+            // Reads of up to 256 KiB (NIO's default stops at 64 KiB): a quarter of the reads,
+            // writes and wake-ups per byte tunnelled (`make bench`: the CONNECT download).
+            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 65_536, maximum: 256 << 10))
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(IdleStateHandler(allTimeout: idle)) }

@@ -21,6 +21,9 @@ public struct ScrubPatterns: Sendable, CustomStringConvertible {
     let byFirstByte: [[Int]]
     /// For each first byte, the longest pattern starting with it (0: none).
     let longestByFirstByte: [Int]
+    /// Bit `b0 << 8 | b1` is set when a pattern starts with the bytes b0 b1 (or is b0 alone):
+    /// one more load rules out almost every position whose byte begins a pattern.
+    let firstPairs: [UInt64]
 
     public var description: String { "ScrubPatterns(\(patterns.count) forms)" }
 
@@ -36,14 +39,20 @@ public struct ScrubPatterns: Sendable, CustomStringConvertible {
         all.sort { $0.bytes.count > $1.bytes.count }
         var index = [[Int]](repeating: [], count: 256)
         var longest = [Int](repeating: 0, count: 256)
+        var pairs = [UInt64](repeating: 0, count: 65_536 / 64)
         for (i, p) in all.enumerated() {
             let first = Int(p.bytes[0])
             index[first].append(i)
             longest[first] = max(longest[first], p.bytes.count)
+            for second in p.bytes.count > 1 ? [Int(p.bytes[1])] : Array(0..<256) {
+                let key = first << 8 | second
+                pairs[key >> 6] |= 1 << UInt64(key & 63)
+            }
         }
         patterns = all
         byFirstByte = index
         longestByFirstByte = longest
+        firstPairs = pairs
     }
 
     /// The raw value, its JSON-escaped forms (the journal redactor's), its percent-encoded
@@ -101,6 +110,10 @@ public struct ScrubPatterns: Sendable, CustomStringConvertible {
 /// Replaces credential forms in a byte stream that arrives in chunks. A match may straddle
 /// chunks: the bytes at a chunk's end that could begin a match are held back (fewer than the
 /// longest pattern) until the next chunk or `finish()`.
+///
+/// The common case costs one pass over the bytes and no copy: a chunk without a match goes on
+/// as a slice of itself. Held-back bytes are rescanned with only the start of the next chunk
+/// (as much as a match beginning in them can reach), then the rest of that chunk in place.
 struct StreamScrubber {
     private let patterns: ScrubPatterns
     private var pending: [UInt8] = []
@@ -111,59 +124,102 @@ struct StreamScrubber {
 
     /// The scrubbed bytes of `chunk` that are safe to send now.
     mutating func feed(_ chunk: ByteBuffer, allocator: ByteBufferAllocator) -> ByteBuffer {
-        if patterns.patterns.isEmpty { return chunk }
-        if pending.isEmpty {
-            return chunk.withUnsafeReadableBytes { scan($0, final: false, allocator: allocator) }
+        guard let longest = patterns.patterns.first?.bytes.count else { return chunk }
+        var out: ByteBuffer?
+        var resume = 0
+        if !pending.isEmpty {
+            let held = pending
+            pending = []
+            if chunk.readableBytes < longest {
+                // A short chunk: scan it together with the held bytes.
+                let joined = held + chunk.readableBytesView
+                out = allocator.buffer(capacity: joined.count)
+                let end = joined.withUnsafeBytes { scan($0, from: 0, before: $0.count, holdBack: true, into: &out, allocator: allocator) }
+                if end < joined.count { pending = Array(joined[end...]) }
+                return out!
+            }
+            // Every match starting in the held bytes ends within `longest` bytes of the chunk.
+            let head = held + chunk.readableBytesView.prefix(longest)
+            out = allocator.buffer(capacity: chunk.readableBytes + held.count)
+            let stop = head.withUnsafeBytes { scan($0, from: 0, before: held.count, holdBack: false, into: &out, allocator: allocator) }
+            resume = stop - held.count
         }
-        var joined = pending
-        joined.append(contentsOf: chunk.readableBytesView)
-        pending = []
-        return joined.withUnsafeBytes { scan($0, final: false, allocator: allocator) }
+        return chunk.withUnsafeReadableBytes { data in
+            let end = scan(data, from: resume, before: data.count, holdBack: true, into: &out, allocator: allocator)
+            if end < data.count { pending = Array(data[end...]) }
+            // No match: the chunk itself (without the held-back bytes), not a copy.
+            return out ?? chunk.getSlice(at: chunk.readerIndex + resume, length: end - resume)!
+        }
     }
 
     /// The bytes held back, scrubbed: call once at the end of the stream.
     mutating func finish(allocator: ByteBufferAllocator) -> ByteBuffer {
         let rest = pending
         pending = []
-        return rest.withUnsafeBytes { scan($0, final: true, allocator: allocator) }
+        var out: ByteBuffer? = allocator.buffer(capacity: rest.count)
+        _ = rest.withUnsafeBytes { scan($0, from: 0, before: $0.count, holdBack: false, into: &out, allocator: allocator) }
+        return out!
     }
 
-    private mutating func scan(_ data: UnsafeRawBufferPointer, final: Bool, allocator: ByteBufferAllocator) -> ByteBuffer {
+    /// The greedy pass over `data`: at each position from `start` up to `limit`, the longest
+    /// form matching there is replaced, else the byte passes. With `holdBack`, it stops at the
+    /// first position where a form could continue past the data's end. Returns where it
+    /// stopped (a match may carry it past `limit`). The bytes passed go to `out` — created at
+    /// the first match if nil, so that a pass without one copies nothing.
+    private mutating func scan(
+        _ data: UnsafeRawBufferPointer, from start: Int, before limit: Int, holdBack: Bool, into out: inout ByteBuffer?,
+        allocator: ByteBufferAllocator
+    ) -> Int {
         let n = data.count
-        var out = allocator.buffer(capacity: n)
-        guard let base = data.baseAddress else { return out }
-        var i = 0
-        var copied = 0
-        var heldFrom = n
-        while i < n {
-            let first = Int(data[i])
-            let candidates = patterns.byFirstByte[first]
-            if candidates.isEmpty { i += 1; continue }
-            if !final && i + patterns.longestByFirstByte[first] > n {
-                // A match starting here could continue in the next chunk: check only those
-                // that fit now, else hold the rest back.
-                heldFrom = i
-                break
-            }
-            var matched = false
-            for index in candidates {
-                let p = patterns.patterns[index]
-                let length = p.bytes.count
-                if i + length <= n, p.bytes.withUnsafeBytes({ memcmp(base + i, $0.baseAddress!, length) == 0 }) {
-                    out.writeBytes(UnsafeRawBufferPointer(rebasing: data[copied..<i]))
-                    out.writeBytes(p.replacement)
-                    replacements += 1
-                    i += length
-                    copied = i
-                    matched = true
-                    break
+        guard let base = data.baseAddress else { return start }
+        let forms = patterns.patterns
+        let byFirstByte = patterns.byFirstByte
+        let firstPairs = patterns.firstPairs
+        var i = start
+        var copied = start
+        var found = 0
+        // Flat tables read through pointers: the loop that sees every byte does one load for
+        // most bytes, and a second for the few whose byte begins a form.
+        patterns.longestByFirstByte.withUnsafeBufferPointer { longestStarting in
+            firstPairs.withUnsafeBufferPointer { pairs in
+                while i < limit {
+                    let first = Int(base.load(fromByteOffset: i, as: UInt8.self))
+                    let reach = longestStarting[first]
+                    if reach == 0 {
+                        i += 1
+                        continue
+                    }
+                    if i + 1 < n {
+                        let key = first << 8 | Int(base.load(fromByteOffset: i + 1, as: UInt8.self))
+                        if pairs[key >> 6] & (1 << UInt64(key & 63)) == 0 {
+                            i += 1
+                            continue
+                        }
+                    }
+                    // A match starting here could continue in the next chunk: hold the rest back.
+                    if holdBack && i + reach > n { break }
+                    var matched = false
+                    for index in byFirstByte[first] {
+                        let p = forms[index]
+                        let length = p.bytes.count
+                        if i + length <= n, p.bytes.withUnsafeBytes({ memcmp(base + i, $0.baseAddress!, length) == 0 }) {
+                            if out == nil { out = allocator.buffer(capacity: n - start) }
+                            out!.writeBytes(UnsafeRawBufferPointer(rebasing: data[copied..<i]))
+                            out!.writeBytes(p.replacement)
+                            found += 1
+                            i += length
+                            copied = i
+                            matched = true
+                            break
+                        }
+                    }
+                    if !matched { i += 1 }
                 }
             }
-            if !matched { i += 1 }
         }
-        out.writeBytes(UnsafeRawBufferPointer(rebasing: data[copied..<min(heldFrom, n)]))
-        if heldFrom < n { pending = Array(data[heldFrom..<n]) }
-        return out
+        replacements += found
+        out?.writeBytes(UnsafeRawBufferPointer(rebasing: data[copied..<i]))
+        return i
     }
 
     /// `text` scrubbed in one go (header values).

@@ -10,11 +10,7 @@ import EngineAPI
 /// and what the API adds over calling the modules in-process.
 enum AgentdBench {
     static func run(_ report: Reporter) async throws {
-        let binary = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
-            .deletingLastPathComponent().appendingPathComponent("agentd").path
-        guard FileManager.default.isExecutableFile(atPath: binary) else {
-            throw RawUnixHTTP.Failure(description: "agentd is not built next to agentd-bench (\(binary)); `make bench` builds both")
-        }
+        let binary = try siblingExecutable("agentd")
         let base = NSTemporaryDirectory() + "agentd-bench-\(getpid())"
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: base) }

@@ -11,15 +11,10 @@ struct RawUnixHTTP {
 
     /// Sends one request and returns (status, body).
     func send(_ method: String, _ target: String, json: String? = nil) throws -> (Int, [UInt8]) {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = Self.streamSocket()
         guard fd >= 0 else { throw Failure(description: "socket: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            let bytes = Array(socketPath.utf8.prefix(raw.count - 1)) + [0]
-            raw.copyBytes(from: bytes)
-        }
+        var addr = Self.address(socketPath)
         let ok = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
@@ -50,6 +45,17 @@ struct RawUnixHTTP {
         var body = Array(response[headerEnd.upperBound...])
         if head.lowercased().contains("transfer-encoding: chunked") { body = Self.dechunk(body) }
         return (status, body)
+    }
+
+    /// A new unix stream socket (close-on-exec), or -1.
+    static func streamSocket() -> Int32 { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+
+    /// The address of the unix socket at `path`.
+    static func address(_ path: String) -> sockaddr_un {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in raw.copyBytes(from: Array(path.utf8.prefix(raw.count - 1)) + [0]) }
+        return addr
     }
 
     static func dechunk(_ bytes: [UInt8]) -> [UInt8] {

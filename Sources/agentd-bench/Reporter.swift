@@ -17,9 +17,13 @@ final class Reporter: @unchecked Sendable {
     func ratio(_ name: String, _ numerator: String, over denominator: String, goal: String) {
         guard let n = figures[numerator], let d = figures[denominator], d > 0 else { return }
         print("\(name) \(String(format: "%.3f", n / d)) x")
-        // The goal goes to stderr so that stdout stays strictly `name value unit`.
-        FileHandle.standardError.write(Data("# \(name): goal \(goal)\n".utf8))
         fflush(nil)
+        self.goal(name, goal)
+    }
+
+    /// Writes the goal of figure `name` to stderr, so that stdout stays strictly `name value unit`.
+    func goal(_ name: String, _ goal: String) {
+        FileHandle.standardError.write(Data("# \(name): goal \(goal)\n".utf8))
     }
 
     func value(_ name: String) -> Double? { figures[name] }
@@ -37,4 +41,14 @@ func now() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// The executable `name` next to this binary (`make bench` builds them all into one directory).
+func siblingExecutable(_ name: String) throws -> String {
+    let binary = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
+        .deletingLastPathComponent().appendingPathComponent(name).path
+    guard FileManager.default.isExecutableFile(atPath: binary) else {
+        throw RawUnixHTTP.Failure(description: "\(name) is not built next to agentd-bench (\(binary)); `make bench` builds both")
+    }
+    return binary
 }

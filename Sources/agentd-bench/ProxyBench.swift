@@ -1,0 +1,221 @@
+import EgressProxy
+import Foundation
+import Synchronization
+import VaultProxy
+
+/// The vault-proxy as agentd runs it (`ProxySupervisor` starting the release `vault-proxy`
+/// next to this binary): a small GET through a route and a 100 MiB download through a route
+/// and through CONNECT, each against the same libcurl client going straight to the same
+/// loopback HTTPS upstream (a CA made with openssl for this run), and the proxy's memory idle
+/// and with 100 sandboxes' listeners.
+enum ProxyBench {
+    static let smallRounds = 2000
+    static let downloadRounds = 7
+    static let bigBytes = 100 << 20
+    static let listeners = 100
+    /// The allowlisted name the CONNECT figures use; `--trust-resolve` maps it to 127.0.0.1.
+    static let upstreamName = "upstream.bench"
+    static let mib = Double(1 << 20)
+
+    static func run(_ report: Reporter) async throws {
+        let binary = try siblingExecutable("vault-proxy")
+        let base = NSTemporaryDirectory() + "agentd-bench-proxy-\(getpid())"
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let tls = try makeCA(in: base + "/tls")
+        let upstream = try await HTTPSUpstream.start(certificate: tls.certificate, key: tls.key, bigBytes: bigBytes)
+        do {
+            try await measure(report, binary: binary, base: base, ca: tls.ca, upstream: upstream)
+            await upstream.stop()
+        } catch {
+            await upstream.stop()
+            throw error
+        }
+    }
+
+    private static func measure(_ report: Reporter, binary: String, base: String, ca: String, upstream: HTTPSUpstream) async throws {
+        let events = Atomic<Int>(0)
+        let token = "ghp_" + String((0..<36).map { _ in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789".randomElement()! })
+        let supervisor = ProxySupervisor(
+            executable: binary, arguments: ["--log-level", "warning", "--trust-resolve", "\(upstreamName)=127.0.0.1"],
+            credentials: { ["bench_token": token] }, onEgress: { _ in events.add(1, ordering: .relaxed) })
+        try await supervisor.start()
+        defer { supervisor.stop() }
+        let pid = supervisor.pid
+
+        // 1. Memory: idle (credentials known, no sandbox), then with 100 sandboxes' listeners,
+        // each with a route and an allowlist like a coding agent's policy.
+        report.figure("proxy.idle_rss", Double(AgentdBench.rssKiB(pid)) / 1024, "MiB")
+        report.goal("proxy.idle_rss", "<= 20 MiB")
+        // Most of VmRSS is the mapped code of the binary and the Swift libraries (shared with
+        // every Swift process): the proxy's own memory is this part.
+        report.figure("proxy.idle_rss_anon", Double(AgentdBench.rssKiB(pid, field: "RssAnon:")) / 1024, "MiB")
+        let target = "\(upstreamName):\(upstream.port)"
+        let route = "up"
+        for i in 0..<listeners {
+            try await supervisor.addSandbox(
+                SandboxSpec(
+                    sandbox: "sb-\(i)", session: "bench", task: "main", policy: "bench", socketPath: "\(base)/sb-\(i)/proxy.sock",
+                    network: NetworkRules(allowHosts: [target, "pypi.org", "*.pythonhosted.org", "registry.npmjs.org"]),
+                    routes: [
+                        RouteRule(name: route, upstream: "https://127.0.0.1:\(upstream.port)", credential: "bench_token", caFile: ca),
+                        RouteRule(name: "github", upstream: "https://api.github.com", credential: "bench_token"),
+                    ]))
+        }
+        report.figure("proxy.rss_100_listeners", Double(AgentdBench.rssKiB(pid)) / 1024, "MiB")
+        report.goal("proxy.rss_100_listeners", "<= 40 MiB")
+        report.figure("proxy.rss_anon_100_listeners", Double(AgentdBench.rssKiB(pid, field: "RssAnon:")) / 1024, "MiB")
+
+        // 2. A 100-byte GET, paired round by round. The proxy keeps the sandbox's connection
+        // alive but opens a new TLS connection upstream for every request (no pool), so it is
+        // compared both with the direct client keeping its connection (what the sandbox would
+        // see without the proxy) and with the direct client connecting anew each time (one TLS
+        // handshake per request on both sides: like with like).
+        let socket = "\(base)/sb-0/proxy.sock"
+        let direct = "https://127.0.0.1:\(upstream.port)"
+        let keptDirect = try EasyCurl(caFile: ca, path: .direct, fresh: false)
+        let freshDirect = try EasyCurl(caFile: ca, path: .direct, fresh: true)
+        let keptRoute = try EasyCurl(caFile: ca, path: .unixSocket(socket), fresh: false)
+        let freshRoute = try EasyCurl(caFile: ca, path: .unixSocket(socket), fresh: true)
+        let paths: [(EasyCurl, String)] = [
+            (keptDirect, direct + "/small"), (freshDirect, direct + "/small"),
+            (keptRoute, "http://localhost/\(route)/small"), (freshRoute, "http://localhost/\(route)/small"),
+        ]
+        var samples = [[Double]](repeating: [], count: paths.count)
+        let cpu0 = cpuSeconds(pid)
+        for round in 0...smallRounds {
+            for (i, (client, url)) in paths.enumerated() {
+                let t0 = now()
+                let (status, bytes) = try client.get(url)
+                let t = now() - t0
+                guard status == 200, bytes == HTTPSUpstream.smallBytes else {
+                    throw RawUnixHTTP.Failure(description: "GET \(url) gave HTTP \(status) with \(bytes) bytes, not 200 with \(HTTPSUpstream.smallBytes)")
+                }
+                if round > 0 { samples[i].append(t) }  // the first round warms every path
+            }
+        }
+        // The proxy's CPU time per request (two of the four paths go through it), whatever
+        // else the machine runs.
+        report.figure("proxy.route.get_100B.proxy_cpu", (cpuSeconds(pid) - cpu0) / Double(2 * (smallRounds + 1)) * 1e6, "us")
+        let names = ["raw.tls.get_100B.keepalive", "raw.tls.get_100B.fresh", "proxy.route.get_100B", "proxy.route.get_100B.fresh"]
+        for (name, values) in zip(names, samples) {
+            let sorted = values.sorted()
+            report.figure(name + ".p50", percentile(sorted, 50) * 1000, "ms")
+            report.figure(name + ".p99", percentile(sorted, 99) * 1000, "ms")
+        }
+        for p in ["p50", "p99"] {
+            report.ratio(
+                "proxy.route.get_100B.\(p).vs_keepalive", "proxy.route.get_100B.\(p)", over: "raw.tls.get_100B.keepalive.\(p)",
+                goal: "<= 1.3 (the proxy has no upstream keep-alive: each request is a TLS handshake upstream)")
+            report.ratio(
+                "proxy.route.get_100B.\(p).vs_fresh", "proxy.route.get_100B.\(p)", over: "raw.tls.get_100B.fresh.\(p)",
+                goal: "<= 1.3 (like with like: one upstream TLS handshake per request on both sides)")
+            report.ratio(
+                "proxy.route.get_100B.fresh.\(p).vs_fresh", "proxy.route.get_100B.fresh.\(p)", over: "raw.tls.get_100B.fresh.\(p)",
+                goal: "<= 1.3 (a one-shot client: a new connection per request on both sides)")
+        }
+
+        // 3. 100 MiB downloads, a new connection each, paired round by round.
+        let downloads: [(String, EasyCurl, String)] = [
+            ("raw.tls.download_100MiB", freshDirect, direct + "/big"),
+            ("proxy.route.download_100MiB", freshRoute, "http://localhost/\(route)/big"),
+            ("proxy.connect.download_100MiB", try EasyCurl(caFile: ca, path: .proxy(socket: socket), fresh: true), "https://\(target)/big"),
+        ]
+        var rates = [[Double]](repeating: [], count: downloads.count)
+        var proxyCPU = [Double](repeating: 0, count: downloads.count)
+        var allCPU = [Double](repeating: 0, count: downloads.count)
+        for round in 0...downloadRounds {
+            for (i, (_, client, url)) in downloads.enumerated() {
+                let c0 = cpuSeconds(pid), b0 = cpuSeconds(getpid())
+                let t0 = now()
+                let (status, bytes) = try client.get(url)
+                let t = now() - t0
+                let c1 = cpuSeconds(pid) - c0
+                proxyCPU[i] += c1
+                allCPU[i] += c1 + cpuSeconds(getpid()) - b0
+                guard status == 200, bytes == bigBytes else {
+                    throw RawUnixHTTP.Failure(description: "GET \(url) gave HTTP \(status) with \(bytes) bytes, not 200 with \(bigBytes)")
+                }
+                if round > 0 { rates[i].append(Double(bigBytes) / mib / t) }
+            }
+        }
+        for ((name, _, _), values) in zip(downloads, rates) { report.figure(name, percentile(values.sorted(), 50), "MiB/s") }
+        // CPU time per download, whatever else the machine runs: the proxy's, and all of it
+        // (client, upstream and proxy). Where the cores are the limit, throughput goes as the
+        // inverse of the whole.
+        for i in 1..<downloads.count {
+            report.figure(downloads[i].0 + ".proxy_cpu", proxyCPU[i] / Double(downloadRounds + 1) * 1000, "ms")
+        }
+        for (i, (name, _, _)) in downloads.enumerated() { report.figure(name + ".cpu", allCPU[i] / Double(downloadRounds + 1) * 1000, "ms") }
+        report.ratio("proxy.route.download_100MiB.vs_direct", "proxy.route.download_100MiB", over: "raw.tls.download_100MiB", goal: ">= 0.8")
+        report.ratio("proxy.connect.download_100MiB.vs_direct", "proxy.connect.download_100MiB", over: "raw.tls.download_100MiB", goal: ">= 0.8")
+        // The proxy streams: its peak memory over the whole run, downloads included.
+        report.figure("proxy.peak_rss", Double(AgentdBench.rssKiB(pid, field: "VmHWM:")) / 1024, "MiB")
+        report.goal("proxy.peak_rss", "report (a download streams a few chunks at a time)")
+
+        // A tunnel's event comes when it has closed, just after the client is done.
+        let expected = (smallRounds + 1) * 2 + (downloadRounds + 1) * 2
+        for _ in 0..<100 where events.load(ordering: .relaxed) < expected { try await Task.sleep(for: .milliseconds(20)) }
+        let seen = events.load(ordering: .relaxed)
+        if seen < expected {
+            FileHandle.standardError.write(Data("# proxy: \(seen) egress events of \(expected) requests through the proxy arrived\n".utf8))
+        }
+    }
+
+    /// User and system CPU seconds `pid` has used so far (`/proc/PID/stat`).
+    static func cpuSeconds(_ pid: pid_t) -> Double {
+        let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+        // Fields after the command name (which may hold spaces) start at field 3; utime and
+        // stime are fields 14 and 15.
+        let fields = stat[(stat.lastIndex(of: ")").map { stat.index(after: $0) } ?? stat.startIndex)...].split(separator: " ")
+        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
+        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    /// A CA for this run and a certificate it signed for 127.0.0.1 and `upstreamName`, made
+    /// with openssl (EC P-256, as the tests' TestCA); openssl's output goes to `openssl.log`.
+    static func makeCA(in directory: String) throws -> (ca: String, certificate: String, key: String) {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let ca = directory + "/ca.pem", certificate = directory + "/server.pem", key = directory + "/server.key"
+        try """
+            basicConstraints=critical,CA:FALSE
+            keyUsage=critical,digitalSignature,keyEncipherment
+            extendedKeyUsage=serverAuth
+            subjectAltName=DNS:\(upstreamName),IP:127.0.0.1
+
+            """.write(toFile: directory + "/server.ext", atomically: true, encoding: .utf8)
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        let log = directory + "/openssl.log"
+        try openssl(
+            ["req", "-x509"] + ec + [
+                "-keyout", directory + "/ca.key", "-out", ca, "-days", "2", "-subj", "/CN=agentd-bench CA",
+                "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            ], log: log)
+        try openssl(["req"] + ec + ["-keyout", key, "-out", directory + "/server.csr", "-subj", "/CN=\(upstreamName)"], log: log)
+        try openssl(
+            [
+                "x509", "-req", "-in", directory + "/server.csr", "-CA", ca, "-CAkey", directory + "/ca.key", "-set_serial", "0x1", "-days", "2",
+                "-extfile", directory + "/server.ext", "-out", certificate,
+            ], log: log)
+        return (ca, certificate, key)
+    }
+
+    private static func openssl(_ arguments: [String], log: String) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["openssl"] + arguments
+        if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+        let output = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        output.seekToEndOfFile()
+        defer { try? output.close() }
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = output
+        process.standardError = output
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            throw RawUnixHTTP.Failure(description: "openssl \(arguments.prefix(2).joined(separator: " ")) failed (exit \(process.terminationStatus)): \(text.suffix(500))")
+        }
+    }
+}
