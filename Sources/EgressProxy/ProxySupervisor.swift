@@ -394,7 +394,11 @@ public final class ProxySupervisor: Sendable {
             if let peer {
                 let status = serve(peer, control: control, wake: wake)
                 let generation = state.withLock { $0.generation }
-                logger.warning("vault-proxy exited (status \(status)); sandboxes have no egress until it is restarted")
+                if isStopped {
+                    logger.info("vault-proxy stopped (status \(status))")
+                } else {
+                    logger.warning("vault-proxy exited (status \(status)); sandboxes have no egress until it is restarted")
+                }
                 onChange(.exited(generation: generation, status: status))
             }
             // A unit is restarted by systemd (accept waits for it); a child after a pause.
