@@ -209,7 +209,7 @@ struct Fixture {
 /// `default` is added when missing), then closes the journal and removes the directory.
 func withRuntime<T>(
     policies: [String: String] = [:], maxCachedSessions: Int = 1024, environment: [String: String] = [:],
-    _ body: (Fixture) async throws -> T
+    attachments: (any SandboxAttachments)? = nil, _ body: (Fixture) async throws -> T
 ) async throws -> T {
     let directory = NSTemporaryDirectory() + "agentd-runtime-\(UUID().uuidString.prefix(8))"
     let policyDirectory = directory + "/policies"
@@ -226,7 +226,7 @@ func withRuntime<T>(
     let registrar = CredentialRegistrar(resolver: CredentialResolver(environment: environment), redactor: store.redactor)
     await registrar.sync(policyStore)
     let driver = FakeDriver()
-    let hands = HandsManager(driver: driver, instance: "runtime-test")
+    let hands = HandsManager(driver: driver, instance: "runtime-test", attachments: attachments)
     let runtime = Runtime(
         store: store, hands: hands, policies: policyStore, maxCachedSessions: maxCachedSessions,
         refreshSecrets: { await registrar.sync(policyStore) })
