@@ -174,6 +174,19 @@ public struct AgentHands: Sendable {
         rmdir(path)
     }
 
+    /// Removes every sandbox directory but those of `keeping` (agent names): what sandboxes
+    /// that vanished while agentd was down (removed by hand, lost with the engine's state) left.
+    /// Called once after a successful restore at start, before anything is provisioned.
+    /// - Returns: the names removed.
+    @discardableResult
+    public func sweep(keeping: Set<String>) -> [String] {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).filter {
+            (try? Self.checkName($0)) != nil && !keeping.contains($0)
+        }
+        for name in names { remove(name) }
+        return names.sorted()
+    }
+
     /// Makes the directory root's, mode 0755 (see the type).
     private func seal(_ name: String) throws {
         let path = hostDirectory(name)

@@ -210,6 +210,7 @@ struct AgentD: AsyncParsableCommand {
         do {
             let restored = try await runtime.restoreHands()
             await workspaces.sweep()
+            agent.sweep(keeping: Set(restored.adopted.compactMap(\.agent)))
             logger.info(
                 "sandboxes left by a previous run restored", metadata: ["adopted": "\(restored.adopted.count)", "removed": "\(restored.removed.count)"])
         } catch {
