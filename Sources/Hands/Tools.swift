@@ -7,11 +7,34 @@ public struct ToolResult: Sendable, Codable, Equatable {
     public var isError: Bool
     /// The command's exit code, for `bash`.
     public var exitCode: Int?
+    /// The closing lines at the end of `output` that say what happened to the command
+    /// (`[output cut: …]`, `[command timed out after …]`, `[exit code …]`), each with its
+    /// leading newline: whoever shortens `output` keeps them. Not encoded (it is part of
+    /// `output`).
+    public var closingNotes: String
 
-    public init(output: String, isError: Bool, exitCode: Int? = nil) {
+    private enum CodingKeys: String, CodingKey { case output, isError, exitCode }
+
+    public init(output: String, isError: Bool, exitCode: Int? = nil, closingNotes: String = "") {
         self.output = output
         self.isError = isError
         self.exitCode = exitCode
+        self.closingNotes = output.hasSuffix(closingNotes) ? closingNotes : ""
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(
+            output: try c.decode(String.self, forKey: .output), isError: try c.decode(Bool.self, forKey: .isError),
+            exitCode: try c.decodeIfPresent(Int.self, forKey: .exitCode))
+    }
+
+    /// `output` without its closing notes.
+    public var body: String { String(output.dropLast(closingNotes.count)) }
+
+    /// Equal when what the Brain sees is (the closing notes are part of `output`).
+    public static func == (a: ToolResult, b: ToolResult) -> Bool {
+        a.output == b.output && a.isError == b.isError && a.exitCode == b.exitCode
     }
 
     public static func error(_ message: String) -> ToolResult { ToolResult(output: message, isError: true) }
@@ -299,19 +322,27 @@ enum ToolRunner {
             if !text.isEmpty && !text.hasSuffix("\n") { text += "\n" }
             text += "[stderr]\n" + String(decoding: stderr, as: UTF8.self)
         }
+        // The closing notes, each on a line of its own after the output; they start at the
+        // newline before the first one (the output's own last newline, if it has one).
+        var bodyLength: Int?
+        func markNotes() {
+            if bodyLength == nil { bodyLength = text.hasSuffix("\n") ? text.count - 1 : text.count }
+        }
         if cut > 0 || out.truncated {
+            markNotes()
             if !text.hasSuffix("\n") { text += "\n" }
             text += "[output cut: \(cut > 0 ? "\(cut) more bytes" : "more bytes") beyond the limit of \(formatBytes(limit))]"
         }
         if out.timedOut {
+            markNotes()
             if !text.isEmpty && !text.hasSuffix("\n") { text += "\n" }
             text += "[command timed out after \(timeout) and was killed]"
-            return ToolResult(output: text, isError: true, exitCode: out.exitCode)
-        }
-        if out.exitCode != 0 {
+        } else if out.exitCode != 0 {
+            markNotes()
             if !text.isEmpty && !text.hasSuffix("\n") { text += "\n" }
             text += "[exit code \(out.exitCode)]"
         }
-        return ToolResult(output: text, isError: out.exitCode != 0, exitCode: out.exitCode)
+        let notes = bodyLength.map { String(text.dropFirst(max(0, $0))) } ?? ""
+        return ToolResult(output: text, isError: out.timedOut || out.exitCode != 0, exitCode: out.exitCode, closingNotes: notes)
     }
 }

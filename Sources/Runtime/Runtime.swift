@@ -351,7 +351,8 @@ public actor Runtime {
         if payload.count > limit {
             // The tool's closing notes (how much the output limit cut, a timeout, the exit
             // code) stay at the end: the cut takes the output before them.
-            let (body, notes) = Self.closingNotes(of: output)
+            let body = store.redactor.redact(raw.body)
+            let notes = raw.closingNotes
             let overhead = payload.count - JSONCoding.encodedLength(body)
             let full = body.utf8.count
             var budget = limit - overhead - 200
@@ -369,23 +370,6 @@ public actor Runtime {
             }
         }
         return (payload, ToolResult(output: output, isError: raw.isError, exitCode: raw.exitCode))
-    }
-
-    /// The closing lines `Tools.render` adds to a command's output (`[output cut: …]`,
-    /// `[command timed out after …]`, `[exit code …]`), split from the output before them;
-    /// the notes come back with their leading newline.
-    static func closingNotes(of output: String) -> (body: String, notes: String) {
-        let prefixes = ["[output cut: ", "[command timed out after ", "[exit code "]
-        var body = Substring(output)
-        var notes = ""
-        for _ in prefixes.indices {
-            guard let newline = body.lastIndex(of: "\n") else { break }
-            let line = body[body.index(after: newline)...]
-            guard line.utf8.count <= 200, line.hasSuffix("]"), prefixes.contains(where: { line.hasPrefix($0) }) else { break }
-            notes = "\n" + line + notes
-            body = body[..<newline]
-        }
-        return (String(body), notes)
     }
 
     /// The journaled result of a completed key.
