@@ -171,20 +171,11 @@ enum AgentdBench {
         defer { raw.removeContainer(running) }
         let exec = #"{"AttachStdout":true,"AttachStderr":true,"Cmd":["sh","-c","echo hi"]}"#
         guard try await bash(client, session, "echo hi") == "hi\n" else { throw RawUnixHTTP.Failure(description: "warm execute failed") }
-        var bare: [Double] = []
-        var api: [Double] = []
-        for i in 0...200 {
+        let (bare, api) = try await pairedSamples(rounds: 200) { _ in
             let b0 = try raw.exec(in: running, body: exec)
-            let t1 = now()
-            _ = try await bash(client, session, "echo hi")
-            let a = now() - t1
-            if i > 0 {
-                bare.append(b0)
-                api.append(a)
-            }
+            let (a, _) = try await timed { try await bash(client, session, "echo hi") }
+            return (b0, a)
         }
-        bare.sort()
-        api.sort()
         report.figure("raw.engine.exec_running.echo.p50", percentile(bare, 50) * 1000, "ms")
         report.figure("raw.engine.exec_running.echo.p99", percentile(bare, 99) * 1000, "ms")
         report.figure("agentd.execute_warm.p50", percentile(api, 50) * 1000, "ms")

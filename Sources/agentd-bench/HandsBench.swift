@@ -30,23 +30,17 @@ enum HandsBench {
         let create = String(decoding: try JSONEncoder().encode(same), as: UTF8.self)
         let execArgv = ["sh", "-c", "true"]
         let execBody = String(decoding: try JSONSerialization.data(withJSONObject: ["AttachStdout": true, "AttachStderr": true, "Cmd": execArgv, "WorkingDir": "/workspace"]), as: UTF8.self)
-        var rawCycles: [Double] = []
-        var handsCycles: [Double] = []
-        for i in 0...iterations {
+        let (rawCycles, handsCycles) = try await pairedSamples(rounds: iterations) { i in
             let r = try EngineBench.rawCycle(raw, create: create, exec: execBody)
-            let t0 = now()
             let key = TaskKey(session: "bench", task: "c\(i)")
-            let result = await hands.execute(key, spec: spec, tool: "bash", input: input)
-            await hands.endTask(key)
-            let h = now() - t0
-            guard !result.isError else { throw RawUnixHTTP.Failure(description: "hands execute failed: \(result.output)") }
-            if i > 0 {  // the first round warms both paths
-                rawCycles.append(r)
-                handsCycles.append(h)
+            let (h, result) = await timed {
+                let result = await hands.execute(key, spec: spec, tool: "bash", input: input)
+                await hands.endTask(key)
+                return result
             }
+            guard !result.isError else { throw RawUnixHTTP.Failure(description: "hands execute failed: \(result.output)") }
+            return (r, h)
         }
-        rawCycles.sort()
-        handsCycles.sort()
         report.figure("raw.engine.lifecycle2.p50", percentile(rawCycles, 50) * 1000, "ms")
         report.figure("hands.lifecycle.p50", percentile(handsCycles, 50) * 1000, "ms")
         report.ratio("hands.lifecycle.vs_raw", "hands.lifecycle.p50", over: "raw.engine.lifecycle2.p50", goal: "<= 1.10")
@@ -55,21 +49,12 @@ enum HandsBench {
         await hands.setPoolSize(1, for: spec)
         await hands.fillPools()
         let running = try raw.startContainer(create)
-        var bare: [Double] = []
-        var warm: [Double] = []
-        for i in 0...iterations * 2 {
+        let (bare, warm) = try await pairedSamples(rounds: iterations * 2) { _ in
             let b0 = try raw.exec(in: running, body: execBody)
-            let t1 = now()
-            _ = await hands.execute(TaskKey(session: "bench", task: "warm"), spec: spec, tool: "bash", input: input)
-            let w = now() - t1
-            if i > 0 {
-                bare.append(b0)
-                warm.append(w)
-            }
+            let (w, _) = await timed { await hands.execute(TaskKey(session: "bench", task: "warm"), spec: spec, tool: "bash", input: input) }
+            return (b0, w)
         }
         raw.removeContainer(running)
-        bare.sort()
-        warm.sort()
         report.figure("raw.engine.exec_running.p50", percentile(bare, 50) * 1000, "ms")
         report.figure("hands.execute_warm.p50", percentile(warm, 50) * 1000, "ms")
         report.ratio("hands.execute_warm.vs_bare_exec", "hands.execute_warm.p50", over: "raw.engine.exec_running.p50", goal: "<= 0.10")
@@ -112,24 +97,15 @@ enum HandsBench {
     /// answering) against a plain create + start of the same hardened container with `sleep`
     /// as PID 1, written straight to the socket.
     static func provisioning(_ driver: ContainerDriver, raw: RawUnixHTTP, create: String, _ report: Reporter) async throws {
-        var plain: [Double] = []
-        var ready: [Double] = []
-        for i in 0...iterations {
-            let t0 = now()
-            let id = try raw.startContainer(create)
-            let p = now() - t0
+        let (plain, ready) = try await pairedSamples(rounds: iterations) { i in
+            let (p, id) = try await timed { try raw.startContainer(create) }
             raw.removeContainer(id)
-            let t1 = now()
-            let sandbox = try await driver.provision(SandboxSpec(), labels: [SandboxLabel.session: "bench", SandboxLabel.task: "p\(i)"])
-            let r = now() - t1
-            try await driver.destroy(sandbox)
-            if i > 0 {
-                plain.append(p)
-                ready.append(r)
+            let (r, sandbox) = try await timed {
+                try await driver.provision(SandboxSpec(), labels: [SandboxLabel.session: "bench", SandboxLabel.task: "p\(i)"])
             }
+            try await driver.destroy(sandbox)
+            return (p, r)
         }
-        plain.sort()
-        ready.sort()
         report.figure("raw.engine.create_start.p50", percentile(plain, 50) * 1000, "ms")
         report.figure("hands.provision_ready.p50", percentile(ready, 50) * 1000, "ms")
         report.ratio("hands.provision_ready.vs_create_start", "hands.provision_ready.p50", over: "raw.engine.create_start.p50", goal: "report (it includes making and mounting the workspace's filesystem)")
@@ -143,23 +119,16 @@ enum HandsBench {
         let running = try raw.startContainer(create)
         let body = String(
             decoding: try JSONSerialization.data(withJSONObject: ["AttachStdout": true, "AttachStderr": true, "Cmd": command]), as: UTF8.self)
-        var bare: [Double] = []
-        var streamed: [Double] = []
-        for i in 0...iterations {
+        let (bare, streamed) = try await pairedSamples(rounds: iterations) { _ in
             // The engine's exec answers with the output at the command's end.
             let b0 = try raw.exec(in: running, body: body, inspect: false)
             let first = FirstChunk()
             let t1 = now()
             _ = try await driver.run(command, in: sandbox, workingDirectory: nil, timeout: .seconds(30), output: { _, _ in first.mark() })
-            if i > 0, let at = first.at {
-                bare.append(b0)
-                streamed.append(at - t1)
-            }
+            return (b0, first.at.map { $0 - t1 })
         }
         raw.removeContainer(running)
         try await driver.destroy(sandbox)
-        bare.sort()
-        streamed.sort()
         report.figure("raw.engine.exec.first_byte.p50", percentile(bare, 50) * 1000, "ms")
         report.figure("hands.stream.first_byte.p50", percentile(streamed, 50) * 1000, "ms")
         report.ratio("hands.stream.first_byte.vs_bare_exec", "hands.stream.first_byte.p50", over: "raw.engine.exec.first_byte.p50", goal: "< 0.1")

@@ -36,6 +36,31 @@ func percentile(_ sorted: [Double], _ p: Double) -> Double {
     return sorted[min(max(rank, 0), sorted.count - 1)]
 }
 
+/// Paired sampling: round `i` in `0...rounds` measures the baseline and the subject back to
+/// back (in `body`), so that both see the same moment of the machine; round 0 only warms both
+/// paths, and a round whose subject is nil is dropped. Returns both samples, sorted.
+func pairedSamples(
+    rounds: Int, _ body: (_ round: Int) async throws -> (baseline: Double, subject: Double?)
+) async rethrows -> (baseline: [Double], subject: [Double]) {
+    var baseline: [Double] = []
+    var subject: [Double] = []
+    for i in 0...rounds {
+        let (b, s) = try await body(i)
+        if i > 0, let s {
+            baseline.append(b)
+            subject.append(s)
+        }
+    }
+    return (baseline.sorted(), subject.sorted())
+}
+
+/// Seconds `body` took, and what it returned.
+func timed<T>(_ body: () async throws -> T) async rethrows -> (seconds: Double, value: T) {
+    let t0 = now()
+    let value = try await body()
+    return (now() - t0, value)
+}
+
 /// Monotonic time in seconds.
 func now() -> Double {
     var ts = timespec()
