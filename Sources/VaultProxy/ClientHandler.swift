@@ -55,6 +55,12 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var upstreamReadPending = false
     private var expectContinue = false
     private var push: PushInspection?
+    /// The route request on `upstream` (kept to retry it, and to pool its connection).
+    private var upstreamTarget: (route: ResolvedRoute, head: HTTPRequestHead, key: UpstreamPool.Key)?
+    /// Whether `upstream` came from the pool (and so may have died while idle).
+    private var upstreamReused = false
+    /// Whether the response's framing and headers let its connection serve another request.
+    private var upstreamReusable = false
 
     init(context: ListenerContext, decoder: ByteToMessageHandler<HTTPRequestDecoder>, encoder: HTTPResponseEncoder) {
         self.listener = context
@@ -336,7 +342,6 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         headers.add(name: "Host", value: route.hostHeader)
         headers.add(name: "Accept-Encoding", value: "identity")
-        headers.add(name: "Connection", value: "close")
         if let headerValue { headers.add(name: route.headerName, value: headerValue) }
         expectContinue = head.headers["expect"].contains { $0.lowercased() == "100-continue" }
 
@@ -476,8 +481,16 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         return bytes.split(omittingEmptySubsequences: false) { $0 == 0x2F || $0 == 0x5C }.map { String(decoding: $0, as: UTF8.self) }
     }
 
-    private func connectRoute(_ route: ResolvedRoute, head: HTTPRequestHead) {
+    /// Sends the request on an idle connection from the sandbox's pool, or dials a new one
+    /// (always when `pooled` is false: the retry after a pooled connection turned out dead).
+    private func connectRoute(_ route: ResolvedRoute, head: HTTPRequestHead, pooled: Bool = true) {
         guard let context else { return }
+        let key = UpstreamPool.Key(route)
+        upstreamTarget = (route, head, key)
+        if pooled, let channel = listener.pool.take(key, on: context.eventLoop, for: self) {
+            routeConnected(channel, head: head, reused: true)
+            return
+        }
         let tls: NIOSSLContext
         do {
             tls = try listener.proxy.tlsContext(for: route.rule)
@@ -506,28 +519,34 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
             .assumeIsolated()
             .whenComplete { result in
                 switch result {
-                case .success(let channel): self.routeConnected(channel, head: head)
+                case .success(let channel): self.routeConnected(channel, head: head, reused: false)
                 case .failure(let error): self.upstreamFailed("route \(route.rule.name): cannot reach \(route.host):\(route.port): \(error)")
                 }
             }
     }
 
-    private func routeConnected(_ channel: any Channel, head: HTTPRequestHead) {
+    private func routeConnected(_ channel: any Channel, head: HTTPRequestHead, reused: Bool) {
         guard state == .connecting, let context else {
             channel.close(promise: nil)
             return
         }
         upstream = channel
+        upstreamReused = reused
+        upstreamReusable = false
         channel.write(HTTPClientRequestPart.head(head), promise: nil)
         for part in pendingBody { channel.write(HTTPClientRequestPart.body(.byteBuffer(part)), promise: nil) }
         pendingBody = []
+        // A write can fail at once (a pooled connection the upstream has closed), and the
+        // failure is handled before the flush returns: then `upstream` is no longer `channel`.
         if exchange?.requestEnded == true {
-            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
             state = .awaitingResponse
+            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+            guard upstream === channel else { return }
             channel.read()
         } else {
-            channel.flush()
             state = .forwarding
+            channel.flush()
+            guard upstream === channel else { return }
             if expectContinue {
                 context.writeAndFlush(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: .continue))), promise: nil)
             }
@@ -562,6 +581,8 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
                 if lower == "content-length" && !bodyless { continue }
                 headers.add(name: name, value: StreamScrubber.scrub(value, with: patterns))
             }
+            let framed = bodyless || head.headers["content-length"].count == 1 || ClientHandler.tokens(head.headers["transfer-encoding"]).last == "chunked"
+            upstreamReusable = head.version == .http1_1 && head.status.code >= 200 && framed && !connectionTokens.contains("close")
             if !(e.keepAlive && e.version == .http1_1) || !e.requestEnded {
                 headers.add(name: "Connection", value: "close")
                 e.closeAfter = true
@@ -588,13 +609,26 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
             let channel = context.channel
             context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in if closeAfter { channel.close(promise: nil) } }
             finishExchange()
-            upstream?.close(promise: nil)
+            // The connection serves the sandbox's next request only if this exchange ended
+            // cleanly: the whole request sent, the whole response framed and received.
+            if let channel = upstream, let key = upstreamTarget?.key, upstreamReusable, state == .awaitingResponse {
+                listener.pool.park(channel, key: key)
+            } else {
+                upstream?.close(promise: nil)
+            }
             upstream = nil
+            upstreamTarget = nil
             upstreamReadPending = false
             clientReadPending = false
             state = closeAfter ? .refused : .idle
             if !closeAfter { context.read() }
         }
+    }
+
+    /// Whether a request may be sent again on a fresh connection: a GET or HEAD without a body.
+    static func safeToRetry(_ head: HTTPRequestHead) -> Bool {
+        (head.method == .GET || head.method == .HEAD) && head.headers["transfer-encoding"].isEmpty
+            && head.headers["content-length"].allSatisfy { $0 == "0" }
     }
 
     static let hopByHopResponseHeaders: Set<String> = [
@@ -621,6 +655,16 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         guard let context, state == .connecting || state == .forwarding || state == .awaitingResponse else { return }
         upstream?.close(promise: nil)
         upstream = nil
+        if channel != nil, upstreamReused, let target = upstreamTarget, exchange?.responseStarted == false, ClientHandler.safeToRetry(target.head) {
+            // A pooled connection the upstream had closed while it waited: the request may
+            // not have reached it, and a GET or HEAD without a body can go again.
+            upstreamReused = false
+            upstreamReadPending = false
+            clientReadPending = false
+            state = .connecting
+            connectRoute(target.route, head: target.head, pooled: false)
+            return
+        }
         if var e = exchange, !e.responseStarted {
             e.event.status = 502
             e.responseStarted = true
@@ -755,30 +799,5 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
             remote.close(promise: nil)
             context.close(promise: nil)
         }
-    }
-}
-
-/// Forwards upstream response parts and flow-control signals to the client's handler.
-final class UpstreamHandler: ChannelInboundHandler {
-    typealias InboundIn = HTTPClientResponsePart
-
-    private let owner: ClientHandler
-
-    init(owner: ClientHandler) { self.owner = owner }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) { owner.upstreamPart(unwrapInboundIn(data), from: context.channel) }
-    func channelReadComplete(context: ChannelHandlerContext) { owner.upstreamReadComplete(from: context.channel) }
-    func channelWritabilityChanged(context: ChannelHandlerContext) {
-        owner.upstreamWritabilityChanged(context.channel.isWritable, from: context.channel)
-    }
-    func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        owner.upstreamFailed("upstream failed: \(error)", from: context.channel)
-        context.close(promise: nil)
-    }
-    func channelInactive(context: ChannelHandlerContext) {
-        owner.upstreamFailed("the upstream closed the connection before its response was complete", from: context.channel)
-    }
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil) }
     }
 }

@@ -12,6 +12,11 @@ public struct ProxyConfiguration: Sendable {
     public var idleTimeout: TimeAmount = .seconds(300)
     /// Longest wait for an upstream's TCP connection.
     public var connectTimeout: TimeAmount = .seconds(15)
+    /// Idle upstream connections a sandbox keeps per upstream (host, port, CAs, SNI) for its
+    /// next route requests; 0 turns the pool off (every request connects anew).
+    public var idleUpstreamConnectionsPerHost = 4
+    /// A pooled upstream connection unused this long is closed.
+    public var upstreamIdleTimeout: TimeAmount = .seconds(30)
     /// Open connections per sandbox listener; more are closed at once.
     public var maxConnectionsPerListener = 128
     /// Longest command list a git route reads at the start of a push (more gets 400).
@@ -83,12 +88,15 @@ final class ListenerContext: Sendable {
     let proxy: ProxyCore
     /// Open connections of this listener, closed when the sandbox is removed.
     let connections = NIOLockedValueBox<[ObjectIdentifier: any Channel]>([:])
+    /// This sandbox's idle upstream connections (never shared with another sandbox).
+    let pool: UpstreamPool
     /// Task and `tool.intent` seq, set by agentd as the sandbox's calls come and go.
     let intent: NIOLockedValueBox<(task: String?, seq: Int64?)>
 
     init(spec: SandboxSpec, proxy: ProxyCore) throws(ProxyError) {
         self.spec = spec
         self.proxy = proxy
+        pool = UpstreamPool(maxIdlePerKey: proxy.configuration.idleUpstreamConnectionsPerHost, idleTimeout: proxy.configuration.upstreamIdleTimeout)
         var routes: [String: ResolvedRoute] = [:]
         for rule in spec.routes {
             guard routes[rule.name] == nil else { throw ProxyError("route '\(rule.name)' is defined twice") }

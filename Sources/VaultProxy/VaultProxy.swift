@@ -38,7 +38,7 @@ final class ProxyCore: Sendable {
     /// The client TLS context for a route: system trust roots, or only the CAs of its `ca`
     /// (PEM text) or `caFile`.
     func tlsContext(for rule: RouteRule) throws -> NIOSSLContext {
-        let key = rule.ca.map { "pem:" + $0 } ?? "file:" + (rule.caFile ?? "")
+        let key = rule.trustKey
         if let cached = tlsContexts.withLockedValue({ $0[key] }) { return cached }
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv12
@@ -163,13 +163,14 @@ public final class VaultProxy: Sendable {
     }
 
     /// Stops `sandbox`'s listener and removes its socket (if the proxy bound it); open
-    /// connections are closed.
+    /// connections, and its idle upstream connections, are closed.
     public func removeSandbox(_ sandbox: String) async throws {
         guard let entry = listeners.withLockedValue({ $0.removeValue(forKey: sandbox) }) else {
             throw ProxyError("no sandbox \(sandbox)")
         }
         try? await entry.channel.close()
         for connection in entry.context.connections.withLockedValue({ Array($0.values) }) { connection.close(promise: nil) }
+        entry.context.pool.closeAll()
         if entry.ownsSocketFile { unlink(entry.context.spec.socketPath) }
         core.logger.info("sandbox \(sandbox): listener removed")
     }
@@ -185,6 +186,11 @@ public final class VaultProxy: Sendable {
         listeners.withLockedValue { $0[sandbox]?.context }?.connections.withLockedValue { $0.count } ?? 0
     }
 
+    /// How many idle upstream connections `sandbox`'s routes keep for reuse now.
+    public func idleUpstreamConnections(sandbox: String) -> Int {
+        listeners.withLockedValue { $0[sandbox]?.context }?.pool.idleCount ?? 0
+    }
+
     /// The sandboxes with listeners.
     public var sandboxes: [String] { listeners.withLockedValue { Array($0.keys).sorted() } }
 
@@ -196,6 +202,7 @@ public final class VaultProxy: Sendable {
         }
         for entry in all {
             try? await entry.channel.close()
+            entry.context.pool.closeAll()
             if entry.ownsSocketFile { unlink(entry.context.spec.socketPath) }
         }
     }

@@ -81,8 +81,12 @@ struct TestCA {
 /// A real HTTPS upstream on 127.0.0.1 (python3's http.server over ssl with the test CA's
 /// certificate). `/bytes/N` serves N bytes; `/leak` echoes the bearer token raw, base64,
 /// percent-encoded and JSON-escaped in 7-byte writes; `/redirect` answers 302 to another
-/// origin with the token in the Location; `/gzip` answers a gzip-encoded body; anything else
-/// echoes method, path, headers (and a SHA-256 of Authorization) and body as JSON.
+/// origin with the token in the Location; `/gzip` answers a gzip-encoded body; `/close` answers
+/// with `Connection: close`; `/drop` answers and then closes the connection (without saying so);
+/// `/arm` answers and makes the connection's next request be met by a close without an answer;
+/// `/stats` counts the connections that carried an Authorization header (`accepted`, `open`);
+/// anything else echoes method, path, headers (and a SHA-256 of Authorization), body and the
+/// client's port (`peer`: one per connection) as JSON.
 final class Upstream: @unchecked Sendable {
     let process: Process
     let port: Int
@@ -90,11 +94,19 @@ final class Upstream: @unchecked Sendable {
     private let dir: TempDir
 
     static let script = #"""
-    import sys, ssl, json, base64, urllib.parse, gzip, hashlib
+    import sys, ssl, json, base64, urllib.parse, gzip, hashlib, threading
     from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+    LOCK = threading.Lock(); OPEN = set(); ROUTED = set()
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         def log_message(self, *a): pass
+        def setup(self):
+            BaseHTTPRequestHandler.setup(self)
+            with LOCK: OPEN.add(self.client_address[1])
+        def finish(self):
+            try: BaseHTTPRequestHandler.finish(self)
+            finally:
+                with LOCK: OPEN.discard(self.client_address[1])
         def body(self):
             if self.headers.get('Transfer-Encoding', '').lower() == 'chunked':
                 data = b''
@@ -116,6 +128,15 @@ final class Upstream: @unchecked Sendable {
             p = urllib.parse.urlsplit(self.path)
             auth = self.headers.get('Authorization', '')
             token = auth.split(' ', 1)[1] if ' ' in auth else auth
+            peer = self.client_address[1]
+            if p.path == '/stats':
+                with LOCK: stats = {'accepted': len(ROUTED), 'open': len(ROUTED & OPEN)}
+                return self.send(200, json.dumps(stats).encode(), [('Content-Type', 'application/json')])
+            if getattr(self, 'die_next', False):
+                self.close_connection = True
+                return
+            if auth:
+                with LOCK: ROUTED.add(peer)
             if p.path.startswith('/bytes/'):
                 n = int(p.path[7:])
                 self.send_response(200); self.send_header('Content-Length', str(n)); self.end_headers()
@@ -134,7 +155,15 @@ final class Upstream: @unchecked Sendable {
                 return
             if p.path == '/gzip':
                 return self.send(200, gzip.compress(b'hello'), [('Content-Encoding', 'gzip')])
-            doc = {'method': self.command, 'path': self.path, 'headers': [[k, v] for k, v in self.headers.items()],
+            if p.path == '/close':
+                return self.send(200, b'closing', [('Connection', 'close')])
+            if p.path == '/drop':
+                self.send(200, b'dropping')
+                self.close_connection = True
+                return
+            if p.path == '/arm':
+                self.die_next = True
+            doc = {'peer': peer, 'method': self.command, 'path': self.path, 'headers': [[k, v] for k, v in self.headers.items()],
                    'authSha256': hashlib.sha256(auth.encode()).hexdigest(), 'authCount': len(self.headers.get_all('Authorization') or []),
                    'body': body.decode('latin-1')}
             self.send(200, json.dumps(doc).encode(), [('Content-Type', 'application/json')])
@@ -246,7 +275,7 @@ final class ProxyFixture: @unchecked Sendable {
 
     init(
         upstream: Upstream?, allowHosts: [String] = ["allowed.example"], ports: [Int]? = nil,
-        configure: (inout ProxyConfiguration) -> Void = { _ in }
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton, configure: (inout ProxyConfiguration) -> Void = { _ in }
     ) async throws {
         dir = try TempDir()
         socketPath = dir.path + "/sandbox-1/proxy.sock"
@@ -255,7 +284,7 @@ final class ProxyFixture: @unchecked Sendable {
         let lines = logLines
         let logger = Logger(label: "vault-proxy-test") { _ in CapturingLogHandler(lines: lines) }
         let events = self.events
-        proxy = VaultProxy(group: MultiThreadedEventLoopGroup.singleton, configuration: configuration, logger: logger) { events.receive($0) }
+        proxy = VaultProxy(group: group, configuration: configuration, logger: logger) { events.receive($0) }
         proxy.setCredentials([try Secret(name: "canary", value: ProxyFixture.canary)])
         var routes: [RouteRule] = []
         if let upstream {
