@@ -63,10 +63,13 @@ let package = Package(
             name: "SystemdBus",
             dependencies: ["CSystemd", "Blocking", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict),
+        // A named secret and the redactor of its raw and JSON-encoded forms (no Foundation: the
+        // vault-proxy links it without Foundation's memory).
+        .target(name: "Secrets", exclude: ["README.md"], swiftSettings: strict),
         .target(
             name: "SessionLog",
             dependencies: [
-                "Blocking",
+                "Blocking", "Secrets",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -122,7 +125,7 @@ let package = Package(
         .target(
             name: "VaultProxy",
             dependencies: [
-                "SessionLog",
+                "Secrets",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -1,3 +1,5 @@
+import Secrets
+
 /// The identity of one session: a single path component of 1–128 characters drawn from
 /// `[A-Za-z0-9._-]`, not `.` or `..`, and not starting with `.`.
 ///
@@ -34,15 +36,7 @@ public struct SessionID: Hashable, Sendable, Comparable, CustomStringConvertible
         return nil
     }
 
-    static func isAllowed(_ b: UInt8) -> Bool {
-        switch b {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-            UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "-"):
-            return true
-        default:
-            return false
-        }
-    }
+    static func isAllowed(_ b: UInt8) -> Bool { Secret.isAllowedInName(b) }
 
     /// Parses an id from record bytes; nil when they do not form a valid id.
     static func fromBytes(_ bytes: UnsafeRawBufferPointer) -> SessionID? {

@@ -327,7 +327,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
                     rule: "route \(name): credential '\(credentialName)' contains CR, LF or NUL and cannot go in a header", route: name)
                 return
             }
-            headerValue = route.headerTemplate.replacingOccurrences(of: "{{credential}}", with: String(decoding: secret.value, as: UTF8.self))
+            headerValue = route.headerTemplate.replacing("{{credential}}", with: String(decoding: secret.value, as: UTF8.self))
         }
 
         // The upstream request: hop-by-hop headers, the route's header, Proxy-Authorization,

@@ -1,8 +1,13 @@
-import Foundation
 import Logging
 import NIOCore
 import NIOPosix
-import SessionLog
+import Secrets
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// Runs a proxy commanded over a private channel (a unix socket from agentd: an inherited
 /// socketpair end or a connection to agentd's control socket; or a pipe pair): newline-delimited
@@ -126,9 +131,7 @@ struct ControlLine: Sendable {
 enum ControlReader {
     static func start(fd: CInt, maxLine: Int, logger: Logger) -> AsyncThrowingStream<ControlLine, any Error> {
         let (stream, sink) = AsyncThrowingStream.makeStream(of: ControlLine.self)
-        let thread = Thread { read(fd: fd, maxLine: maxLine, logger: logger, sink: sink) }
-        thread.name = "vault-proxy.control"
-        thread.start()
+        Threads.start(name: "vault-proxy.control") { read(fd: fd, maxLine: maxLine, logger: logger, sink: sink) }
         return stream
     }
 
@@ -186,7 +189,7 @@ enum ControlReader {
 /// Writes messages to agentd on a thread of its own, in order, with at most `capacity`
 /// waiting (the oldest are dropped beyond that, so a stalled agentd cannot grow the proxy).
 final class ControlWriter: @unchecked Sendable {
-    private let condition = NSCondition()
+    private let condition = Condition()
     private var queue = CircularBuffer<[UInt8]>()
     private var finishing = false
     private var ended = false
@@ -197,9 +200,7 @@ final class ControlWriter: @unchecked Sendable {
         self.capacity = capacity
         var info = stat()
         let isSocket = fstat(fd, &info) == 0 && info.st_mode & S_IFMT == S_IFSOCK
-        let thread = Thread { [self] in run(fd: fd, isSocket: isSocket, logger: logger) }
-        thread.name = "vault-proxy.control-out"
-        thread.start()
+        Threads.start(name: "vault-proxy.control-out") { [self] in run(fd: fd, isSocket: isSocket, logger: logger) }
     }
 
     func enqueue(_ message: ControlMessage) {

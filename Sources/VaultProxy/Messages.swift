@@ -1,4 +1,8 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
 import Foundation
+#endif
 
 /// A sandbox as agentd announces it (`addSandbox`): who it is, its policy's network rules
 /// and routes, and where its listener goes.

@@ -1,5 +1,5 @@
 import NIOCore
-import SessionLog
+import Secrets
 
 #if canImport(Glibc)
 import Glibc

@@ -14,6 +14,18 @@ public enum UnixSocket {
         public var gid: gid_t
     }
 
+    /// The directory part of `path` (`/run/x/proxy.sock` → `/run/x`; `/proxy.sock` → `/`), as
+    /// `NSString.deletingLastPathComponent` gives it, without Foundation.
+    public static func directory(of path: String) -> String {
+        var trimmed = Substring(path)
+        while trimmed.count > 1, trimmed.hasSuffix("/") { trimmed.removeLast() }
+        guard let slash = trimmed.lastIndex(of: "/") else { return "" }
+        if slash == trimmed.startIndex { return "/" }
+        var parent = trimmed[..<slash]
+        while parent.count > 1, parent.hasSuffix("/") { parent.removeLast() }
+        return String(parent)
+    }
+
     /// `sizeof(struct cmsghdr)` rounded up to the alignment of `size_t`, as `CMSG_ALIGN` does
     /// (the CMSG_* macros are not imported into Swift).
     private static let headerSpace = align(MemoryLayout<cmsghdr>.size)

@@ -1,11 +1,16 @@
-import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
-import SessionLog
+import Secrets
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
 
 /// State every listener shares: credentials, their scrub patterns, TLS contexts, the event sink.
 final class ProxyCore: Sendable {
@@ -107,7 +112,7 @@ public final class VaultProxy: Sendable {
             guard spec.socketPath.hasPrefix("/"), spec.socketPath.utf8.count < 100 else {
                 throw ProxyError("socketPath must be an absolute path shorter than 100 bytes")
             }
-            let directory = (spec.socketPath as NSString).deletingLastPathComponent
+            let directory = UnixSocket.directory(of: spec.socketPath)
             try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             // Who may connect is decided by the directory's permissions (agentd's per-sandbox
             // directory); the socket itself is open to the sandbox user.

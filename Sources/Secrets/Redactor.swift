@@ -1,39 +1,12 @@
-import Foundation
 import Synchronization
 
-/// A secret value with a name. Its `description` never shows the value, so a secret that
-/// ends up in a log line or an error message stays hidden.
-public struct Secret: Sendable, CustomStringConvertible, CustomDebugStringConvertible {
-    /// The name that replaces the value: `[REDACTED:name]`.
-    public let name: String
-    /// The secret bytes.
-    public let value: [UInt8]
-
-    /// - Parameters:
-    ///   - name: 1–64 characters of `[A-Za-z0-9._-]`.
-    ///   - value: the secret; must not be empty.
-    /// - Throws: `SessionLogError(.invalidArgument)` for a bad name or an empty value.
-    public init(name: String, value: String) throws {
-        try self.init(name: name, bytes: Array(value.utf8))
-    }
-
-    /// Same as `init(name:value:)` for raw bytes.
-    public init(name: String, bytes: [UInt8]) throws {
-        guard !name.isEmpty, name.utf8.count <= 64, name.utf8.allSatisfy(SessionID.isAllowed) else {
-            throw SessionLogError(.invalidArgument, "invalid secret name \"\(name)\": 1–64 characters of [A-Za-z0-9._-] are required")
-        }
-        guard !bytes.isEmpty else {
-            throw SessionLogError(.invalidArgument, "secret \(name) has an empty value; an empty value cannot be redacted")
-        }
-        self.name = name
-        self.value = bytes
-    }
-
-    /// `Secret(name: [REDACTED])`: never the value.
-    public var description: String { "Secret(\(name): [REDACTED])" }
-    /// Same as `description`.
-    public var debugDescription: String { description }
-}
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// Replaces every occurrence of a known secret value in an event's type and payload with
 /// `[REDACTED:name]` before the event is framed, so the secret never reaches the disk.
@@ -76,7 +49,7 @@ public final class Redactor: Sendable {
     }
 
     /// Every form of every known secret (for `StreamRedactor`).
-    func allForms() -> [[UInt8]] { secrets.withLock { $0.flatMap(\.forms) } }
+    package func allForms() -> [[UInt8]] { secrets.withLock { $0.flatMap(\.forms) } }
 
     /// The names of the secrets known (never the values).
     public var names: [String] { secrets.withLock { $0.map(\.secret.name) } }
@@ -123,7 +96,7 @@ public final class Redactor: Sendable {
     }
 
     /// `bytes` as they appear inside a JSON string (without the quotes).
-    static func jsonEscaped(_ bytes: [UInt8], escapeSlash: Bool, shortForms: Bool, upperHex: Bool) -> [UInt8] {
+    package static func jsonEscaped(_ bytes: [UInt8], escapeSlash: Bool, shortForms: Bool, upperHex: Bool) -> [UInt8] {
         let hex = Array((upperHex ? "0123456789ABCDEF" : "0123456789abcdef").utf8)
         var out: [UInt8] = []
         out.reserveCapacity(bytes.count + 8)
@@ -145,7 +118,7 @@ public final class Redactor: Sendable {
         return out
     }
 
-    static func replace(_ needle: [UInt8], with replacement: [UInt8], in haystack: [UInt8]) -> [UInt8] {
+    package static func replace(_ needle: [UInt8], with replacement: [UInt8], in haystack: [UInt8]) -> [UInt8] {
         let n = needle.count
         guard n > 0, haystack.count >= n else { return haystack }
         let first = needle[0]
