@@ -16,7 +16,7 @@ public enum UnixSocket {
 
     /// The directory part of `path` (`/run/x/proxy.sock` → `/run/x`; `/proxy.sock` → `/`), as
     /// `NSString.deletingLastPathComponent` gives it, without Foundation.
-    public static func directory(of path: String) -> String {
+    static func directory(of path: String) -> String {
         var trimmed = Substring(path)
         while trimmed.count > 1, trimmed.hasSuffix("/") { trimmed.removeLast() }
         guard let slash = trimmed.lastIndex(of: "/") else { return "" }

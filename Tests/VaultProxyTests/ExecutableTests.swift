@@ -52,6 +52,11 @@ import TestSupport
         func send(_ json: String) { input.fileHandleForWriting.write(Data((json + "\n").utf8)) }
 
         #expect(try lines.next()["type"] as? String == "ready")
+        // Only FoundationEssentials: Foundation and its ICU would add ~6 MiB to every proxy's RSS.
+        let maps = try String(contentsOfFile: "/proc/\(process.processIdentifier)/maps", encoding: .utf8)
+        for library in ["libFoundation.so", "libFoundationInternationalization.so", "lib_FoundationICU.so"] {
+            #expect(!maps.contains("/" + library), "vault-proxy maps \(library); VaultProxy must import FoundationEssentials only")
+        }
         let canaryJSON = String(decoding: try JSONEncoder().encode(ProxyFixture.canary), as: UTF8.self)
         send(#"{"type":"credentials","id":1,"credentials":{"canary":\#(canaryJSON)}}"#)
         var answer = try lines.next()
@@ -104,5 +109,16 @@ import TestSupport
         #expect(log.contains("sb-1"), "the log is captured")
         for form in canaryForms() { #expect(!log.contains(form), "the proxy's log holds the credential") }
         #expect(!(process.arguments ?? []).joined().contains(ProxyFixture.canary))
+    }
+}
+
+@Suite struct SocketDirectoryTests {
+    /// The listener's directory is made from the socket path as NSString would split it.
+    @Test func directoryOfASocketPathIsItsParent() {
+        #expect(UnixSocket.directory(of: "/run/agentd/sb-1/proxy.sock") == "/run/agentd/sb-1")
+        #expect(UnixSocket.directory(of: "/run//x//proxy.sock") == "/run//x")
+        #expect(UnixSocket.directory(of: "/proxy.sock") == "/")
+        #expect(UnixSocket.directory(of: "/run/x/") == "/run")
+        #expect(UnixSocket.directory(of: "proxy.sock") == "")
     }
 }
