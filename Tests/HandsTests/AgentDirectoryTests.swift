@@ -16,8 +16,8 @@ struct AgentDirectoryTests {
         for name in [adopted, vanished] {
             try agent.prepare(name, uid: Int(getuid()))
             // What a live sandbox leaves there: its agent's and its proxy's sockets.
-            FileManager.default.createFile(atPath: agent.socketPath(name), contents: nil)
-            FileManager.default.createFile(atPath: agent.proxySocketPath(name), contents: nil)
+            _ = FileManager.default.createFile(atPath: agent.socketPath(name), contents: nil)
+            _ = FileManager.default.createFile(atPath: agent.proxySocketPath(name), contents: nil)
         }
         try FileManager.default.createDirectory(atPath: base + "/agents/not-an-agent", withIntermediateDirectories: true)
         #expect(agent.sweep(keeping: [adopted]) == [vanished])
