@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import Hands
 import SystemdBus
 import Vault
@@ -191,3 +192,32 @@ func blockingAwait<T: Sendable>(_ body: @escaping @Sendable () async throws -> T
 }
 
 import Synchronization
+
+extension ProxySupervisor {
+    /// Starts the proxy the way agentd runs it: as the hardened unit `unit` when there is one,
+    /// and as a supervised child when there is none or the unit does not start (a path its
+    /// uid cannot reach, a manager that refuses). `make` builds a supervisor for a mode.
+    /// - Returns: the running supervisor, or nil when neither mode started (each failure is
+    ///   logged; proxy-mode sandboxes are then refused with an error saying so).
+    public static func startPreferringUnit(
+        _ unit: SystemdUnit?, make: (SystemdUnit?) -> ProxySupervisor, logger: Logger
+    ) async -> ProxySupervisor? {
+        let modes: [SystemdUnit?] = unit == nil ? [nil] : [unit, nil]
+        for mode in modes {
+            let candidate = make(mode)
+            do {
+                try await candidate.start()
+                logger.info("vault-proxy started", metadata: ["mode": "\(mode.map { "unit \($0.name)" } ?? "child")"])
+                return candidate
+            } catch {
+                await candidate.stopAndWait()
+                logger.warning(
+                    mode == nil
+                        ? "no vault-proxy: sandboxes of network.mode: proxy policies will not be provisioned"
+                        : "the vault-proxy unit did not start; trying a supervised child",
+                    metadata: ["error": "\(error)"])
+            }
+        }
+        return nil
+    }
+}

@@ -159,35 +159,21 @@ struct AgentD: AsyncParsableCommand {
         guard !uids.range.contains(Int(vaultProxyUid)) else {
             throw ValidationError("--vault-proxy-uid \(vaultProxyUid) lies inside --sandbox-uids \(sandboxUids); the proxy needs a uid no sandbox gets")
         }
-        // A hardened transient unit when there is a manager, else a supervised child; a unit
-        // that cannot start (a path its uid cannot reach) falls back to the child.
+        // A hardened transient unit when there is a manager, else (or when it cannot start) a
+        // supervised child.
         let makeSupervisor = { (unit: ProxySupervisor.SystemdUnit?) in
             ProxySupervisor(
                 executable: proxyPath, unit: unit, credentials: { credentials.all }, onEgress: { event in Task { await recorder.forward(event) } },
                 onChange: { change in logger.info("vault-proxy", metadata: ["change": "\(change)"]) }, logger: Logger(label: "agentd.egress"))
         }
-        var supervisor: ProxySupervisor?
-        var proxyModes: [ProxySupervisor.SystemdUnit?] = [nil]
+        var unit: ProxySupervisor.SystemdUnit?
         if let manager {
             let control = vaultProxyControl ?? "\(environment["AGENTD_VAULT_PROXY_DIR"] ?? "/run/agentd-vault-proxy")/\(instance).sock"
             try? FileManager.default.createDirectory(
                 atPath: (control as NSString).deletingLastPathComponent, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
-            proxyModes.insert(ProxySupervisor.SystemdUnit(manager: manager, instance: instance, controlSocket: control, uid: vaultProxyUid), at: 0)
+            unit = ProxySupervisor.SystemdUnit(manager: manager, instance: instance, controlSocket: control, uid: vaultProxyUid)
         }
-        for unit in proxyModes {
-            let candidate = makeSupervisor(unit)
-            do {
-                try await candidate.start()
-                supervisor = candidate
-                logger.info("vault-proxy started", metadata: ["mode": "\(unit == nil ? "child" : "unit agentd-vault-proxy-\(instance).service")"])
-                break
-            } catch {
-                await candidate.stopAndWait()
-                logger.warning(
-                    unit == nil ? "no vault-proxy: sandboxes of network.mode: proxy policies will not be provisioned" : "the vault-proxy unit did not start; trying a supervised child",
-                    metadata: ["error": "\(error)"])
-            }
-        }
+        let supervisor = await ProxySupervisor.startPreferringUnit(unit, make: makeSupervisor, logger: logger)
         let network = SandboxNetwork(
             supervisor: supervisor, agent: agent, policy: { await policyStore.policy(named: $0) }, workspaces: workspaces, credentials: credentials)
         guard maxSandboxes >= 0 else { throw ValidationError("--max-sandboxes takes a number of sandboxes, or 0 for no limit; not \(maxSandboxes)") }
