@@ -26,6 +26,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         .package(url: "https://github.com/modelcontextprotocol/swift-sdk", exact: "0.12.1"),
+        .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
     ],
     targets: [
         // C libraries, each behind one system library target with typed shims for variadic calls.
@@ -71,6 +72,17 @@ let package = Package(
             dependencies: [
                 "Blocking", "Secrets",
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            exclude: ["README.md"],
+            swiftSettings: strict),
+        // The Session journal on PostgreSQL (`SessionJournal` through postgres-nio), for a fleet.
+        .target(
+            name: "PostgresStore",
+            dependencies: [
+                "SessionLog",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             exclude: ["README.md"],
@@ -176,7 +188,7 @@ let package = Package(
         .executableTarget(
             name: "agentd-bench",
             dependencies: [
-                "AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "CSQLite", "CCurl", "Hands", "SandboxAgentClient",
+                "AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "PostgresStore", "CSQLite", "CCurl", "Hands", "SandboxAgentClient",
                 "EgressProxy", "VaultProxy",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -211,6 +223,8 @@ let package = Package(
             swiftSettings: strict),
         .testTarget(name: "SystemdBusTests", dependencies: ["SystemdBus", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SessionLogTests", dependencies: ["SessionLog", "TestSupport"], swiftSettings: strict),
+        // One conformance suite over both SessionJournal implementations (file and PostgreSQL).
+        .testTarget(name: "JournalConformanceTests", dependencies: ["SessionLog", "PostgresStore", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "HandsTests", dependencies: ["Hands", "EngineAPI", "SystemdBus", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SystemdIntegrationTests", dependencies: ["SystemdBus", "TestSupport", "notify-probe"], swiftSettings: strict),
         .testTarget(

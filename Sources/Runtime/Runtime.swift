@@ -44,7 +44,8 @@ public struct ExecuteOutcome: Sendable, Codable, Equatable {
 /// journaled (agentd was killed) is answered with a journaled *outcome unknown* result; a key
 /// reused for a different call is refused.
 public actor Runtime {
-    public nonisolated let store: SessionStore
+    /// The Session journal: the embedded file journal or PostgreSQL, behind one protocol.
+    public nonisolated let store: any SessionJournal
     public nonisolated let hands: HandsManager
     public nonisolated let policies: PolicyStore
     /// At most this many sessions' derived state is kept in memory; idle ones beyond it are
@@ -115,7 +116,7 @@ public actor Runtime {
     ///     redactor knows the credentials of the policies in force (see `CredentialRegistrar`).
     ///   - logger: for what the runtime does.
     public init(
-        store: SessionStore, hands: HandsManager, policies: PolicyStore, images: (any ImageImporting)? = nil,
+        store: any SessionJournal, hands: HandsManager, policies: PolicyStore, images: (any ImageImporting)? = nil,
         maxCachedSessions: Int = 1024, refreshSecrets: @escaping @Sendable () async -> Void = {},
         logger: Logger = Logger(label: "agentd.runtime")
     ) {
@@ -153,7 +154,7 @@ public actor Runtime {
             throw RuntimeError(.notFound, "no policy named '\(policyName)' (known: \(known.isEmpty ? "none" : known))")
         }
         let session = try sessionID(id ?? Self.newSessionID())
-        if store.lastSeq(session: session) > 0 {
+        if try await lastSeq(session) > 0 {
             throw RuntimeError(.invalidArgument, "session \(session) already exists")
         }
         await refreshSecrets()
@@ -170,10 +171,11 @@ public actor Runtime {
     /// listing reads two records per session whatever their length.
     public func listSessions() async throws -> [SessionSummary] {
         var result: [SessionSummary] = []
-        for session in store.sessions() {
+        for session in try await allSessions() {
             let live = await hands.liveTasks(session: session.rawValue).sorted()
+            let (last, epoch) = (try await lastSeq(session), try await leaseEpoch(session))
             var summary = SessionSummary(
-                id: session.rawValue, policy: "", last_seq: store.lastSeq(session: session), lease_epoch: store.leaseEpoch(session: session),
+                id: session.rawValue, policy: "", last_seq: last, lease_epoch: epoch,
                 live_tasks: live, deleted: false, damage: nil)
             if let cached = sessions[session] {
                 summary.policy = cached.policyName
@@ -198,9 +200,10 @@ public actor Runtime {
         let session = try sessionID(id)
         let state = try await state(of: session)
         let live = await hands.liveTasks(session: session.rawValue)
+        let (last, epoch) = (try await lastSeq(session), try await leaseEpoch(session))
         return SessionSummary(
-            id: session.rawValue, policy: state.policyName, last_seq: store.lastSeq(session: session),
-            lease_epoch: store.leaseEpoch(session: session), live_tasks: live.sorted(), deleted: state.deletedSeq != nil, damage: nil)
+            id: session.rawValue, policy: state.policyName, last_seq: last,
+            lease_epoch: epoch, live_tasks: live.sorted(), deleted: state.deletedSeq != nil, damage: nil)
     }
 
     /// How many sessions' state is in memory now (at most `maxCachedSessions` plus those
@@ -262,7 +265,7 @@ public actor Runtime {
         }
         let state = try await state(of: session)
         try Self.refuseIfDeleted(state, session, "execute")
-        try checkLease(session, epoch, "execute")
+        try await checkLease(session, epoch, "execute")
         let requestHash = Self.sha256(call.canonicalEncoding)
         guard let key = idempotencyKey else {
             return try await perform(session, task: task, call: call, epoch: epoch, key: nil, requestHash: requestHash, progress: progress)
@@ -446,7 +449,7 @@ public actor Runtime {
     public func checkpoint(_ id: String, state: [UInt8], epoch: UInt64?) async throws -> UInt64 {
         let session = try sessionID(id)
         try Self.refuseIfDeleted(try await self.state(of: session), session, "checkpoint")
-        try checkLease(session, epoch, "checkpoint")
+        try await checkLease(session, epoch, "checkpoint")
         await refreshSecrets()
         do { return try await store.checkpoint(session: session, state: state, epoch: epoch) } catch let e as SessionLogError { throw RuntimeError(e) }
     }
@@ -458,7 +461,7 @@ public actor Runtime {
         let session = try sessionID(id)
         try Self.validateName(task, what: "task")
         try Self.refuseIfDeleted(try await state(of: session), session, "task end")
-        try checkLease(session, epoch, "task end")
+        try await checkLease(session, epoch, "task end")
         _ = try await append(session, EventType.taskEnded, JSONCoding.encode(TaskEnded(task: task)), epoch: epoch)
         sessions[session]?.tasks[task] = nil
         sessions[session]?.openTasks[task] = nil
@@ -481,7 +484,7 @@ public actor Runtime {
         let session = try sessionID(id)
         let state = try await state(of: session)
         if let seq = state.deletedSeq { return seq }
-        if let epoch { try checkLease(session, epoch, "delete") }
+        if let epoch { try await checkLease(session, epoch, "delete") }
         sessions[session]?.deleting = true
         do {
             await hands.endSession(session.rawValue)
@@ -519,9 +522,10 @@ public actor Runtime {
     public func deleteIdleSessions(idleLongerThan idle: Duration, now: Date = Date()) async -> [String] {
         let cutoff = now.addingTimeInterval(-(Double(idle.components.seconds) + Double(idle.components.attoseconds) / 1e18))
         var deleted: [String] = []
-        for session in store.sessions() {
+        for session in (try? await allSessions()) ?? [] {
             if let cached = sessions[session], cached.deletedSeq != nil || cached.inFlight > 0 { continue }
-            guard let last = try? await store.event(session: session, seq: store.lastSeq(session: session)),
+            let lastNumber = (try? await lastSeq(session)) ?? 0
+            guard let last = try? await store.event(session: session, seq: lastNumber),
                 last.type != EventType.sessionDeleted, last.timestamp < cutoff,
                 await hands.liveTasks(session: session.rawValue).isEmpty
             else { continue }
@@ -547,9 +551,9 @@ public actor Runtime {
     }
 
     /// Events after `after`; with `follow`, also every later one as it is appended.
-    public func events(_ id: String, after: UInt64, follow: Bool) throws -> EventSequence {
+    public func events(_ id: String, after: UInt64, follow: Bool) async throws -> EventSequence {
         let session = try sessionID(id)
-        guard store.lastSeq(session: session) > 0 else { throw RuntimeError(.notFound, "no session \(session)") }
+        guard try await lastSeq(session) > 0 else { throw RuntimeError(.notFound, "no session \(session)") }
         return follow ? store.follow(session: session, after: after) : store.events(session: session, after: after)
     }
 
@@ -584,7 +588,7 @@ public actor Runtime {
     /// its session, redacted like everything else; nothing for a session that does not exist
     /// or was deleted.
     public func recordEgress(session id: String, allowed: Bool, _ decision: EgressDecision) async {
-        guard let session = try? SessionID(id), store.lastSeq(session: session) > 0,
+        guard let session = try? SessionID(id), (try? await lastSeq(session)) ?? 0 > 0,
             let state = try? await state(of: session), state.deletedSeq == nil
         else { return }
         var d = decision
@@ -612,7 +616,7 @@ public actor Runtime {
     /// and is not deleted, and the task started and did not end. The spec is that of the
     /// policy the task started under, as loaded now; nil when that policy is gone.
     func liveTaskSpec(_ key: TaskKey) async -> SandboxSpec? {
-        guard let session = try? SessionID(key.session), store.lastSeq(session: session) > 0,
+        guard let session = try? SessionID(key.session), (try? await lastSeq(session)) ?? 0 > 0,
             let state = try? await state(of: session), state.deletedSeq == nil, !state.deleting,
             let policyName = state.openTasks[key.task]
         else { return nil }
@@ -642,7 +646,7 @@ public actor Runtime {
         return state
     }
 
-    private static func rebuild(_ session: SessionID, store: SessionStore) async throws -> SessionState {
+    private static func rebuild(_ session: SessionID, store: any SessionJournal) async throws -> SessionState {
         var state: SessionState?
         var open: [UInt64: ToolIntent] = [:]
         var hashes: [UInt64: String] = [:]
@@ -724,8 +728,8 @@ public actor Runtime {
     }
 
     /// Fencing: once the session was woken, a change must carry the current epoch.
-    private func checkLease(_ session: SessionID, _ epoch: UInt64?, _ what: String) throws {
-        let current = store.leaseEpoch(session: session)
+    private func checkLease(_ session: SessionID, _ epoch: UInt64?, _ what: String) async throws {
+        let current = try await leaseEpoch(session)
         switch epoch {
         case nil where current > 0:
             throw RuntimeError(
@@ -742,6 +746,21 @@ public actor Runtime {
         default:
             return
         }
+    }
+
+    /// The session's last seq; the store's errors as `RuntimeError`.
+    private func lastSeq(_ session: SessionID) async throws -> UInt64 {
+        do { return try await store.lastSeq(session: session) } catch let e as SessionLogError { throw RuntimeError(e) }
+    }
+
+    /// The session's lease epoch; the store's errors as `RuntimeError`.
+    private func leaseEpoch(_ session: SessionID) async throws -> UInt64 {
+        do { return try await store.leaseEpoch(session: session) } catch let e as SessionLogError { throw RuntimeError(e) }
+    }
+
+    /// Every session in the store; the store's errors as `RuntimeError`.
+    private func allSessions() async throws -> [SessionID] {
+        do { return try await store.sessions() } catch let e as SessionLogError { throw RuntimeError(e) }
     }
 
     @discardableResult

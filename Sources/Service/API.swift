@@ -267,7 +267,7 @@ public struct API: Sendable {
     private func health() async -> HealthResponse {
         let policies = runtime.policies
         return HealthResponse(
-            status: "ok", sessions: runtime.store.sessions().count,
+            status: "ok", sessions: (try? await runtime.store.sessions().count) ?? 0,
             sandboxes: .init(live: await runtime.hands.liveCount, pooled: await runtime.hands.pooledCount),
             policies: .init(loaded: await policies.current.names, errors: await policies.lastErrors.map(\.description)))
     }

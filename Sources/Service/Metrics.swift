@@ -32,7 +32,8 @@ public final class Metrics: Sendable {
 
     func exposition(_ runtime: Runtime) async -> String {
         let s = state.withLock { $0 }
-        let stats = runtime.store.statistics
+        // Group-commit figures exist for the file journal only.
+        let stats = (runtime.store as? SessionStore)?.statistics ?? SessionStoreStatistics()
         var out = ""
         func gauge(_ name: String, _ help: String, _ value: Double) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) gauge\n\(name) \(value)\n"
@@ -45,7 +46,7 @@ public final class Metrics: Sendable {
             for (i, b) in h.bounds.enumerated() { out += "\(name)_bucket{le=\"\(b)\"} \(h.cumulativeCounts[i])\n" }
             out += "\(name)_bucket{le=\"+Inf\"} \(h.count)\n\(name)_sum \(h.sum)\n\(name)_count \(h.count)\n"
         }
-        gauge("agentd_sessions", "Sessions in the journal.", Double(runtime.store.sessions().count))
+        gauge("agentd_sessions", "Sessions in the journal.", Double((try? await runtime.store.sessions().count) ?? 0))
         gauge("agentd_sandboxes_live", "Sandboxes held by tasks.", Double(await runtime.hands.liveCount))
         gauge("agentd_sandboxes_pooled", "Warm sandboxes waiting in the pool.", Double(await runtime.hands.pooledCount))
         histogram("agentd_execute_seconds", "Latency of execute calls, journaling included.", s.execute)

@@ -257,11 +257,7 @@ public final class SessionStore: @unchecked Sendable {
                     let current = state.tentativeEpoch
                     table[session] = state
                     lock.unlock()
-                    if e < current {
-                        continuation.resume(throwing: SessionLogError(.staleEpoch, "\(what) to session \(session) refused: lease epoch \(e) is stale; a newer Brain holds epoch \(current) (it called wake) — stop this Brain"))
-                    } else {
-                        continuation.resume(throwing: SessionLogError(.unknownEpoch, "\(what) to session \(session) refused: lease epoch \(e) was never handed out (current epoch is \(current)); call wake to get a lease"))
-                    }
+                    continuation.resume(throwing: JournalChain.fencingError(what, session: session, epoch: e, current: current))
                     return
                 }
                 recordEpoch = state.tentativeEpoch
@@ -771,23 +767,36 @@ public final class SessionStore: @unchecked Sendable {
 
 /// The events of one session as an async sequence, read in batches through the index.
 /// With `follow`, it waits for new events instead of ending.
+/// Another store makes one over its own `EventCursor` (`init(cursor:)`).
 public struct EventSequence: AsyncSequence, Sendable {
     /// Events in seq order.
     public typealias Element = Event
-    let store: SessionStore
+    let store: SessionStore?
     let session: SessionID
     let after: UInt64
     let follow: Bool
+    let makeCursor: (@Sendable () -> any EventCursor)?
+
+    init(store: SessionStore, session: SessionID, after: UInt64, follow: Bool) {
+        (self.store, self.session, self.after, self.follow, self.makeCursor) = (store, session, after, follow, nil)
+    }
+
+    /// A sequence whose every iteration reads from a fresh cursor made by `cursor`.
+    public init(session: SessionID, after: UInt64, follow: Bool, cursor: @escaping @Sendable () -> any EventCursor) {
+        (self.store, self.session, self.after, self.follow, self.makeCursor) = (nil, session, after, follow, cursor)
+    }
 
     /// An iterator that starts after `after`.
     public func makeAsyncIterator() -> Iterator {
+        if let makeCursor { return Iterator(cursor: makeCursor(), session: session) }
         // No event can follow seq 2^64-1: start there (an empty read) rather than overflow.
-        Iterator(store: store, session: session, next: after == .max ? .max : after + 1, follow: follow)
+        return Iterator(store: store, session: session, next: after == .max ? .max : after + 1, follow: follow)
     }
 
     /// Reads the session in chunks of 4096 records, reading the next chunk ahead.
     public struct Iterator: AsyncIteratorProtocol {
-        let store: SessionStore
+        let store: SessionStore?
+        var cursor: (any EventCursor)?
         let session: SessionID
         var next: UInt64
         let follow: Bool
@@ -799,7 +808,11 @@ public struct EventSequence: AsyncSequence, Sendable {
 
         static let chunk = 4096
 
-        init(store: SessionStore, session: SessionID, next: UInt64, follow: Bool) {
+        init(cursor: any EventCursor, session: SessionID) {
+            (self.store, self.cursor, self.session, self.next, self.follow) = (nil, cursor, session, 0, false)
+        }
+
+        init(store: SessionStore?, session: SessionID, next: UInt64, follow: Bool) {
             self.store = store
             self.session = session
             self.next = next
@@ -809,6 +822,8 @@ public struct EventSequence: AsyncSequence, Sendable {
         /// The next event; nil at the end (replay), on cancellation, or when the store
         /// closes (follow). Throws `SessionLogError` (`.damaged`, `.closed`).
         public mutating func next() async throws -> Event? {
+            if let cursor { return try await cursor.next() }
+            guard let store else { return nil }
             while true {
                 if part < parts.count {
                     if index < parts[part].count {
@@ -820,7 +835,7 @@ public struct EventSequence: AsyncSequence, Sendable {
                     continue
                 }
                 try Task.checkCancellation()
-                let (store, session, from) = (self.store, self.session, self.next)
+                let (session, from) = (self.session, self.next)
                 let chunk: [[Event]]
                 do {
                     if let readAhead {

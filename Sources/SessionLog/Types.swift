@@ -20,6 +20,11 @@ public struct Event: Sendable, Equatable {
     public var timestamp: Date { Date(timeIntervalSince1970: Double(timestampNanos) / 1e9) }
     /// The payload as UTF-8 text.
     public var payloadText: String { String(decoding: payload, as: UTF8.self) }
+
+    /// An event as a store read it back.
+    public init(session: SessionID, seq: UInt64, epoch: UInt64, timestampNanos: Int64, type: String, payload: [UInt8]) {
+        (self.session, self.seq, self.epoch, self.timestampNanos, self.type, self.payload) = (session, seq, epoch, timestampNanos, type, payload)
+    }
 }
 
 /// The event type of lease records written by `wake`.
@@ -37,6 +42,11 @@ public struct Checkpoint: Sendable, Equatable {
     public let timestampNanos: Int64
     /// The state bytes, already redacted.
     public let state: [UInt8]
+
+    /// A checkpoint as a store read it back.
+    public init(seq: UInt64, epoch: UInt64, timestampNanos: Int64, state: [UInt8]) {
+        (self.seq, self.epoch, self.timestampNanos, self.state) = (seq, epoch, timestampNanos, state)
+    }
 }
 
 /// What a new Brain needs to resume: the last checkpoint and everything after it.
@@ -51,6 +61,11 @@ public struct SessionSnapshot: Sendable {
     public let leaseEpoch: UInt64
     /// The last durable sequence number.
     public let lastSeq: UInt64
+
+    /// A snapshot as a store assembled it.
+    public init(session: SessionID, checkpoint: Checkpoint?, events: [Event], leaseEpoch: UInt64, lastSeq: UInt64) {
+        (self.session, self.checkpoint, self.events, self.leaseEpoch, self.lastSeq) = (session, checkpoint, events, leaseEpoch, lastSeq)
+    }
 }
 
 /// The right to drive a session, handed out by `wake`. Appends must carry `epoch`.
@@ -61,6 +76,11 @@ public struct Lease: Sendable, Equatable {
     public let epoch: UInt64
     /// The sequence number of the lease record in the session.
     public let seq: UInt64
+
+    /// A lease as a store handed it out.
+    public init(session: SessionID, epoch: UInt64, seq: UInt64) {
+        (self.session, self.epoch, self.seq) = (session, epoch, seq)
+    }
 }
 
 /// The result of walking a session's hash chain.
@@ -76,6 +96,12 @@ public struct VerifyReport: Sendable, CustomStringConvertible {
         public let offset: UInt64
         /// What does not hold.
         public let reason: String
+
+        /// A broken link; `segment` and `offset` locate it in the store (for PostgreSQL, the
+        /// table and the seq).
+        public init(seq: UInt64, segment: String, offset: UInt64, reason: String) {
+            (self.seq, self.segment, self.offset, self.reason) = (seq, segment, offset, reason)
+        }
     }
 
     /// The session walked.
@@ -86,6 +112,11 @@ public struct VerifyReport: Sendable, CustomStringConvertible {
     public let firstBroken: BrokenLink?
     /// Hex SHA-256 of the last verified record.
     public let lastHash: String
+
+    /// A report as a store's walk produced it.
+    public init(session: SessionID, verifiedRecords: UInt64, firstBroken: BrokenLink?, lastHash: String) {
+        (self.session, self.verifiedRecords, self.firstBroken, self.lastHash) = (session, verifiedRecords, firstBroken, lastHash)
+    }
 
     /// True when every link of the chain holds.
     public var isIntact: Bool { firstBroken == nil }
@@ -170,6 +201,9 @@ public struct SessionStoreStatistics: Sendable {
     public var syncSeconds = Distribution(bounds: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1])
     /// Records per group commit.
     public var batchSizes = Distribution(bounds: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+
+    /// All counters at zero (what a store without group commits reports).
+    public init() {}
 }
 
 /// Observations counted into cumulative buckets (`value <= bound`), with their sum: what a

@@ -18,7 +18,7 @@ public actor CredentialRegistrar {
 
     /// - Parameters:
     ///   - resolver: reads the values (`env:`, `file:`, `systemd:`).
-    ///   - redactor: the journal's redactor (`SessionStore.redactor`).
+    ///   - redactor: the journal's redactor (`SessionJournal.redactor`).
     ///   - logger: credentials that cannot be resolved are logged once each (never a value).
     public init(resolver: CredentialResolver, redactor: Redactor, logger: Logger = Logger(label: "agentd.vault")) {
         self.resolver = resolver

@@ -1,0 +1,603 @@
+import Foundation
+import Logging
+import NIOCore
+import PostgresNIO
+import SessionLog
+
+/// The Session journal on PostgreSQL: the same semantics as the file journal (`SessionStore`)
+/// behind the same `SessionJournal` protocol, so that several agentd nodes can share sessions.
+///
+/// - Events are rows keyed by `(session_id, seq)`; each session has one row in `sessions`
+///   (`last_seq`, `head_hash`, `lease_epoch`, `checkpoint_seq`).
+/// - An append is one transaction: `SELECT … FOR UPDATE` of the session's row, the fencing
+///   and seq checks, then one statement that advances the row only if it is still at the
+///   expected seq and epoch, inserts the event and notifies followers. Only that session's
+///   row is locked: appenders on different sessions do not serialise.
+/// - The hash chain is the file journal's (`JournalChain.hash`), stored per row (`prev_hash`,
+///   `hash`), so `verify` means the same on both stores and names the damaged seq.
+/// - `follow` waits on `LISTEN/NOTIFY` (payload `session seq`) and re-reads the table.
+/// - The redactor runs before anything is sent; no error or description shows the password.
+public final class PostgresJournal: SessionJournal, @unchecked Sendable {
+    // Invariant for @unchecked Sendable: every stored property is a `let` of a Sendable type,
+    // except `closed`, which is read and written only under `lock`.
+    public let redactor: Redactor
+    /// The server, database and user (never the password).
+    public let url: PostgresURL
+    /// The PostgreSQL schema holding this store's tables.
+    public let schema: String
+    /// The limits on events and checkpoints (`maxEventBytes`, `maxCheckpointBytes`); the
+    /// file-layout options are ignored.
+    public let options: SessionStoreOptions
+    /// The connection pool this journal runs on (for operations and benchmarks that compare
+    /// the store with bare statements through the same driver).
+    public let client: PostgresClient
+    let runTask: Task<Void, Never>
+    let notifier: Notifier
+    let logger: Logger
+    let lock = NSLock()
+    var closed = false
+
+    /// Channel of the notifications for this schema's appends.
+    var channel: String { "agentd_journal_\(schema)" }
+
+    private init(url: PostgresURL, schema: String, options: SessionStoreOptions, redactor: Redactor, client: PostgresClient, runTask: Task<Void, Never>, logger: Logger) {
+        (self.url, self.schema, self.options, self.redactor, self.client, self.runTask, self.logger) = (url, schema, options, redactor, client, runTask, logger)
+        notifier = Notifier()
+    }
+
+    /// Connects, applies the schema's migrations and returns the store.
+    ///
+    /// - Parameters:
+    ///   - url: the server (read it with `PostgresURL.read(file:)`).
+    ///   - schema: the PostgreSQL schema of the tables (`[a-z_][a-z0-9_]{0,40}`); one per
+    ///     isolated store, e.g. per test run.
+    ///   - maximumConnections: the pool's size; one connection is kept for `LISTEN`.
+    /// - Throws: `SessionLogError` (`.invalidArgument` for a bad schema name, `.ioError` when
+    ///   the server cannot be reached or refuses the login, naming server, database and user).
+    public static func open(
+        url: PostgresURL, schema: String = "agentd", options: SessionStoreOptions = SessionStoreOptions(), redactor: Redactor = Redactor(),
+        maximumConnections: Int = 32, logger: Logger = Logger(label: "agentd.pgstore")
+    ) async throws -> PostgresJournal {
+        let allowed = Set("abcdefghijklmnopqrstuvwxyz0123456789_")
+        guard let first = schema.first, first.isLetter || first == "_", schema.count <= 40, schema.allSatisfy({ allowed.contains($0) }) else {
+            throw SessionLogError(.invalidArgument, "the PostgreSQL schema name \"\(schema)\" is not usable: use 1–40 of [a-z0-9_], not starting with a digit")
+        }
+        // One direct connection first: the pool retries a refused login quietly, a direct
+        // connection reports the server's reason (wrong password, no such database) at once.
+        do {
+            let probe = try await withDeadline(seconds: 10, what: "connecting to \(url)") {
+                try await PostgresConnection.connect(
+                    configuration: PostgresConnection.Configuration(
+                        host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: .disable),
+                    id: 0, logger: logger)
+            }
+            try? await probe.close()
+        } catch {
+            throw translateOpening(error, url: url, schema: schema)
+        }
+        var config = PostgresClient.Configuration(host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: .disable)
+        config.options.maximumConnections = max(2, maximumConnections)
+        config.options.connectTimeout = .seconds(5)
+        let client = PostgresClient(configuration: config)
+        let runTask = Task { await client.run() }
+        let store = PostgresJournal(url: url, schema: schema, options: options, redactor: redactor, client: client, runTask: runTask, logger: logger)
+        do {
+            try await withDeadline(seconds: 15, what: "connecting to \(url)") {
+                try await Migrations.apply(client, schema: schema, logger: logger)
+            }
+        } catch {
+            runTask.cancel()
+            throw translateOpening(error, url: url, schema: schema)
+        }
+        store.startListener()
+        return store
+    }
+
+    /// `open(url:…)` with the URL read from a file.
+    public static func open(urlFile: String, schema: String = "agentd", options: SessionStoreOptions = SessionStoreOptions(), redactor: Redactor = Redactor(), logger: Logger = Logger(label: "agentd.pgstore")) async throws -> PostgresJournal {
+        try await open(url: PostgresURL.read(file: urlFile), schema: schema, options: options, redactor: redactor, logger: logger)
+    }
+
+    // MARK: Appending
+
+    enum Kind {
+        case event(UInt64?)
+        case checkpoint(UInt64?)
+        case lease
+    }
+
+    @discardableResult
+    public func append(session: SessionID, type: String, payload: [UInt8], epoch: UInt64? = nil) async throws -> UInt64 {
+        try JournalChain.validate(type: type, session: session)
+        return try await submit(session: session, type: Array(type.utf8), payload: payload, kind: .event(epoch)).seq
+    }
+
+    @discardableResult
+    public func checkpoint(session: SessionID, state: [UInt8], epoch: UInt64? = nil) async throws -> UInt64 {
+        try await submit(session: session, type: Array(checkpointEventType.utf8), payload: state, kind: .checkpoint(epoch)).seq
+    }
+
+    public func wake(session: SessionID) async throws -> Lease {
+        let (seq, epoch) = try await submit(session: session, type: Array(leaseEventType.utf8), payload: [], kind: .lease)
+        return Lease(session: session, epoch: epoch, seq: seq)
+    }
+
+    func submit(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
+        let what: String, limit: Int, limitName: String
+        switch kind {
+        case .event: (what, limit, limitName) = ("append", options.maxEventBytes, "maxEventBytes")
+        case .checkpoint: (what, limit, limitName) = ("checkpoint", options.maxCheckpointBytes, "maxCheckpointBytes")
+        case .lease: (what, limit, limitName) = ("wake", options.maxEventBytes, "maxEventBytes")
+        }
+        try checkOpen("\(what) to session \(session)")
+        // Redaction first: nothing unredacted goes over the wire.
+        let clean = redactor.redact(payload)
+        let cleanType = redactor.redact(type)
+        guard clean.count <= limit else {
+            throw SessionLogError(.eventTooLarge, "\(what) to session \(session) refused: the event is \(clean.count) bytes; the limit is \(limit) bytes (option \(limitName))")
+        }
+        guard cleanType.count <= JournalChain.maxTypeBytes else {
+            throw SessionLogError(.invalidArgument, "\(what) to session \(session) refused: the event type is longer than \(JournalChain.maxTypeBytes) bytes after redaction")
+        }
+        let sid = session.rawValue
+        let typeText = String(decoding: cleanType, as: UTF8.self)
+        let timestamp = JournalChain.nowNanos()
+        let (schema, channel, logger) = (self.schema, self.channel, self.logger)
+        let zero = ByteBuffer(bytes: JournalChain.zeroHash)
+        do {
+            let result: (UInt64, UInt64) = try await client.withTransaction(logger: logger) { conn in
+                var row = try await Self.lockRow(conn, schema: schema, sid: sid, logger: logger)
+                if row == nil {
+                    try await conn.query(
+                        "INSERT INTO \(unescaped: schema).sessions (session_id, head_hash) VALUES (\(sid), \(zero)) ON CONFLICT (session_id) DO NOTHING",
+                        logger: logger)
+                    row = try await Self.lockRow(conn, schema: schema, sid: sid, logger: logger)
+                }
+                guard let (lastSeq, head, current) = row else {
+                    throw SessionLogError(.ioError, "\(what) to session \(session) failed: its row in \(schema).sessions vanished during the transaction; retry")
+                }
+                let recordEpoch: Int64
+                switch kind {
+                case .event(let e), .checkpoint(let e):
+                    if let e, e != UInt64(current) {
+                        throw JournalChain.fencingError(what, session: session, epoch: e, current: UInt64(current))
+                    }
+                    recordEpoch = current
+                case .lease:
+                    recordEpoch = current + 1
+                }
+                let seq = lastSeq + 1
+                let hash = JournalChain.hash(
+                    session: session, seq: UInt64(seq), epoch: UInt64(recordEpoch), timestampNanos: timestamp, type: cleanType, payload: clean, prevHash: head)
+                let hashBuffer = ByteBuffer(bytes: hash)
+                let isCheckpoint: Bool
+                if case .checkpoint = kind { isCheckpoint = true } else { isCheckpoint = false }
+                // The database enforces the fencing itself: the row advances only from the
+                // seq and epoch this transaction checked.
+                let rows = try await conn.query(
+                    """
+                    WITH s AS (
+                        UPDATE \(unescaped: schema).sessions
+                           SET last_seq = \(seq), head_hash = \(hashBuffer), lease_epoch = \(recordEpoch),
+                               checkpoint_seq = CASE WHEN \(isCheckpoint) THEN \(seq) ELSE checkpoint_seq END
+                         WHERE session_id = \(sid) AND last_seq = \(lastSeq) AND lease_epoch = \(current)
+                        RETURNING session_id),
+                    e AS (
+                        INSERT INTO \(unescaped: schema).events (session_id, seq, epoch, ts_nanos, type, payload, prev_hash, hash)
+                        SELECT session_id, \(seq), \(recordEpoch), \(timestamp), \(typeText), \(ByteBuffer(bytes: clean)), \(ByteBuffer(bytes: head)), \(hashBuffer) FROM s
+                        RETURNING seq)
+                    SELECT pg_notify(\(channel), \(sid) || ' ' || seq::text) FROM e
+                    """,
+                    logger: logger)
+                var inserted = 0
+                for try await _ in rows { inserted += 1 }
+                guard inserted == 1 else {
+                    throw SessionLogError(.staleEpoch, "\(what) to session \(session) refused by the database: the session moved past seq \(lastSeq) / epoch \(current) during the transaction; call wake")
+                }
+                return (UInt64(seq), UInt64(recordEpoch))
+            }
+            notifier.deliver(session: session, seq: result.0)
+            return result
+        } catch {
+            throw translate(error, "\(what) to session \(session)")
+        }
+    }
+
+    /// The session's row, locked for this transaction: `(last_seq, head_hash, lease_epoch)`.
+    static func lockRow(_ conn: PostgresConnection, schema: String, sid: String, logger: Logger) async throws -> (Int64, [UInt8], Int64)? {
+        let rows = try await conn.query(
+            "SELECT last_seq, head_hash, lease_epoch FROM \(unescaped: schema).sessions WHERE session_id = \(sid) FOR UPDATE", logger: logger)
+        for try await (last, head, epoch) in rows.decode((Int64, ByteBuffer, Int64).self) {
+            return (last, Array(head.readableBytesView), epoch)
+        }
+        return nil
+    }
+
+    // MARK: Reading
+
+    public func event(session: SessionID, seq: UInt64) async throws -> Event? {
+        guard seq > 0, seq <= UInt64(Int64.max) else { return nil }
+        return try await readEvents(session: session, after: seq - 1, limit: 1, what: "read of seq \(seq)").first { $0.seq == seq }
+    }
+
+    public func events(session: SessionID, after: UInt64 = 0) -> EventSequence {
+        EventSequence(session: session, after: after, follow: false) { [self] in Cursor(store: self, session: session, after: after, follow: false) }
+    }
+
+    public func follow(session: SessionID, after: UInt64 = 0) -> EventSequence {
+        EventSequence(session: session, after: after, follow: true) { [self] in Cursor(store: self, session: session, after: after, follow: true) }
+    }
+
+    /// Up to `limit` events of `session` above `after` (and at most `upTo`), in seq order.
+    func readEvents(session: SessionID, after: UInt64, limit: Int, upTo: UInt64 = UInt64(Int64.max), what: String) async throws -> [Event] {
+        try checkOpen("\(what) of session \(session)")
+        let after = Int64(clamping: after), upTo = Int64(clamping: upTo)
+        do {
+            let rows = try await client.query(
+                """
+                SELECT seq, epoch, ts_nanos, type, payload FROM \(unescaped: schema).events
+                 WHERE session_id = \(session.rawValue) AND seq > \(after) AND seq <= \(upTo) ORDER BY seq LIMIT \(limit)
+                """, logger: logger)
+            var out: [Event] = []
+            out.reserveCapacity(min(limit, 4096))
+            for try await (seq, epoch, ts, type, payload) in rows.decode((Int64, Int64, Int64, String, ByteBuffer).self) {
+                out.append(Event(session: session, seq: UInt64(seq), epoch: UInt64(epoch), timestampNanos: ts, type: type, payload: Array(payload.readableBytesView)))
+            }
+            return out
+        } catch {
+            throw translate(error, "\(what) of session \(session)")
+        }
+    }
+
+    /// The session's row: `(last_seq, lease_epoch, checkpoint_seq, head_hash)`, nil when absent.
+    func sessionRow(_ session: SessionID, what: String) async throws -> (last: UInt64, epoch: UInt64, checkpoint: UInt64, head: [UInt8])? {
+        try checkOpen("\(what) of session \(session)")
+        do {
+            let rows = try await client.query(
+                "SELECT last_seq, lease_epoch, checkpoint_seq, head_hash FROM \(unescaped: schema).sessions WHERE session_id = \(session.rawValue)", logger: logger)
+            for try await (last, epoch, cp, head) in rows.decode((Int64, Int64, Int64, ByteBuffer).self) {
+                return (UInt64(last), UInt64(epoch), UInt64(cp), Array(head.readableBytesView))
+            }
+            return nil
+        } catch {
+            throw translate(error, "\(what) of session \(session)")
+        }
+    }
+
+    public func getSession(_ session: SessionID) async throws -> SessionSnapshot {
+        guard let row = try await sessionRow(session, what: "snapshot"), row.last > 0 else {
+            throw SessionLogError(.notFound, "session \(session) has no records in the PostgreSQL journal \(url) (schema \(schema))")
+        }
+        var checkpoint: Checkpoint?
+        var from = row.checkpoint
+        if row.checkpoint > 0, let e = try await event(session: session, seq: row.checkpoint) {
+            checkpoint = Checkpoint(seq: e.seq, epoch: e.epoch, timestampNanos: e.timestampNanos, state: e.payload)
+        } else {
+            from = 0
+        }
+        var events: [Event] = []
+        while true {
+            let chunk = try await readEvents(session: session, after: from, limit: 4096, upTo: row.last, what: "snapshot")
+            guard let last = chunk.last else { break }
+            events.append(contentsOf: chunk)
+            from = last.seq
+        }
+        return SessionSnapshot(session: session, checkpoint: checkpoint, events: events, leaseEpoch: row.epoch, lastSeq: row.last)
+    }
+
+    public func verify(session: SessionID) async throws -> VerifyReport {
+        guard let row = try await sessionRow(session, what: "verify"), row.last > 0 else {
+            throw SessionLogError(.notFound, "session \(session) has no records in the PostgreSQL journal \(url) (schema \(schema))")
+        }
+        let table = "\(schema).events"
+        var prev = JournalChain.zeroHash
+        var verified: UInt64 = 0
+        func broken(_ seq: UInt64, _ reason: String) -> VerifyReport {
+            VerifyReport(session: session, verifiedRecords: verified, firstBroken: .init(seq: seq, segment: table, offset: seq, reason: reason), lastHash: JournalChain.hex(prev))
+        }
+        var after: Int64 = 0
+        do {
+            while true {
+                let rows = try await client.query(
+                    """
+                    SELECT seq, epoch, ts_nanos, type, payload, prev_hash, hash FROM \(unescaped: schema).events
+                     WHERE session_id = \(session.rawValue) AND seq > \(after) ORDER BY seq LIMIT 4096
+                    """, logger: logger)
+                var count = 0
+                for try await (seq, epoch, ts, type, payload, prevHash, hash) in rows.decode((Int64, Int64, Int64, String, ByteBuffer, ByteBuffer, ByteBuffer).self) {
+                    count += 1
+                    after = seq
+                    let expected = verified + 1
+                    guard UInt64(seq) == expected else { return broken(expected, "record seq \(expected) is missing (the next row is seq \(seq))") }
+                    let storedPrev = Array(prevHash.readableBytesView)
+                    guard storedPrev == prev else {
+                        return broken(expected, "its previous-record hash \(JournalChain.hex(storedPrev)) does not match the SHA-256 of seq \(expected - 1) (\(JournalChain.hex(prev)))")
+                    }
+                    let computed = JournalChain.hash(
+                        session: session, seq: expected, epoch: UInt64(epoch), timestampNanos: ts, type: Array(type.utf8), payload: Array(payload.readableBytesView),
+                        prevHash: prev)
+                    guard computed == Array(hash.readableBytesView) else {
+                        return broken(expected, "the row's contents do not hash to its stored SHA-256 (the row was changed after it was written)")
+                    }
+                    prev = computed
+                    verified += 1
+                }
+                if count == 0 { break }
+            }
+        } catch {
+            throw translate(error, "verify of session \(session)")
+        }
+        if verified < row.last { return broken(verified + 1, "record seq \(verified + 1) is missing (the session's row says its last seq is \(row.last))") }
+        if row.head != prev { return broken(row.last, "the session's head hash \(JournalChain.hex(row.head)) is not the SHA-256 of its last record") }
+        return VerifyReport(session: session, verifiedRecords: verified, firstBroken: nil, lastHash: JournalChain.hex(prev))
+    }
+
+    public func sessions() async throws -> [SessionID] {
+        try checkOpen("listing of sessions")
+        do {
+            var out: [SessionID] = []
+            for try await id in try await client.query("SELECT session_id FROM \(unescaped: schema).sessions WHERE last_seq > 0", logger: logger).decode(String.self) {
+                if let sid = try? SessionID(id) { out.append(sid) }
+            }
+            return out.sorted()
+        } catch {
+            throw translate(error, "listing of sessions")
+        }
+    }
+
+    public func lastSeq(session: SessionID) async throws -> UInt64 {
+        try await sessionRow(session, what: "lastSeq")?.last ?? 0
+    }
+
+    public func leaseEpoch(session: SessionID) async throws -> UInt64 {
+        try await sessionRow(session, what: "leaseEpoch")?.epoch ?? 0
+    }
+
+    // MARK: Closing
+
+    /// Ends followers and closes every connection; later calls fail with `.closed`.
+    public func close() async throws {
+        let already = lock.withLock {
+            let was = closed
+            closed = true
+            return was
+        }
+        if already { return }
+        notifier.close()
+        runTask.cancel()
+        await runTask.value
+    }
+
+    var isClosed: Bool { lock.withLock { closed } }
+
+    func checkOpen(_ what: String) throws {
+        if isClosed { throw SessionLogError(.closed, "\(what) refused: the PostgreSQL journal \(url) is closed") }
+    }
+
+    // MARK: LISTEN/NOTIFY
+
+    /// Keeps one pooled connection listening on the store's channel; reconnects after a
+    /// failure and wakes every follower so that they re-read what they may have missed.
+    func startListener() {
+        let (client, channel, notifier, logger) = (self.client, self.channel, self.notifier, self.logger)
+        Task {
+            var failures = 0
+            while !notifier.isClosed {
+                do {
+                    try await client.withConnection { conn in
+                        try await conn.listen(on: channel) { notifications in
+                            notifier.setListening(true)
+                            failures = 0
+                            for try await n in notifications {
+                                let parts = n.payload.split(separator: " ")
+                                if parts.count == 2, let sid = try? SessionID(String(parts[0])), let seq = UInt64(parts[1]) {
+                                    notifier.deliver(session: sid, seq: seq)
+                                }
+                            }
+                        }
+                    }
+                } catch {
+                    if !notifier.isClosed { logger.warning("journal LISTEN connection lost; reconnecting", metadata: ["channel": "\(channel)"]) }
+                }
+                notifier.setListening(false)
+                if notifier.isClosed { break }
+                failures += 1
+                try? await Task.sleep(for: .milliseconds(min(2000, 50 * failures)))
+            }
+        }
+    }
+
+    // MARK: Errors
+
+    static func translateOpening(_ error: any Error, url: PostgresURL, schema: String) -> SessionLogError {
+        let e = describe(error)
+        if e.code != .ioError { return e.error ?? SessionLogError(e.code, e.detail) }
+        return SessionLogError(.ioError, "opening the journal (schema \(schema)) at PostgreSQL \(url) failed: \(e.detail) — check that the server runs, and the URL file's user, password and database")
+    }
+
+    /// Maps any error to `SessionLogError`: ours pass through; PostgreSQL's name the server,
+    /// the SQLSTATE and the server's message (never the password or the query's values).
+    func translate(_ error: any Error, _ what: String) -> SessionLogError {
+        let e = Self.describe(error)
+        if let own = e.error { return own }
+        if e.closing, isClosed { return SessionLogError(.closed, "\(what) refused: the PostgreSQL journal \(url) is closed") }
+        if e.code == .closed { return SessionLogError(.closed, "\(what) cancelled") }
+        return SessionLogError(.ioError, "\(what) failed at PostgreSQL \(url) (schema \(schema)): \(e.detail); nothing unacknowledged was kept — check the server and retry")
+    }
+
+    /// What an error says, without secrets: our own error as is, else the SQLSTATE and the
+    /// server's message, or the driver's code and the transport's error.
+    static func describe(_ error: any Error) -> (error: SessionLogError?, code: SessionLogError.Code, detail: String, closing: Bool) {
+        if let e = error as? SessionLogError { return (e, e.code, e.message, false) }
+        if let t = error as? PostgresTransactionError, let inner = t.closureError ?? t.beginError ?? t.commitError { return describe(inner) }
+        if let p = error as? PSQLError {
+            var detail = "\(p.code)"
+            if let info = p.serverInfo {
+                detail = "SQLSTATE \(info[.sqlState] ?? "?"): \(info[.message] ?? "")"
+            } else if let underlying = p.underlying {
+                detail += " (\(String(describing: underlying)))"
+            }
+            return (nil, .ioError, detail, p.code == .poolClosed || p.code == .clientClosedConnection)
+        }
+        if error is CancellationError { return (nil, .closed, "cancelled", false) }
+        return (nil, .ioError, "\(type(of: error))", false)
+    }
+}
+
+/// Runs `body`, failing with `.ioError` when it takes longer than `seconds`.
+func withDeadline<T: Sendable>(seconds: Double, what: String, _ body: @escaping @Sendable () async throws -> T) async throws -> T {
+    try await withThrowingTaskGroup(of: T?.self) { group in
+        group.addTask { try await body() }
+        group.addTask {
+            try await Task.sleep(for: .seconds(seconds))
+            return nil
+        }
+        defer { group.cancelAll() }
+        guard let first = try await group.next(), let value = first else {
+            throw SessionLogError(.ioError, "\(what) took longer than \(Int(seconds)) s: is PostgreSQL running and reachable?")
+        }
+        return value
+    }
+}
+
+/// Where followers wait for new events: fed by the LISTEN connection and by this process's own
+/// appends.
+final class Notifier: @unchecked Sendable {
+    // Invariant for @unchecked Sendable: every `var` is accessed only under `lock`.
+    private let lock = NSLock()
+    private var latest: [SessionID: UInt64] = [:]
+    private var waiters: [SessionID: [UInt64: (above: UInt64, continuation: CheckedContinuation<Void, Never>)]] = [:]
+    private var listeningWaiters: [CheckedContinuation<Void, Never>] = []
+    private var nextID: UInt64 = 0
+    private var listening = false
+    private var closed = false
+    /// Bumped whenever the LISTEN connection drops: notifications may have been missed.
+    private var generation: UInt64 = 0
+
+    var isClosed: Bool { lock.withLock { closed } }
+    var currentGeneration: UInt64 { lock.withLock { generation } }
+
+    func setListening(_ on: Bool) {
+        let woken: [CheckedContinuation<Void, Never>] = lock.withLock {
+            listening = on
+            if !on {
+                generation += 1
+                let all = waiters.values.flatMap { $0.values.map(\.continuation) }
+                waiters.removeAll()
+                return all
+            }
+            defer { listeningWaiters.removeAll() }
+            return listeningWaiters
+        }
+        woken.forEach { $0.resume() }
+    }
+
+    /// Returns once the LISTEN is in place (or the store closed).
+    func waitUntilListening() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            lock.lock()
+            if listening || closed {
+                lock.unlock()
+                c.resume()
+                return
+            }
+            listeningWaiters.append(c)
+            lock.unlock()
+        }
+    }
+
+    func deliver(session: SessionID, seq: UInt64) {
+        let woken: [CheckedContinuation<Void, Never>] = lock.withLock {
+            if seq > latest[session] ?? 0 { latest[session] = seq }
+            guard var list = waiters[session] else { return [] }
+            var out: [CheckedContinuation<Void, Never>] = []
+            for (id, w) in list where seq > w.above {
+                out.append(w.continuation)
+                list.removeValue(forKey: id)
+            }
+            waiters[session] = list.isEmpty ? nil : list
+            return out
+        }
+        woken.forEach { $0.resume() }
+    }
+
+    /// Suspends until an event above `seq` of `session` was announced, the LISTEN connection
+    /// changed since `generation`, the store closed, or the task is cancelled.
+    func wait(session: SessionID, above seq: UInt64, generation seen: UInt64) async {
+        let id: UInt64 = lock.withLock {
+            nextID += 1
+            return nextID
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                lock.lock()
+                if closed || Task.isCancelled || generation != seen || (latest[session] ?? 0) > seq {
+                    lock.unlock()
+                    c.resume()
+                    return
+                }
+                waiters[session, default: [:]][id] = (seq, c)
+                lock.unlock()
+            }
+        } onCancel: {
+            let c = lock.withLock { waiters[session]?.removeValue(forKey: id)?.continuation }
+            c?.resume()
+        }
+    }
+
+    func close() {
+        let woken: [CheckedContinuation<Void, Never>] = lock.withLock {
+            closed = true
+            let all = waiters.values.flatMap { $0.values.map(\.continuation) } + listeningWaiters
+            waiters.removeAll()
+            listeningWaiters.removeAll()
+            return all
+        }
+        woken.forEach { $0.resume() }
+    }
+}
+
+/// Reads a session in chunks of 4096 rows; with `follow`, waits on the notifier between them.
+final class Cursor: EventCursor {
+    let store: PostgresJournal
+    let session: SessionID
+    var after: UInt64
+    let follow: Bool
+    var buffer: [Event] = []
+    var index = 0
+    var listening = false
+
+    init(store: PostgresJournal, session: SessionID, after: UInt64, follow: Bool) {
+        (self.store, self.session, self.after, self.follow) = (store, session, after, follow)
+    }
+
+    func next() async throws -> Event? {
+        while true {
+            if index < buffer.count {
+                defer { index += 1 }
+                after = buffer[index].seq
+                return buffer[index]
+            }
+            if Task.isCancelled { return nil }
+            if follow && !listening {
+                // Listen before the first read, so that nothing committed after it is missed.
+                await store.notifier.waitUntilListening()
+                listening = true
+            }
+            let generation = store.notifier.currentGeneration
+            if follow && store.isClosed { return nil }
+            let chunk: [Event]
+            do {
+                chunk = try await store.readEvents(session: session, after: after, limit: 4096, what: follow ? "follow" : "replay")
+            } catch let error as SessionLogError where (follow && error.code == .closed) || Task.isCancelled {
+                return nil  // a follow ends when the store closes; any read ends when cancelled
+            }
+            buffer = chunk
+            index = 0
+            if !chunk.isEmpty { continue }
+            guard follow else { return nil }
+            await store.notifier.wait(session: session, above: after, generation: generation)
+            if Task.isCancelled || store.isClosed { return nil }
+        }
+    }
+}
