@@ -190,6 +190,8 @@ let package = Package(
             dependencies: [
                 "AgentdClient", "Runtime", "Policy", "EngineAPI", "SystemdBus", "SessionLog", "PostgresStore", "CSQLite", "CCurl", "Hands", "SandboxAgentClient",
                 "EgressProxy", "VaultProxy",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -36,6 +36,10 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     let logger: Logger
     let lock = NSLock()
     var closed = false
+    /// Per session, the row as this node last wrote or read it (a hint: the database checks it).
+    let heads = LockedBox<[SessionID: Head]>([:])
+    /// Per session, this process's appends one at a time.
+    let gates = SessionGates()
 
     /// Channel of the notifications for this schema's appends.
     var channel: String { "agentd_journal_\(schema)" }
@@ -94,8 +98,11 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     }
 
     /// `open(url:…)` with the URL read from a file.
-    public static func open(urlFile: String, schema: String = "agentd", options: SessionStoreOptions = SessionStoreOptions(), redactor: Redactor = Redactor(), logger: Logger = Logger(label: "agentd.pgstore")) async throws -> PostgresJournal {
-        try await open(url: PostgresURL.read(file: urlFile), schema: schema, options: options, redactor: redactor, logger: logger)
+    public static func open(
+        urlFile: String, schema: String = "agentd", options: SessionStoreOptions = SessionStoreOptions(), redactor: Redactor = Redactor(),
+        maximumConnections: Int = 32, logger: Logger = Logger(label: "agentd.pgstore")
+    ) async throws -> PostgresJournal {
+        try await open(url: PostgresURL.read(file: urlFile), schema: schema, options: options, redactor: redactor, maximumConnections: maximumConnections, logger: logger)
     }
 
     // MARK: Appending
@@ -139,78 +146,103 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
         guard cleanType.count <= JournalChain.maxTypeBytes else {
             throw SessionLogError(.invalidArgument, "\(what) to session \(session) refused: the event type is longer than \(JournalChain.maxTypeBytes) bytes after redaction")
         }
-        let sid = session.rawValue
         let typeText = String(decoding: cleanType, as: UTF8.self)
-        let timestamp = JournalChain.nowNanos()
-        let (schema, channel, logger) = (self.schema, self.channel, self.logger)
-        let zero = ByteBuffer(bytes: JournalChain.zeroHash)
+        let isCheckpoint: Bool
+        if case .checkpoint = kind { isCheckpoint = true } else { isCheckpoint = false }
+        // Appends of one session from this process go one at a time (the database would
+        // serialise them on the row anyway); other sessions are not held up.
+        await gates.enter(session)
+        defer { gates.leave(session) }
         do {
-            let result: (UInt64, UInt64) = try await client.withTransaction(logger: logger) { conn in
-                var row = try await Self.lockRow(conn, schema: schema, sid: sid, logger: logger)
-                if row == nil {
-                    try await conn.query(
-                        "INSERT INTO \(unescaped: schema).sessions (session_id, head_hash) VALUES (\(sid), \(zero)) ON CONFLICT (session_id) DO NOTHING",
-                        logger: logger)
-                    row = try await Self.lockRow(conn, schema: schema, sid: sid, logger: logger)
-                }
-                guard let (lastSeq, head, current) = row else {
-                    throw SessionLogError(.ioError, "\(what) to session \(session) failed: its row in \(schema).sessions vanished during the transaction; retry")
-                }
-                let recordEpoch: Int64
+            var reloaded = false
+            for _ in 0..<100 {
+                let cached = heads.withLock { $0[session] }
+                let head: Head
+                if let cached { head = cached } else { head = try await loadHead(session); reloaded = true }
+                let recordEpoch: UInt64
                 switch kind {
                 case .event(let e), .checkpoint(let e):
-                    if let e, e != UInt64(current) {
-                        throw JournalChain.fencingError(what, session: session, epoch: e, current: UInt64(current))
+                    if let e, e != head.epoch {
+                        // The cache may be behind another node's wake: decide on the database's row.
+                        if !reloaded { forget(session); continue }
+                        throw JournalChain.fencingError(what, session: session, epoch: e, current: head.epoch)
                     }
-                    recordEpoch = current
+                    recordEpoch = head.epoch
                 case .lease:
-                    recordEpoch = current + 1
+                    recordEpoch = head.epoch + 1
                 }
-                let seq = lastSeq + 1
+                let seq = head.last + 1
+                let timestamp = JournalChain.nowNanos()
                 let hash = JournalChain.hash(
-                    session: session, seq: UInt64(seq), epoch: UInt64(recordEpoch), timestampNanos: timestamp, type: cleanType, payload: clean, prevHash: head)
-                let hashBuffer = ByteBuffer(bytes: hash)
-                let isCheckpoint: Bool
-                if case .checkpoint = kind { isCheckpoint = true } else { isCheckpoint = false }
-                // The database enforces the fencing itself: the row advances only from the
-                // seq and epoch this transaction checked.
-                let rows = try await conn.query(
-                    """
-                    WITH s AS (
-                        UPDATE \(unescaped: schema).sessions
-                           SET last_seq = \(seq), head_hash = \(hashBuffer), lease_epoch = \(recordEpoch),
-                               checkpoint_seq = CASE WHEN \(isCheckpoint) THEN \(seq) ELSE checkpoint_seq END
-                         WHERE session_id = \(sid) AND last_seq = \(lastSeq) AND lease_epoch = \(current)
-                        RETURNING session_id),
-                    e AS (
-                        INSERT INTO \(unescaped: schema).events (session_id, seq, epoch, ts_nanos, type, payload, prev_hash, hash)
-                        SELECT session_id, \(seq), \(recordEpoch), \(timestamp), \(typeText), \(ByteBuffer(bytes: clean)), \(ByteBuffer(bytes: head)), \(hashBuffer) FROM s
-                        RETURNING seq)
-                    SELECT pg_notify(\(channel), \(sid) || ' ' || seq::text) FROM e
-                    """,
-                    logger: logger)
-                var inserted = 0
-                for try await _ in rows { inserted += 1 }
-                guard inserted == 1 else {
-                    throw SessionLogError(.staleEpoch, "\(what) to session \(session) refused by the database: the session moved past seq \(lastSeq) / epoch \(current) during the transaction; call wake")
+                    session: session, seq: seq, epoch: recordEpoch, timestampNanos: timestamp, type: cleanType, payload: clean, prevHash: head.hash)
+                if try await insert(session, seq: seq, epoch: recordEpoch, after: head, timestamp: timestamp, type: typeText, payload: clean, hash: hash, isCheckpoint: isCheckpoint) {
+                    heads.withLock { $0[session] = Head(last: seq, hash: hash, epoch: recordEpoch) }
+                    notifier.deliver(session: session, seq: seq)
+                    return (seq, recordEpoch)
                 }
-                return (UInt64(seq), UInt64(recordEpoch))
+                // Another node appended or woke the session since this node last saw it.
+                forget(session)
+                reloaded = false
             }
-            notifier.deliver(session: session, seq: result.0)
-            return result
+            throw SessionLogError(.ioError, "\(what) to session \(session) gave up: other writers moved the session on 100 times in a row; retry")
         } catch {
+            forget(session)
             throw translate(error, "\(what) to session \(session)")
         }
     }
 
-    /// The session's row, locked for this transaction: `(last_seq, head_hash, lease_epoch)`.
-    static func lockRow(_ conn: PostgresConnection, schema: String, sid: String, logger: Logger) async throws -> (Int64, [UInt8], Int64)? {
-        let rows = try await conn.query(
-            "SELECT last_seq, head_hash, lease_epoch FROM \(unescaped: schema).sessions WHERE session_id = \(sid) FOR UPDATE", logger: logger)
-        for try await (last, head, epoch) in rows.decode((Int64, ByteBuffer, Int64).self) {
-            return (last, Array(head.readableBytesView), epoch)
+    /// What this node last knew of a session's row.
+    struct Head: Sendable {
+        var last: UInt64
+        var hash: [UInt8]
+        var epoch: UInt64
+    }
+
+    func forget(_ session: SessionID) { _ = heads.withLock { $0.removeValue(forKey: session) } }
+
+    /// Reads the session's row, creating it (seq 0, zero hash, epoch 0) when absent.
+    func loadHead(_ session: SessionID) async throws -> Head {
+        if let row = try await sessionRow(session, what: "append") { return Head(last: row.last, hash: row.head, epoch: row.epoch) }
+        try await client.query(
+            "INSERT INTO \(unescaped: schema).sessions (session_id, head_hash) VALUES (\(session.rawValue), \(ByteBuffer(bytes: JournalChain.zeroHash))) ON CONFLICT (session_id) DO NOTHING",
+            logger: logger)
+        guard let row = try await sessionRow(session, what: "append") else {
+            throw SessionLogError(.ioError, "append to session \(session) failed: its row in \(schema).sessions vanished right after it was created; retry")
         }
-        return nil
+        return Head(last: row.last, hash: row.head, epoch: row.epoch)
+    }
+
+    /// One statement, one implicit transaction: the session's row advances from exactly `head`
+    /// (seq, head hash and lease epoch) to the new event, the event row is inserted and the
+    /// followers are notified. The row lock of the UPDATE orders concurrent writers; a writer
+    /// whose view is stale (another append, another node's wake) matches no row and nothing is
+    /// written — the database itself refuses it.
+    /// - Returns: whether the event was written.
+    func insert(
+        _ session: SessionID, seq: UInt64, epoch: UInt64, after head: Head, timestamp: Int64, type: String, payload: [UInt8], hash: [UInt8], isCheckpoint: Bool
+    ) async throws -> Bool {
+        let sid = session.rawValue
+        let (newSeq, newEpoch, lastSeq, lastEpoch) = (Int64(seq), Int64(epoch), Int64(head.last), Int64(head.epoch))
+        let hashBuffer = ByteBuffer(bytes: hash)
+        let prevBuffer = ByteBuffer(bytes: head.hash)
+        let rows = try await client.query(
+            """
+            WITH s AS (
+                UPDATE \(unescaped: schema).sessions
+                   SET last_seq = \(newSeq), head_hash = \(hashBuffer), lease_epoch = \(newEpoch),
+                       checkpoint_seq = CASE WHEN \(isCheckpoint) THEN \(newSeq) ELSE checkpoint_seq END
+                 WHERE session_id = \(sid) AND last_seq = \(lastSeq) AND lease_epoch = \(lastEpoch) AND head_hash = \(prevBuffer)
+                RETURNING session_id),
+            e AS (
+                INSERT INTO \(unescaped: schema).events (session_id, seq, epoch, ts_nanos, type, payload, prev_hash, hash)
+                SELECT session_id, \(newSeq), \(newEpoch), \(timestamp), \(type), \(ByteBuffer(bytes: payload)), \(prevBuffer), \(hashBuffer) FROM s
+                RETURNING seq)
+            SELECT pg_notify(\(channel), \(sid) || ' ' || seq::text) FROM e
+            """,
+            logger: logger)
+        var inserted = 0
+        for try await _ in rows { inserted += 1 }
+        return inserted == 1
     }
 
     // MARK: Reading
@@ -441,6 +473,54 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
         }
         if error is CancellationError { return (nil, .closed, "cancelled", false) }
         return (nil, .ioError, "\(type(of: error))", false)
+    }
+}
+
+/// A value behind a lock.
+final class LockedBox<Value>: @unchecked Sendable {
+    // Invariant for @unchecked Sendable: `value` is accessed only under `lock`.
+    private let lock = NSLock()
+    private var value: Value
+    init(_ value: Value) { self.value = value }
+    func withLock<T>(_ body: (inout Value) -> T) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return body(&value)
+    }
+}
+
+/// One FIFO gate per session: `enter` waits until the previous holder `leave`s.
+final class SessionGates: @unchecked Sendable {
+    // Invariant for @unchecked Sendable: `queues` is accessed only under `lock`.
+    private let lock = NSLock()
+    /// Per held session, the waiters behind the holder (an empty array: held, nobody waiting).
+    private var queues: [SessionID: [CheckedContinuation<Void, Never>]] = [:]
+
+    func enter(_ session: SessionID) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let free: Bool = lock.withLock {
+                if queues[session] == nil {
+                    queues[session] = []
+                    return true
+                }
+                queues[session]!.append(c)
+                return false
+            }
+            if free { c.resume() }
+        }
+    }
+
+    func leave(_ session: SessionID) {
+        let next: CheckedContinuation<Void, Never>? = lock.withLock {
+            guard var waiting = queues[session], !waiting.isEmpty else {
+                queues[session] = nil
+                return nil
+            }
+            let first = waiting.removeFirst()
+            queues[session] = waiting
+            return first
+        }
+        next?.resume()  // the gate passes straight to it
     }
 }
 
