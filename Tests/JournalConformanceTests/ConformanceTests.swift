@@ -278,6 +278,53 @@ struct PostgresSpecificTests {
         #expect(error?.message.contains("password authentication failed") == true, "\(error?.message ?? "")")
     }
 
+    /// Two nodes (two journals on one schema) appending to one session at once: the database
+    /// orders them, nothing is lost or duplicated, the chain holds; a follower on one node sees
+    /// the other node's appends through NOTIFY.
+    @Test func twoNodesShareASessionWithoutLossOrDuplicates() async throws {
+        try await withJournal(.postgres) { h in
+            guard let a = h.postgres else { return }
+            let b = try await PostgresJournal.open(urlFile: ProcessInfo.processInfo.environment["AGENTD_POSTGRES_URL_FILE"]!, schema: a.schema)
+            let s = sid("shared")
+            let perWriter = 10
+            let (progress, tell) = AsyncStream.makeStream(of: Int.self)
+            let follower = Task {
+                var seen: [UInt64] = []
+                for try await e in b.follow(session: s, after: 0) {
+                    seen.append(e.seq)
+                    tell.yield(seen.count)
+                    if seen.count == 1 + 2 * 8 * perWriter { break }
+                }
+                return seen
+            }
+            try await a.append(session: s, type: "first", payload: [], epoch: nil)
+            var iterator = progress.makeAsyncIterator()
+            _ = await iterator.next()  // b's follower is live
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for (node, journal) in [a, b].enumerated() {
+                    for w in 0..<8 {
+                        group.addTask {
+                            for i in 0..<perWriter { try await journal.append(session: s, type: "w", payload: bytes("\(node)-\(w)-\(i)"), epoch: nil) }
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            let events = try await allEvents(a, s)
+            #expect(events.map(\.seq) == Array(1...UInt64(1 + 2 * 8 * perWriter)))
+            #expect(Set(events.dropFirst().map(\.payloadText)).count == 2 * 8 * perWriter)
+            #expect(try await b.verify(session: s).isIntact)
+            #expect(try await follower.value == Array(1...UInt64(1 + 2 * 8 * perWriter)))
+            // A wake on b fences a's Brain, though a's cache still holds the old epoch.
+            let first = try await a.wake(session: s)
+            let second = try await b.wake(session: s)
+            let stale = await #expect(throws: SessionLogError.self) { try await a.append(session: s, type: "late", payload: [], epoch: first.epoch) }
+            #expect(stale?.code == .staleEpoch)
+            try await a.append(session: s, type: "current", payload: [], epoch: second.epoch)
+            try await b.close()
+        }
+    }
+
     @Test func migrationsAreRecordedAndAppliedOnce() async throws {
         try await withJournal(.postgres) { h in
             guard let pg = h.postgres else { return }
