@@ -40,6 +40,8 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     let heads = LockedBox<[SessionID: Head]>([:])
     /// Per session, this process's appends one at a time.
     let gates = SessionGates()
+    /// Sends the NOTIFYs of this node's appends, batched, after they committed.
+    let announcer: Announcer
 
     /// Channel of the notifications for this schema's appends.
     var channel: String { "agentd_journal_\(schema)" }
@@ -47,6 +49,7 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     private init(url: PostgresURL, schema: String, options: SessionStoreOptions, redactor: Redactor, client: PostgresClient, runTask: Task<Void, Never>, logger: Logger) {
         (self.url, self.schema, self.options, self.redactor, self.client, self.runTask, self.logger) = (url, schema, options, redactor, client, runTask, logger)
         notifier = Notifier()
+        announcer = Announcer(client: client, channel: "agentd_journal_\(schema)", logger: logger)
     }
 
     /// Connects, applies the schema's migrations and returns the store.
@@ -178,6 +181,7 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
                 if try await insert(session, seq: seq, epoch: recordEpoch, after: head, timestamp: timestamp, type: typeText, payload: clean, hash: hash, isCheckpoint: isCheckpoint) {
                     heads.withLock { $0[session] = Head(last: seq, hash: hash, epoch: recordEpoch) }
                     notifier.deliver(session: session, seq: seq)
+                    announcer.post(session: session, seq: seq)
                     return (seq, recordEpoch)
                 }
                 // Another node appended or woke the session since this node last saw it.
@@ -237,7 +241,7 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
                 INSERT INTO \(unescaped: schema).events (session_id, seq, epoch, ts_nanos, type, payload, prev_hash, hash)
                 SELECT session_id, \(newSeq), \(newEpoch), \(timestamp), \(type), \(ByteBuffer(bytes: payload)), \(prevBuffer), \(hashBuffer) FROM s
                 RETURNING seq)
-            SELECT pg_notify(\(channel), \(sid) || ' ' || seq::text) FROM e
+            SELECT seq FROM e
             """,
             logger: logger)
         var inserted = 0
@@ -473,6 +477,53 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
         }
         if error is CancellationError { return (nil, .closed, "cancelled", false) }
         return (nil, .ioError, "\(type(of: error))", false)
+    }
+}
+
+/// Announces committed appends to the other nodes: `NOTIFY` runs in its own statement after
+/// the appends committed, never inside them — PostgreSQL serialises the commits of every
+/// transaction that notifies (one lock for the whole database, held through the commit's WAL
+/// flush), which would take group commit away from concurrent appenders. One sender at a time
+/// takes every pending announcement (the highest seq per session) and sends them in one
+/// statement, so many appenders share one round trip.
+final class Announcer: @unchecked Sendable {
+    // Invariant for @unchecked Sendable: `pending` and `sending` are accessed only under `lock`.
+    private let lock = NSLock()
+    private var pending: [SessionID: UInt64] = [:]
+    private var sending = false
+    private let client: PostgresClient
+    private let channel: String
+    private let logger: Logger
+
+    init(client: PostgresClient, channel: String, logger: Logger) {
+        (self.client, self.channel, self.logger) = (client, channel, logger)
+    }
+
+    func post(session: SessionID, seq: UInt64) {
+        let start: Bool = lock.withLock {
+            if seq > pending[session] ?? 0 { pending[session] = seq }
+            if sending { return false }
+            sending = true
+            return true
+        }
+        guard start else { return }
+        let (client, channel, logger) = (self.client, self.channel, self.logger)
+        Task { [self] in
+            while true {
+                let batch: [String] = lock.withLock {
+                    let out = pending.map { "\($0.key.rawValue) \($0.value)" }
+                    pending.removeAll()
+                    if out.isEmpty { sending = false }
+                    return out
+                }
+                if batch.isEmpty { return }
+                do {
+                    try await client.query("SELECT pg_notify(\(channel), p) FROM unnest(\(batch)::text[]) AS p", logger: logger)
+                } catch {
+                    logger.warning("journal NOTIFY failed; followers on other nodes see these events with the session's next append", metadata: ["count": "\(batch.count)"])
+                }
+            }
+        }
     }
 }
 

@@ -13,6 +13,8 @@ import SessionLog
 ///   append through postgres-nio.
 /// - `pg.bare.autocommit.*`: one `INSERT` committed on its own (one round trip), for reference.
 /// - `pgstore.*`: `PostgresJournal.append`; 64 writers on 64 sessions, and on one session.
+/// - `pgstore.follow.nodes2.*`: from an append on one journal to its delivery to a follower on
+///   another journal of the same schema (two nodes in one process).
 /// - `pgstore.replay.rate`: `events(session:)` over 100 000 events of one session (the issue
 ///   asks for 1 M; 100 k keeps the area under a minute here).
 ///
@@ -92,6 +94,31 @@ enum PgStoreBench {
         guard try await store.verify(session: one).isIntact, try await store.verify(session: ids[0]).isIntact else {
             throw BenchError("pgstore: a chain written by the benchmark does not verify")
         }
+
+        // Follow latency across nodes: a second journal on the same schema (node B) follows a
+        // session that node A appends to, one event at a time; from the start of A's append to
+        // B's delivery (NOTIFY after the commit, then B's read).
+        let nodeB = try await PostgresJournal.open(urlFile: file, schema: schema)
+        let followed = try SessionID("pg-follow")
+        try await store.append(session: followed, type: "start", payload: payload)
+        let (arrivals, tell) = AsyncStream.makeStream(of: UInt64.self)
+        let follower = Task {
+            for try await e in nodeB.follow(session: followed, after: 0) { tell.yield(e.seq) }
+        }
+        var arrived = arrivals.makeAsyncIterator()
+        _ = await arrived.next()  // B has listened and delivered seq 1
+        var followLatencies: [Double] = []
+        for _ in 0..<300 {
+            let t0 = now()
+            let seq = try await store.append(session: followed, type: "tool.result", payload: payload)
+            while let s = await arrived.next(), s < seq {}
+            followLatencies.append((now() - t0) * 1e6)
+        }
+        follower.cancel()
+        try await nodeB.close()
+        followLatencies.sort()
+        report.figure("pgstore.follow.nodes2.p50", percentile(followLatencies, 50), "us")
+        report.figure("pgstore.follow.nodes2.p99", percentile(followLatencies, 99), "us")
 
         // The file journal next to it (same payload, same shape).
         let dir = NSTemporaryDirectory() + "agentd-pgstore-bench-\(getpid())"
