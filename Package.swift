@@ -284,7 +284,11 @@ let package = Package(
             ],
             swiftSettings: strict),
         .testTarget(
-            name: "RuntimeTests", dependencies: ["Runtime", "Hands", "SessionLog", "Policy", "Vault", "JSONValues", "TestSupport"],
+            name: "RuntimeTests",
+            dependencies: [
+                "Runtime", "Hands", "SessionLog", "PostgresStore", "Policy", "Vault", "JSONValues", "TestSupport",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+            ],
             swiftSettings: strict),
     ]
 )
