@@ -264,6 +264,15 @@ struct PostgresSpecificTests {
         #expect(bad?.message.contains("hunter2") == false)
     }
 
+    @Test func anUnreachableServerIsAClearErrorWithoutThePassword() async throws {
+        // Port 1 on loopback: nothing listens there, the connection is refused at once.
+        let url = try PostgresURL(parsing: "postgres://agentd:Unreachable99@127.0.0.1:1/agentd")
+        let error = await #expect(throws: SessionLogError.self) { try await PostgresJournal.open(url: url, schema: "never_created") }
+        #expect(error?.code == .ioError)
+        #expect(error?.message.contains("127.0.0.1:1") == true, "\(error?.message ?? "")")
+        #expect(error?.message.contains("Unreachable99") == false)
+    }
+
     @Test func aWrongPasswordIsAClearErrorWithoutThePassword() async throws {
         guard let file = ProcessInfo.processInfo.environment["AGENTD_POSTGRES_URL_FILE"] else {
             if ProcessInfo.processInfo.environment["CI"] == "true" { throw MissingPostgres() }
