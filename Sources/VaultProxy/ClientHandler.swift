@@ -504,6 +504,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(listener.proxy.configuration.connectTimeout)
             .channelOption(.autoRead, value: false)
+            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 65_536, maximum: 256 << 10))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandlers([

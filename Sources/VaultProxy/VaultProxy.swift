@@ -123,6 +123,9 @@ public final class VaultProxy: Sendable {
         let bootstrap = ServerBootstrap(group: core.group)
             .serverChannelOption(.backlog, value: 128)
             .childChannelOption(.autoRead, value: false)
+            // A unix socket queues only its send buffer (208 KiB by default): with 2 MiB a
+            // download reaches the sandbox in fewer, larger writes and wake-ups (`make bench`).
+            .childChannelOption(.socketOption(.so_sndbuf), value: 2 << 20)
             .childChannelInitializer { channel in
                 let admitted = context.connections.withLockedValue { open in
                     guard open.count < configuration.maxConnectionsPerListener else { return false }
