@@ -171,8 +171,8 @@ let package = Package(
         .executableTarget(
             name: "agentd",
             dependencies: [
-                "EngineAPI", "SystemdBus", "SessionLog", "Policy", "Hands", "Runtime", "Service", "Vault", "EgressProxy", "VaultProxy",
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                "EngineAPI", "SystemdBus", "SessionLog", "PostgresStore", "Policy", "Hands", "Runtime", "Service", "Vault", "EgressProxy",
+                "VaultProxy", .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

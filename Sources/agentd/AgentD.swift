@@ -5,6 +5,7 @@ import Foundation
 import Hands
 import Logging
 import Policy
+import PostgresStore
 import Runtime
 import Service
 import ServiceLifecycle
@@ -71,6 +72,17 @@ struct AgentD: AsyncParsableCommand {
     @Option(help: "Free space (MiB) kept for the journal on the state directory's disk: a workspace is refused when it would leave less.")
     var workspaceReserveMib: Int = WorkspaceImages.defaultReserveBytes >> 20
 
+    @Option(
+        name: .customLong("store"),
+        help: "Where sessions are kept: `file` (the journal under --state-dir, the default) or `postgres` (a PostgreSQL database, URL from --store-url-file).")
+    var storeKind = "file"
+
+    @Option(help: "With --store postgres: a file holding postgres://USER:PASSWORD@HOST:PORT/DATABASE (the URL never goes on the command line); default $CREDENTIALS_DIRECTORY/postgres-url (systemd's LoadCredential=postgres-url:PATH).")
+    var storeUrlFile: String?
+
+    @Option(help: "With --store postgres: the database schema of agentd's tables (1-40 of [a-z0-9_]); migrations are applied at start.")
+    var storeSchema = "agentd"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -106,9 +118,7 @@ struct AgentD: AsyncParsableCommand {
 
         // The journal. Its event ceiling covers the largest limit any policy may set; each
         // session's own policy limit is enforced by the runtime.
-        let store = try await SessionStore.open(
-            directory: stateDir + "/journal", options: SessionStoreOptions(maxEventBytes: Runtime.journalEventCeiling), redactor: Redactor(),
-            logger: Logger(label: "agentd.journal"))
+        let store = try await openStore(environment: environment)
         // Credentials of the policies in force go to the redactor now and after every reload.
         let registrar = CredentialRegistrar(
             resolver: CredentialResolver(environment: environment), redactor: store.redactor, logger: Logger(label: "agentd.vault"))
@@ -267,6 +277,26 @@ struct AgentD: AsyncParsableCommand {
 
     /// The instance id kept in the state directory: sandboxes are labelled with it, so that a
     /// restarted agentd finds (and removes) what its predecessor left.
+    /// The Session store `--store` names: the file journal under the state directory, or
+    /// PostgreSQL with the URL read from a file (so its password is in no argv and no log).
+    func openStore(environment: [String: String]) async throws -> any SessionJournal {
+        let options = SessionStoreOptions(maxEventBytes: Runtime.journalEventCeiling)
+        switch storeKind {
+        case "file":
+            return try await SessionStore.open(
+                directory: stateDir + "/journal", options: options, redactor: Redactor(), logger: Logger(label: "agentd.journal"))
+        case "postgres":
+            guard let file = storeUrlFile ?? environment["CREDENTIALS_DIRECTORY"].map({ $0 + "/postgres-url" }) else {
+                throw ValidationError(
+                    "--store postgres needs the URL in a file: pass --store-url-file PATH (a file holding postgres://USER:PASSWORD@HOST:PORT/DATABASE), or run under systemd with LoadCredential=postgres-url:PATH")
+            }
+            return try await PostgresJournal.open(
+                urlFile: file, schema: storeSchema, options: options, redactor: Redactor(), logger: Logger(label: "agentd.pgstore"))
+        default:
+            throw ValidationError("--store takes `file` or `postgres`, not '\(storeKind)'")
+        }
+    }
+
     static func instanceID(stateDir: String) throws -> String {
         let path = stateDir + "/instance"
         if let text = try? String(contentsOfFile: path, encoding: .utf8) {
