@@ -110,11 +110,7 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
 
     // MARK: Appending
 
-    enum Kind {
-        case event(UInt64?)
-        case checkpoint(UInt64?)
-        case lease
-    }
+    typealias Kind = JournalChain.Write
 
     @discardableResult
     public func append(session: SessionID, type: String, payload: [UInt8], epoch: UInt64? = nil) async throws -> UInt64 {
@@ -133,25 +129,11 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     }
 
     func submit(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
-        let what: String, limit: Int, limitName: String
-        switch kind {
-        case .event: (what, limit, limitName) = ("append", options.maxEventBytes, "maxEventBytes")
-        case .checkpoint: (what, limit, limitName) = ("checkpoint", options.maxCheckpointBytes, "maxCheckpointBytes")
-        case .lease: (what, limit, limitName) = ("wake", options.maxEventBytes, "maxEventBytes")
-        }
+        let what = kind.what
         try checkOpen("\(what) to session \(session)")
-        // Redaction first: nothing unredacted goes over the wire.
-        let clean = redactor.redact(payload)
-        let cleanType = redactor.redact(type)
-        guard clean.count <= limit else {
-            throw SessionLogError(.eventTooLarge, "\(what) to session \(session) refused: the event is \(clean.count) bytes; the limit is \(limit) bytes (option \(limitName))")
-        }
-        guard cleanType.count <= JournalChain.maxTypeBytes else {
-            throw SessionLogError(.invalidArgument, "\(what) to session \(session) refused: the event type is longer than \(JournalChain.maxTypeBytes) bytes after redaction")
-        }
+        let (cleanType, clean) = try JournalChain.redacted(kind, session: session, type: type, payload: payload, options: options, redactor: redactor)
         let typeText = String(decoding: cleanType, as: UTF8.self)
-        let isCheckpoint: Bool
-        if case .checkpoint = kind { isCheckpoint = true } else { isCheckpoint = false }
+        let isCheckpoint = kind.isCheckpoint
         // Appends of one session from this process go one at a time (the database would
         // serialise them on the row anyway); other sessions are not held up.
         await gates.enter(session)

@@ -109,6 +109,49 @@ public enum JournalChain {
     /// The longest event type in bytes.
     public static let maxTypeBytes = Record.maxTypeBytes
 
+    /// One write to a session's chain: an event (with the caller's lease epoch, if any), a
+    /// checkpoint, or the lease record `wake` appends.
+    public enum Write: Sendable {
+        case event(UInt64?)
+        case checkpoint(UInt64?)
+        case lease
+
+        /// The verb error messages use.
+        public var what: String {
+            switch self {
+            case .event: "append"
+            case .checkpoint: "checkpoint"
+            case .lease: "wake"
+            }
+        }
+
+        public var isCheckpoint: Bool {
+            if case .checkpoint = self { return true }
+            return false
+        }
+    }
+
+    /// A write's type and payload redacted (nothing unredacted may leave the caller: not to
+    /// disk, not over the wire) and checked against the store's limits.
+    public static func redacted(
+        _ write: Write, session: SessionID, type: [UInt8], payload: [UInt8], options: SessionStoreOptions, redactor: Redactor
+    ) throws -> (type: [UInt8], payload: [UInt8]) {
+        let (limit, limitName) =
+            write.isCheckpoint ? (options.maxCheckpointBytes, "maxCheckpointBytes") : (options.maxEventBytes, "maxEventBytes")
+        let clean = redactor.redact(payload)
+        let cleanType = redactor.redact(type)
+        guard clean.count <= limit else {
+            throw SessionLogError(
+                .eventTooLarge,
+                "\(write.what) to session \(session) refused: the event is \(clean.count) bytes; the limit is \(limit) bytes (option \(limitName))")
+        }
+        guard cleanType.count <= maxTypeBytes else {
+            throw SessionLogError(
+                .invalidArgument, "\(write.what) to session \(session) refused: the event type is longer than \(maxTypeBytes) bytes after redaction")
+        }
+        return (cleanType, clean)
+    }
+
     /// The hash that seq 1's `prevHash` links to: 32 zero bytes.
     public static let zeroHash = [UInt8](repeating: 0, count: 32)
 

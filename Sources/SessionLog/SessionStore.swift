@@ -202,11 +202,7 @@ public final class SessionStore: @unchecked Sendable {
         return Lease(session: session, epoch: epoch, seq: seq)
     }
 
-    enum Kind {
-        case event(UInt64?)
-        case checkpoint(UInt64?)
-        case lease
-    }
+    typealias Kind = JournalChain.Write
 
     static func validate(type: String, session: SessionID) throws {
         let bytes = Array(type.utf8)
@@ -219,23 +215,10 @@ public final class SessionStore: @unchecked Sendable {
     }
 
     func submit(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
-        let what: String, limit: Int, limitName: String
-        switch kind {
-        case .event: (what, limit, limitName) = ("append", options.maxEventBytes, "maxEventBytes")
-        case .checkpoint: (what, limit, limitName) = ("checkpoint", options.maxCheckpointBytes, "maxCheckpointBytes")
-        case .lease: (what, limit, limitName) = ("wake", options.maxEventBytes, "maxEventBytes")
-        }
-        let clean = redactor.redact(payload)
-        let cleanType = redactor.redact(type)
-        guard clean.count <= limit else {
-            throw SessionLogError(.eventTooLarge, "\(what) to session \(session) refused: the event is \(clean.count) bytes; the limit is \(limit) bytes (option \(limitName))")
-        }
-        guard cleanType.count <= Record.maxTypeBytes else {
-            throw SessionLogError(.invalidArgument, "\(what) to session \(session) refused: the event type is longer than \(Record.maxTypeBytes) bytes after redaction")
-        }
+        let what = kind.what
+        let (cleanType, clean) = try JournalChain.redacted(kind, session: session, type: type, payload: payload, options: options, redactor: redactor)
         var record = Record.build(session: session, type: cleanType, payload: clean, timestamp: Sys.wallNanos())
-        let isCheckpoint: Bool
-        if case .checkpoint = kind { isCheckpoint = true } else { isCheckpoint = false }
+        let isCheckpoint = kind.isCheckpoint
         let result = try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<(UInt64, UInt64), any Error>) in
             lock.lock()
             if closing {
