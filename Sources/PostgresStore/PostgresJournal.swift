@@ -9,10 +9,12 @@ import SessionLog
 ///
 /// - Events are rows keyed by `(session_id, seq)`; each session has one row in `sessions`
 ///   (`last_seq`, `head_hash`, `lease_epoch`, `checkpoint_seq`).
-/// - An append is one transaction: `SELECT … FOR UPDATE` of the session's row, the fencing
-///   and seq checks, then one statement that advances the row only if it is still at the
-///   expected seq and epoch, inserts the event and notifies followers. Only that session's
-///   row is locked: appenders on different sessions do not serialise.
+/// - An append is one statement (one transaction): a conditional `UPDATE` advances the
+///   session's row only if it is still at the seq, head hash and epoch this node saw, and the
+///   event's `INSERT` rides on it. A stale writer matches no row and writes nothing; the node
+///   re-reads the row and refuses (stale epoch) or retries (another writer moved on). Only that
+///   session's row is locked: appenders on different sessions do not serialise. Followers are
+///   notified after the commit, batched per node.
 /// - The hash chain is the file journal's (`JournalChain.hash`), stored per row (`prev_hash`,
 ///   `hash`), so `verify` means the same on both stores and names the damaged seq.
 /// - `follow` waits on `LISTEN/NOTIFY` (payload `session seq`) and re-reads the table.
@@ -199,8 +201,8 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     }
 
     /// One statement, one implicit transaction: the session's row advances from exactly `head`
-    /// (seq, head hash and lease epoch) to the new event, the event row is inserted and the
-    /// followers are notified. The row lock of the UPDATE orders concurrent writers; a writer
+    /// (seq, head hash and lease epoch) to the new event and the event row is inserted (the
+    /// followers are notified after the commit, by the caller). The row lock of the UPDATE orders concurrent writers; a writer
     /// whose view is stale (another append, another node's wake) matches no row and nothing is
     /// written — the database itself refuses it.
     /// - Returns: whether the event was written.
