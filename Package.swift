@@ -76,10 +76,13 @@ let package = Package(
             ],
             exclude: ["README.md"],
             swiftSettings: strict),
+        // Nodes of a fleet: heartbeats with a lease, and which node serves which session.
+        .target(name: "Fleet", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
         // The Session journal on PostgreSQL (`SessionJournal` through postgres-nio), for a fleet.
         .target(
             name: "PostgresStore",
             dependencies: [
+                "Fleet",
                 "SessionLog",
                 .product(name: "PostgresNIO", package: "postgres-nio"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -105,6 +108,7 @@ let package = Package(
         .target(
             name: "Runtime",
             dependencies: [
+                "Fleet",
                 "SessionLog", "Hands", "Policy", "JSONValues",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
@@ -114,6 +118,7 @@ let package = Package(
         .target(
             name: "Service",
             dependencies: [
+                "Fleet",
                 "AgentdAPI", "Runtime", "SystemdBus", "Blocking", "JSONValues",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -171,7 +176,7 @@ let package = Package(
         .executableTarget(
             name: "agentd",
             dependencies: [
-                "EngineAPI", "SystemdBus", "SessionLog", "PostgresStore", "Policy", "Hands", "Runtime", "Service", "Vault", "EgressProxy",
+                "EngineAPI", "SystemdBus", "SessionLog", "PostgresStore", "Fleet", "Policy", "Hands", "Runtime", "Service", "Vault", "EgressProxy",
                 "VaultProxy", .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

@@ -354,16 +354,57 @@ public struct HealthResponse: Codable, Sendable, Equatable {
             self.errors = errors
         }
     }
+    /// The Session store: its kind (`file` or `postgres`), whether it answered, and how long
+    /// a read of it took.
+    public struct Store: Codable, Sendable, Equatable {
+        public var kind: String
+        public var ok: Bool
+        public var latencyMs: Double
+        /// Why it did not answer (never a password).
+        public var error: String?
+        enum CodingKeys: String, CodingKey {
+            case kind, ok, error
+            case latencyMs = "latency_ms"
+        }
+        public init(kind: String, ok: Bool, latencyMs: Double, error: String? = nil) {
+            (self.kind, self.ok, self.latencyMs, self.error) = (kind, ok, latencyMs, error)
+        }
+    }
+    /// A node of the fleet, as the store last showed it.
+    public struct Node: Codable, Sendable, Equatable {
+        public var name: String
+        public var address: String
+        public var live: Bool
+        /// Seconds since its last heartbeat, by the store's clock.
+        public var sinceHeartbeatSeconds: Double
+        public var missedHeartbeats: Int
+        /// True for the node that answered.
+        public var this: Bool
+        enum CodingKeys: String, CodingKey {
+            case name, address, live, this
+            case sinceHeartbeatSeconds = "since_heartbeat_s"
+            case missedHeartbeats = "missed_heartbeats"
+        }
+        public init(name: String, address: String, live: Bool, sinceHeartbeatSeconds: Double, missedHeartbeats: Int, this: Bool) {
+            (self.name, self.address, self.live, self.sinceHeartbeatSeconds, self.missedHeartbeats, self.this) =
+                (name, address, live, sinceHeartbeatSeconds, missedHeartbeats, this)
+        }
+    }
     public var status: String
     public var sessions: Int
     public var sandboxes: Sandboxes
     public var policies: Policies
+    public var store: Store?
+    /// In a fleet: every node that ever beat (nil on a single host).
+    public var nodes: [Node]?
 
-    public init(status: String, sessions: Int, sandboxes: Sandboxes, policies: Policies) {
+    public init(status: String, sessions: Int, sandboxes: Sandboxes, policies: Policies, store: Store? = nil, nodes: [Node]? = nil) {
         self.status = status
         self.sessions = sessions
         self.sandboxes = sandboxes
         self.policies = policies
+        self.store = store
+        self.nodes = nodes
     }
 }
 

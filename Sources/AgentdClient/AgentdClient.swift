@@ -96,8 +96,53 @@ public struct AgentdClient: Sendable {
     }
 
     /// Sends `request` with the bearer token (when there is one), whatever the answer's status.
+    ///
+    /// In a fleet, a call that another node serves is answered 307 with that node's address
+    /// (`agentd-node-address`): the request is sent there instead, transparently. When that
+    /// node does not answer (it may have died), the request goes back to this node every
+    /// second until the dead node's lease runs out (`Retry-After`) and a live node takes the
+    /// session over.
+    /// - Parameter restart: called before the request is sent again (a streaming caller drops
+    ///   what it parsed of the redirect's body).
     /// - Throws: `AgentdClientError` when no HTTP answer came.
-    private func exchange(_ request: HTTPRequest) async throws -> HTTPResponse {
+    private func exchange(_ request: HTTPRequest, restart: (@Sendable () -> Void)? = nil) async throws -> HTTPResponse {
+        var target = self
+        var deadline: ContinuousClock.Instant?
+        for _ in 0..<120 {
+            let response: HTTPResponse
+            do {
+                response = try await target.exchangeOnce(request)
+            } catch let error as AgentdClientError where error.code == "unreachable" && target.endpoint != endpoint {
+                // The owner named by the redirect does not answer: ask this node again once a
+                // second until its lease has run out.
+                guard let deadline, ContinuousClock.now < deadline else { throw error }
+                try await Task.sleep(for: .seconds(1))
+                restart?()
+                target = self
+                continue
+            }
+            guard response.status == 307, let address = response.header("agentd-node-address"), let next = redirected(to: address) else {
+                return response
+            }
+            if let seconds = response.header("retry-after").flatMap(Int.init), deadline == nil {
+                deadline = .now + .seconds(min(max(seconds, 1), 600))
+            }
+            restart?()
+            target = next
+        }
+        throw AgentdClientError(
+            status: 307, code: "redirect-loop", message: "agentd's nodes kept redirecting \(request.target) to each other; check `agentctl health` on each node")
+    }
+
+    /// The client for the node at `address` (`unix:///path` or `http(s)://host:port`), with
+    /// this client's token; nil for an address it cannot use.
+    private func redirected(to address: String) -> AgentdClient? {
+        if address.hasPrefix("unix://") { return AgentdClient(socket: String(address.dropFirst("unix://".count))) }
+        if address.hasPrefix("http://") || address.hasPrefix("https://") { return AgentdClient(url: address, token: token) }
+        return nil
+    }
+
+    private func exchangeOnce(_ request: HTTPRequest) async throws -> HTTPResponse {
         var request = request
         if let token { request.headers.append(("Authorization", "Bearer \(token)")) }
         do {
@@ -190,6 +235,13 @@ final class SSEParser: @unchecked Sendable {
     /// How far `buffer` was searched for a block's end (so that a large block arriving in
     /// many pieces is not searched from its start for each).
     private var searched = 0
+
+    /// Drops what was fed so far (the body of an answer that was not the stream: a redirect).
+    /// Called between two exchanges, never during one.
+    func reset() {
+        buffer = []
+        searched = 0
+    }
 
     func feed(_ bytes: [UInt8]) {
         buffer += bytes
@@ -338,7 +390,7 @@ extension AgentdClient {
             raw.withLock { kept in if kept.count < 64 << 10 { kept += bytes.prefix((64 << 10) - kept.count) } }
             parser.feed(bytes)
         }
-        let response = try await exchange(request)
+        let response = try await exchange(request, restart: { raw.withLock { $0 = [] }; parser.reset() })
         guard (200..<300).contains(response.status) else { throw Self.refusal(response.status, raw.withLock { $0 }) }
         let (resultBytes, failure) = end.withLock { ($0.result, $0.error) }
         if let failure {

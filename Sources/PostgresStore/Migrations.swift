@@ -32,6 +32,27 @@ enum Migrations {
             )
             """,
         ]),
+        (2, "fleet: nodes and session owners", [
+            """
+            CREATE TABLE {S}.nodes (
+                name         text PRIMARY KEY,
+                address      text NOT NULL,
+                instance     text NOT NULL,
+                heartbeat_at timestamptz NOT NULL,
+                interval_ms  bigint NOT NULL,
+                lease_ms     bigint NOT NULL,
+                started_at   timestamptz NOT NULL DEFAULT now()
+            )
+            """,
+            """
+            CREATE TABLE {S}.session_owners (
+                session_id text PRIMARY KEY,
+                node       text NOT NULL,
+                since      timestamptz NOT NULL DEFAULT now(),
+                takeovers  bigint NOT NULL DEFAULT 0
+            )
+            """,
+        ]),
     ]
 
     /// Creates the schema and applies every migration not yet recorded, in one transaction

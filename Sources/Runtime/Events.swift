@@ -18,6 +18,8 @@ public enum EventType {
     public static let taskEnded = "task.ended"
     /// The session was deleted: it refuses every change from then on (reads keep working).
     public static let sessionDeleted = "session.deleted"
+    /// In a fleet: a node took the session's calls over from a node that stopped beating.
+    public static let sessionMoved = "session.moved"
     /// The vault-proxy let a request of the task's sandbox out (a route or a CONNECT tunnel).
     public static let egressAllowed = "egress.allowed"
     /// The vault-proxy refused a request of the task's sandbox (the rule says why).
@@ -114,6 +116,12 @@ struct ToolInterrupted: Codable {
 
 struct SessionDeleted: Codable {
     var reason: String
+}
+
+/// `session.moved`: node `to` serves the session's calls from now on; `from` stopped beating.
+struct SessionMoved: Codable {
+    var from: String
+    var to: String
 }
 
 struct HandsEventPayload: Codable {

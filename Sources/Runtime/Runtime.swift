@@ -1,4 +1,5 @@
 import Crypto
+import Fleet
 import Foundation
 import Hands
 import JSONValues
@@ -106,6 +107,17 @@ public actor Runtime {
     /// Where images are imported (the container engine), when there is one.
     public nonisolated let images: (any ImageImporting)?
 
+    /// The Session store's kind: `file` (the embedded journal) or `postgres`.
+    public nonisolated var storeKind: String { store is SessionStore ? "file" : "postgres" }
+
+    /// This node's membership in a fleet (`--store postgres` with `--node`): which node serves
+    /// which session's calls. Nil on a single host, where this node serves every session.
+    public nonisolated let fleet: FleetNode?
+
+    /// Sessions this node took over from a dead node, with the tasks that held Hands there:
+    /// each such task's next result says it runs on fresh Hands here.
+    private var takenOver: [SessionID: (from: String, tasks: Set<String>)] = [:]
+
     /// - Parameters:
     ///   - store: the journal.
     ///   - hands: the sandboxes.
@@ -114,12 +126,14 @@ public actor Runtime {
     ///   - maxCachedSessions: how many sessions' state to keep in memory (at least 1).
     ///   - refreshSecrets: called before anything a caller sent is journaled, so that the
     ///     redactor knows the credentials of the policies in force (see `CredentialRegistrar`).
+    ///   - fleet: this node's fleet membership, when agentd runs as one node of several.
     ///   - logger: for what the runtime does.
     public init(
         store: any SessionJournal, hands: HandsManager, policies: PolicyStore, images: (any ImageImporting)? = nil,
-        maxCachedSessions: Int = 1024, refreshSecrets: @escaping @Sendable () async -> Void = {},
+        maxCachedSessions: Int = 1024, refreshSecrets: @escaping @Sendable () async -> Void = {}, fleet: FleetNode? = nil,
         logger: Logger = Logger(label: "agentd.runtime")
     ) {
+        self.fleet = fleet
         self.store = store
         self.hands = hands
         self.policies = policies
@@ -263,6 +277,7 @@ public actor Runtime {
         if let key = idempotencyKey, key.isEmpty || key.utf8.count > 200 {
             throw RuntimeError(.invalidArgument, "idempotency key must be 1 to 200 bytes")
         }
+        try await place(session, claim: true)
         let state = try await state(of: session)
         try Self.refuseIfDeleted(state, session, "execute")
         try await checkLease(session, epoch, "execute")
@@ -332,7 +347,8 @@ public actor Runtime {
         progress?(.accepted)
         let relay = progress.map { OutputRelay(limit: taskState.spec.outputLimitBytes, redactor: store.redactor, handler: $0) }
         let started = ContinuousClock.now
-        let raw = await hands.execute(TaskKey(session: session.rawValue, task: task), spec: taskState.spec, call: call, output: relay?.sink, intentSeq: intentSeq)
+        var raw = await hands.execute(TaskKey(session: session.rawValue, task: task), spec: taskState.spec, call: call, output: relay?.sink, intentSeq: intentSeq)
+        if let notice = takeoverNotice(session, task: task) { raw = ToolResult(output: notice + raw.output, isError: raw.isError, exitCode: raw.exitCode) }
         relay?.finish()
         let elapsed = ContinuousClock.now - started
         let ms = Int(elapsed.components.seconds) * 1000 + Int(elapsed.components.attoseconds / 1_000_000_000_000_000)
@@ -386,7 +402,7 @@ public actor Runtime {
         if let r = JSONCoding.decode(ToolResultEvent.self, event.payload) {
             result = ToolResult(output: r.output, isError: r.is_error, exitCode: r.exit_code)
         } else if let i = JSONCoding.decode(ToolInterrupted.self, event.payload) {
-            result = .error(i.output ?? Self.outcomeUnknown)
+            result = .error(i.output ?? Self.outcomeUnknown(stopped: "agentd"))
         } else {
             throw RuntimeError(.internal, "the result #\(done.resultSeq) of session \(session) cannot be read back; run `agentctl verify \(session)`")
         }
@@ -394,8 +410,9 @@ public actor Runtime {
     }
 
     /// What a retry of a call cut short by a crash gets, journaled once.
-    static let outcomeUnknown =
-        "outcome unknown: agentd stopped while this call was running, so it may or may not have run (in part or in full); it was not run again. Check the sandbox's state before deciding what to do, and use a new idempotency key to run it again."
+    static func outcomeUnknown(stopped: String) -> String {
+        "outcome unknown: \(stopped) stopped while this call was running, so it may or may not have run (in part or in full); it was not run again. Check the sandbox's state before deciding what to do, and use a new idempotency key to run it again."
+    }
 
     private static func checkSameCall(_ stored: String?, _ requested: String, key: String, session: SessionID) throws {
         guard let stored, stored != requested else { return }
@@ -460,6 +477,7 @@ public actor Runtime {
     public func endTask(_ id: String, task: String, epoch: UInt64?) async throws -> Bool {
         let session = try sessionID(id)
         try Self.validateName(task, what: "task")
+        try await place(session, claim: false)
         try Self.refuseIfDeleted(try await state(of: session), session, "task end")
         try await checkLease(session, epoch, "task end")
         _ = try await append(session, EventType.taskEnded, JSONCoding.encode(TaskEnded(task: task)), epoch: epoch)
@@ -482,6 +500,7 @@ public actor Runtime {
     @discardableResult
     public func deleteSession(_ id: String, epoch: UInt64?, reason: String = "deleted by request") async throws -> UInt64 {
         let session = try sessionID(id)
+        try await place(session, claim: false)
         let state = try await state(of: session)
         if let seq = state.deletedSeq { return seq }
         if let epoch { try await checkLease(session, epoch, "delete") }
@@ -616,12 +635,68 @@ public actor Runtime {
     /// and is not deleted, and the task started and did not end. The spec is that of the
     /// policy the task started under, as loaded now; nil when that policy is gone.
     func liveTaskSpec(_ key: TaskKey) async -> SandboxSpec? {
+        if let fleet {
+            // In a fleet, only the sessions the store says this node serves.
+            guard let owner = try? await fleet.registry.owner(session: key.session), owner.name == fleet.name else { return nil }
+        }
         guard let session = try? SessionID(key.session), (try? await lastSeq(session)) ?? 0 > 0,
             let state = try? await state(of: session), state.deletedSeq == nil, !state.deleting,
             let policyName = state.openTasks[key.task]
         else { return nil }
         if let running = state.tasks[key.task] { return running.spec }
         return await policies.policy(named: policyName).map(Self.sandboxSpec)
+    }
+
+    // MARK: - fleet
+
+    /// In a fleet, checks that this node serves the calls of `session` (with `claim`, taking
+    /// it when it has no owner or its owner died) and otherwise throws a redirect to the owner.
+    /// A takeover is journaled (`session.moved`), and what this node knew of the session is
+    /// rebuilt from the store: the dead node's calls in flight get *outcome unknown*, and the
+    /// next result of each of its tasks says the task runs on fresh Hands here.
+    private func place(_ session: SessionID, claim: Bool) async throws {
+        guard let fleet else { return }
+        let placement: FleetNode.Placement
+        do {
+            placement = try await fleet.placement(of: session.rawValue, claim: claim)
+        } catch let error as FleetError {
+            throw RuntimeError(.unavailable, error.message, cause: error)
+        }
+        switch placement {
+        case .elsewhere(let owner):
+            // What this node cached or ran for it is stale: another node serves it now.
+            if let cached = sessions[session], cached.inFlight == 0 { sessions[session] = nil }
+            if !(await hands.liveTasks(session: session.rawValue)).isEmpty { await hands.endSession(session.rawValue) }
+            let redirect = SessionElsewhere(session: session.rawValue, owner: owner)
+            throw RuntimeError(.elsewhere, redirect.description, cause: redirect)
+        case .local(let claimed, let from):
+            if claimed, let cached = sessions[session], cached.inFlight == 0 { sessions[session] = nil }
+            guard let from else { return }
+            takenOver[session] = (from, [])
+            _ = try await append(session, EventType.sessionMoved, JSONCoding.encode(SessionMoved(from: from, to: fleet.name)))
+            let rebuilt = try await state(of: session)
+            takenOver[session] = rebuilt.openTasks.isEmpty ? nil : (from, Set(rebuilt.openTasks.keys))
+            logger.notice("took over a session from a dead node", metadata: ["session.id": "\(session)", "from": "\(from)", "tasks": "\(rebuilt.openTasks.count)"])
+        }
+    }
+
+    /// Who stopped, for the *outcome unknown* results of calls a rebuild finds without a
+    /// result; nil when this node must not settle them (another node serves the session).
+    private func settlingNode(_ session: SessionID) async -> String? {
+        guard let fleet else { return "agentd" }
+        if let taken = takenOver[session] { return "node \(taken.from)" }
+        guard case .local? = try? await fleet.placement(of: session.rawValue, claim: false) else { return nil }
+        // Served here, or by no live node: the owner (this node before a restart, or a dead one).
+        guard let owner = try? await fleet.registry.owner(session: session.rawValue) else { return nil }
+        return owner.name == fleet.name ? "agentd" : nil
+    }
+
+    /// The line a task's first result after a takeover starts with; once per task.
+    private func takeoverNotice(_ session: SessionID, task: String) -> String? {
+        guard let taken = takenOver[session], taken.tasks.contains(task) else { return nil }
+        takenOver[session]?.tasks.remove(task)
+        if takenOver[session]?.tasks.isEmpty == true { takenOver[session] = nil }
+        return "[agentd: this call ran on fresh Hands on node \(fleet?.name ?? "?"): node \(taken.from), which held this task's sandbox, stopped answering heartbeats, and its files are gone]\n"
     }
 
     // MARK: - state
@@ -635,8 +710,9 @@ public actor Runtime {
             if let s = sessions[session] { return s }
         }
         if let pending = loading[session] { return try await pending.value }
+        let stopped = await settlingNode(session)
         let task = Task { [store] () async throws -> SessionState in
-            try await Self.rebuild(session, store: store)
+            try await Self.rebuild(session, store: store, settle: stopped)
         }
         loading[session] = task
         defer { loading[session] = nil }
@@ -646,7 +722,11 @@ public actor Runtime {
         return state
     }
 
-    private static func rebuild(_ session: SessionID, store: any SessionJournal) async throws -> SessionState {
+    /// Rebuilds a session's state from its journal. With `settle` (who stopped: "agentd", or
+    /// "node NAME"), every intent without a result gets a journaled *outcome unknown* result;
+    /// without it (another, live node serves the session's calls, and may be running them),
+    /// none does.
+    private static func rebuild(_ session: SessionID, store: any SessionJournal, settle: String?) async throws -> SessionState {
         var state: SessionState?
         var open: [UInt64: ToolIntent] = [:]
         var hashes: [UInt64: String] = [:]
@@ -691,10 +771,11 @@ public actor Runtime {
             throw RuntimeError(e)
         }
         guard state != nil else { throw RuntimeError(.notFound, "no session \(session)") }
-        for (seq, intent) in open.sorted(by: { $0.key < $1.key }) {
+        for (seq, intent) in open.sorted(by: { $0.key < $1.key }) where settle != nil {
+            let stopped = settle ?? "agentd"
             let payload = ToolInterrupted(
-                task: intent.task, intent_seq: seq, reason: "agentd stopped before the tool's result was journaled", tool: intent.tool,
-                idempotency_key: intent.idempotency_key, output: outcomeUnknown)
+                task: intent.task, intent_seq: seq, reason: "\(stopped) stopped before the tool's result was journaled", tool: intent.tool,
+                idempotency_key: intent.idempotency_key, output: outcomeUnknown(stopped: stopped))
             let resultSeq: UInt64
             do {
                 resultSeq = try await store.append(session: session, type: EventType.toolInterrupted, payload: JSONCoding.encode(payload))

@@ -36,6 +36,9 @@ public struct RuntimeError: Error, Sendable, CustomStringConvertible {
         case unavailable = "unavailable"
         /// A bug: agentd could not do what it should have been able to.
         case `internal` = "internal"
+        /// In a fleet: another node serves this session's calls; the cause is a
+        /// `SessionElsewhere` naming it (the API answers 307 with its address).
+        case elsewhere = "wrong-node"
 
         public var description: String { rawValue }
 
@@ -50,6 +53,7 @@ public struct RuntimeError: Error, Sendable, CustomStringConvertible {
             case .tooLarge: 413
             case .idempotencyConflict: 422
             case .unavailable: 503
+            case .elsewhere: 307
             case .diskFull: 507
             case .damaged, .storage, .internal: 500
             }

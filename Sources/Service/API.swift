@@ -1,4 +1,5 @@
 import AgentdAPI
+import Fleet
 import Foundation
 import Hands
 import JSONValues
@@ -15,7 +16,23 @@ enum APIError {
 
     static func response(for error: any Error) -> APIResponse {
         let (status, body) = describe(error)
-        return JSON.ok(body, status: status)
+        var response = JSON.ok(body, status: status)
+        response.headers += redirectHeaders(error)
+        return response
+    }
+
+    /// A call that another node of the fleet serves: 307 with the owner's name and address
+    /// (`agentd-node`, `agentd-node-address`; `Location` too when the address is a URL) and how
+    /// long to keep retrying when it does not answer (`Retry-After`, the rest of its lease).
+    static func redirectHeaders(_ error: any Error) -> [(String, String)] {
+        guard let e = error as? RuntimeError, let elsewhere = e.cause as? SessionElsewhere else { return [] }
+        var headers = [
+            ("agentd-node", elsewhere.owner.name), ("agentd-node-address", elsewhere.owner.address), ("retry-after", "\(elsewhere.retryAfterSeconds)"),
+        ]
+        if elsewhere.owner.address.hasPrefix("http://") || elsewhere.owner.address.hasPrefix("https://") {
+            headers.append(("location", elsewhere.owner.address))
+        }
+        return headers
     }
 
     /// The status and body that answer `error`.
@@ -266,10 +283,26 @@ public struct API: Sendable {
 
     private func health() async -> HealthResponse {
         let policies = runtime.policies
+        // One read of the store, timed: how many sessions it holds.
+        let started = ContinuousClock.now
+        let count: Result<Int, any Error>
+        do { count = .success(try await runtime.store.sessions().count) } catch { count = .failure(error) }
+        let latency = (ContinuousClock.now - started).seconds * 1000
+        var storeError: String?
+        if case .failure(let error) = count { storeError = "\(error)" }
+        var nodes: [HealthResponse.Node]?
+        if let fleet = runtime.fleet {
+            nodes = await fleet.nodes.map {
+                HealthResponse.Node(
+                    name: $0.name, address: $0.address, live: $0.live, sinceHeartbeatSeconds: $0.sinceHeartbeat, missedHeartbeats: $0.missedHeartbeats,
+                    this: $0.name == fleet.name)
+            }
+        }
         return HealthResponse(
-            status: "ok", sessions: (try? await runtime.store.sessions().count) ?? 0,
+            status: storeError == nil ? "ok" : "degraded", sessions: (try? count.get()) ?? 0,
             sandboxes: .init(live: await runtime.hands.liveCount, pooled: await runtime.hands.pooledCount),
-            policies: .init(loaded: await policies.current.names, errors: await policies.lastErrors.map(\.description)))
+            policies: .init(loaded: await policies.current.names, errors: await policies.lastErrors.map(\.description)),
+            store: .init(kind: runtime.storeKind, ok: storeError == nil, latencyMs: latency, error: storeError), nodes: nodes)
     }
 
     private func policyList() async -> PolicyList {

@@ -1,3 +1,4 @@
+import Fleet
 import Foundation
 import Runtime
 import SessionLog
@@ -62,6 +63,24 @@ public final class Metrics: Sendable {
             stats.syncs == 0 ? 0 : Double(stats.records) / Double(stats.syncs))
         out += "# HELP agentd_api_requests_total API requests by status.\n# TYPE agentd_api_requests_total counter\n"
         for (status, n) in s.requestsByStatus.sorted(by: { $0.key < $1.key }) { out += "agentd_api_requests_total{status=\"\(status)\"} \(n)\n" }
+        if let fleet = runtime.fleet {
+            out += await Self.fleetExposition(fleet)
+        }
+        return out
+    }
+
+    /// The fleet's gauges: heartbeats this node failed to write in a row, and for every node
+    /// the store knows, how many heartbeats it missed (alert on a live node's rising above 0,
+    /// and on this node's own) and whether it is live.
+    static func fleetExposition(_ fleet: FleetNode) async -> String {
+        let nodes = await fleet.nodes
+        var out = "# HELP agentd_fleet_heartbeat_failures Heartbeats this node failed to write in a row (it serves no calls once its lease runs out).\n"
+        out += "# TYPE agentd_fleet_heartbeat_failures gauge\nagentd_fleet_heartbeat_failures \(await fleet.missedHeartbeats)\n"
+        out += "# HELP agentd_fleet_missed_heartbeats Heartbeats each node of the fleet missed, by the store's clock, as of this node's last heartbeat.\n"
+        out += "# TYPE agentd_fleet_missed_heartbeats gauge\n"
+        for node in nodes { out += "agentd_fleet_missed_heartbeats{node=\"\(node.name)\"} \(node.missedHeartbeats)\n" }
+        out += "# HELP agentd_fleet_node_live 1 for a node whose lease holds, 0 for one whose lease ran out.\n# TYPE agentd_fleet_node_live gauge\n"
+        for node in nodes { out += "agentd_fleet_node_live{node=\"\(node.name)\"} \(node.live ? 1 : 0)\n" }
         return out
     }
 }

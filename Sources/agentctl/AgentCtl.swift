@@ -351,7 +351,7 @@ struct TaskCommand: AsyncParsableCommand {
 }
 
 struct Health: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show whether agentd is up, with its sessions, sandboxes and policy errors.")
+    static let configuration = CommandConfiguration(abstract: "Show whether agentd is up, with its sessions, sandboxes, policy errors, Session store, and (in a fleet) the nodes.")
     @OptionGroup var options: ClientOptions
 
     func run() async throws {
@@ -363,6 +363,18 @@ struct Health: AsyncParsableCommand {
             print("sandboxes  \(health.sandboxes.live) live, \(health.sandboxes.pooled) pooled")
             print("policies   \(health.policies.loaded.joined(separator: ", "))")
             for e in health.policies.errors { print("  error: \(e)") }
+            if let store = health.store {
+                let state = store.ok ? "ok" : "NOT ANSWERING: \(store.error ?? "?")"
+                print("store      \(store.kind), \(state) (\(String(format: "%.1f", store.latencyMs)) ms)")
+            }
+            if let nodes = health.nodes {
+                print("nodes      \(nodes.filter(\.live).count) live of \(nodes.count)")
+                for n in nodes {
+                    let beat = String(format: "%.1f", n.sinceHeartbeatSeconds)
+                    let missed = n.missedHeartbeats > 0 ? ", \(n.missedHeartbeats) heartbeats missed" : ""
+                    print("  \(n.this ? "*" : " ") \(n.name)  \(n.live ? "live" : "DEAD")  last heartbeat \(beat) s ago\(missed)  \(n.address)")
+                }
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import EgressProxy
 import EngineAPI
+import Fleet
 import Foundation
 import Hands
 import Logging
@@ -74,6 +75,18 @@ struct Serve: AsyncParsableCommand {
     @OptionGroup(title: "Session store")
     var store: StoreOptions
 
+    @Option(help: "With --store postgres: this node's name in the fleet (1-63 of a-z 0-9 -); default the host's name. Each node of a fleet needs its own name and state directory.")
+    var node: String?
+
+    @Option(help: "With --store postgres: the address other nodes send clients to for the sessions this node serves: unix:///PATH or http://HOST:PORT; default unix:// and the --socket path.")
+    var advertise: String?
+
+    @Option(help: "With --store postgres: how often this node writes its heartbeat to the store (e.g. 2s, 500ms).")
+    var heartbeatInterval = "2s"
+
+    @Option(help: "With --store postgres: how long a heartbeat keeps this node live (at least three intervals); once it runs out, other nodes take its sessions over.")
+    var nodeLease = "10s"
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -110,6 +123,9 @@ struct Serve: AsyncParsableCommand {
         // The journal. Its event ceiling covers the largest limit any policy may set; each
         // session's own policy limit is enforced by the runtime.
         let store = try await self.store.open(stateDir: stateDir, environment: environment)
+        // In a fleet (the store is PostgreSQL): this node's heartbeats, and which node serves
+        // which session, kept in the store.
+        let fleet = try await joinFleet(store: store, instance: instance, logger: logger)
         // Credentials of the policies in force go to the redactor now and after every reload.
         let registrar = CredentialRegistrar(
             resolver: CredentialResolver(environment: environment), redactor: store.redactor, logger: Logger(label: "agentd.vault"))
@@ -190,7 +206,7 @@ struct Serve: AsyncParsableCommand {
             onEvent: { await recorder.forward($0) })
         let runtime = Runtime(
             store: store, hands: hands, policies: policyStore, images: containers,
-            refreshSecrets: { await registrar.sync(policyStore) }, logger: Logger(label: "agentd.runtime"))
+            refreshSecrets: { await registrar.sync(policyStore) }, fleet: fleet, logger: Logger(label: "agentd.runtime"))
         await recorder.attach(runtime)
         // Live restore: the sandboxes of tasks still live in the journal are taken over (with
         // their workspaces), the rest removed; then what no sandbox uses is unmounted.
@@ -236,6 +252,7 @@ struct Serve: AsyncParsableCommand {
             .init(service: SystemdReadiness(server: server, status: "serving \(set.names.count) policies", logger: logger)),
             .init(service: StartupTrimService(server: server, logger: logger)),
         ]
+        if let fleet { services.append(.init(service: FleetHeartbeat(node: fleet))) }
         if let retentionPeriod { services.append(.init(service: RetentionService(runtime: runtime, idle: retentionPeriod, logger: logger))) }
         let group = ServiceGroup(
             configuration: .init(
@@ -255,6 +272,7 @@ struct Serve: AsyncParsableCommand {
         }
         logger.info("stopping: releasing sandboxes and closing the journal")
         await hands.shutdown()
+        await fleet?.leave()
         await supervisor?.stopAndWait()
         manager?.close()
         do {
@@ -268,6 +286,38 @@ struct Serve: AsyncParsableCommand {
 
     /// The instance id kept in the state directory: sandboxes are labelled with it, so that a
     /// restarted agentd finds (and removes) what its predecessor left.
+    /// With the PostgreSQL store: this node's membership in the fleet, after its first
+    /// heartbeat (a name held by another live node is refused here). Nil with the file store.
+    func joinFleet(store: any SessionJournal, instance: String, logger: Logger) async throws -> FleetNode? {
+        guard let journal = store as? PostgresJournal else {
+            if node != nil || advertise != nil {
+                throw ValidationError("--node and --advertise take effect with --store postgres only: a fleet's nodes share their sessions through PostgreSQL")
+            }
+            return nil
+        }
+        let interval: Duration, lease: Duration
+        do { interval = try FleetNode.parseDuration(heartbeatInterval) } catch { throw ValidationError("--heartbeat-interval \(error)") }
+        do { lease = try FleetNode.parseDuration(nodeLease) } catch { throw ValidationError("--node-lease \(error)") }
+        let name = node ?? FleetNode.defaultName()
+        let address = advertise ?? "unix://" + URL(fileURLWithPath: socket).standardizedFileURL.path
+        guard address.hasPrefix("unix:///") || address.hasPrefix("http://") || address.hasPrefix("https://") else {
+            throw ValidationError("--advertise takes unix:///PATH or http://HOST:PORT, not '\(address)'")
+        }
+        let fleet: FleetNode
+        do {
+            fleet = try FleetNode(
+                registration: NodeRegistration(name: name, address: address, instance: instance, interval: interval, lease: lease),
+                registry: PostgresFleetRegistry(journal: journal), logger: Logger(label: "agentd.fleet"))
+            try await fleet.beat()
+        } catch let error as FleetError {
+            try? await store.close()
+            throw ValidationError(error.code == .invalidArgument ? "--node/--node-lease: \(error.message)" : error.message)
+        }
+        let live = await fleet.nodes.filter(\.live).count
+        logger.info("joined the fleet", metadata: ["node": "\(name)", "address": "\(address)", "live-nodes": "\(live)"])
+        return fleet
+    }
+
     static func instanceID(stateDir: String) throws -> String {
         let path = stateDir + "/instance"
         if let text = try? String(contentsOfFile: path, encoding: .utf8) {
