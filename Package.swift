@@ -291,7 +291,7 @@ let package = Package(
         .testTarget(
             name: "RuntimeTests",
             dependencies: [
-                "Runtime", "Hands", "SessionLog", "PostgresStore", "Policy", "Vault", "JSONValues", "TestSupport",
+                "Runtime", "Hands", "SessionLog", "PostgresStore", "Fleet", "Policy", "Vault", "JSONValues", "TestSupport",
                 .product(name: "PostgresNIO", package: "postgres-nio"),
             ],
             swiftSettings: strict),

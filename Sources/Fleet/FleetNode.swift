@@ -32,6 +32,8 @@ public actor FleetNode {
     private var validUntil: ContinuousClock.Instant?
     /// Sessions this node claimed while its lease stayed valid: no store round trip for them.
     private var owned: Set<String> = []
+    /// Sessions this node took over from a dead node, with that node's name.
+    private var takenFrom: [String: String] = [:]
     /// The nodes as the last heartbeat read them.
     private var known: [NodeInfo] = []
     private var failures = 0
@@ -128,15 +130,35 @@ public actor FleetNode {
             // A claim that reached the store after the lease lapsed is not trusted.
             guard leaseValid else { return try await placement(of: session, claim: claim) }
             owned.insert(session)
-            if let from { logger.notice("took a session over from a dead node", metadata: ["session.id": "\(session)", "from": "\(from)"]) }
+            if let from {
+                takenFrom[session] = from
+                logger.notice("took a session over from a dead node", metadata: ["session.id": "\(session)", "from": "\(from)"]) }
             return .local(claimed: true, takenFrom: from)
         case .elsewhere(let owner):
             return .elsewhere(owner)
         }
     }
 
+    /// Throws `FleetError.leaseLost` unless this node's lease is valid: checked again right
+    /// before a call's intent is journaled, so that a node whose lease lapsed while it
+    /// prepared the call does not start it.
+    public func checkLease() throws {
+        guard leaseValid else {
+            owned.removeAll()
+            throw FleetError(.leaseLost, "node \(name) lost its lease in the store before the call started, so it did not run it; retry, or send the call to another node")
+        }
+    }
+
+    /// The dead node this node took `session` over from, when it did: whoever rebuilds the
+    /// session's state here first (maybe another call than the one that claimed it) says
+    /// that node stopped.
+    public func previousOwner(of session: String) -> String? { takenFrom[session] }
+
     /// Forgets that this node serves `session` (it was deleted, or found served elsewhere).
-    public func forget(_ session: String) { owned.remove(session) }
+    public func forget(_ session: String) {
+        owned.remove(session)
+        takenFrom[session] = nil
+    }
 }
 
 extension FleetNode {

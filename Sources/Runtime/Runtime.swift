@@ -278,9 +278,12 @@ public actor Runtime {
             throw RuntimeError(.invalidArgument, "idempotency key must be 1 to 200 bytes")
         }
         try await place(session, claim: true)
-        let state = try await state(of: session)
-        try Self.refuseIfDeleted(state, session, "execute")
+        try Self.refuseIfDeleted(try await state(of: session), session, "execute")
         try await checkLease(session, epoch, "execute")
+        // Read again after the last suspension (a cache hit does not suspend): a call with this
+        // key may have completed while the lease was read from the store, and from here to
+        // registering this call as running nothing may suspend, or the call could run twice.
+        let state = try await state(of: session)
         let requestHash = Self.sha256(call.canonicalEncoding)
         guard let key = idempotencyKey else {
             return try await perform(session, task: task, call: call, epoch: epoch, key: nil, requestHash: requestHash, progress: progress)
@@ -342,6 +345,9 @@ public actor Runtime {
                 epoch: epoch)
             sessions[session]?.tasks[task] = taskState
             sessions[session]?.openTasks[task] = taskState.policy.name
+        }
+        if let fleet {
+            do { try await fleet.checkLease() } catch let error as FleetError { throw RuntimeError(.unavailable, error.message, cause: error) }
         }
         let intentSeq = try await append(session, EventType.toolIntent, intentPayload, epoch: epoch)
         progress?(.accepted)
@@ -684,7 +690,7 @@ public actor Runtime {
     /// result; nil when this node must not settle them (another node serves the session).
     private func settlingNode(_ session: SessionID) async -> String? {
         guard let fleet else { return "agentd" }
-        if let taken = takenOver[session] { return "node \(taken.from)" }
+        if let from = await fleet.previousOwner(of: session.rawValue) { return "node \(from)" }
         guard case .local? = try? await fleet.placement(of: session.rawValue, claim: false) else { return nil }
         // Served here, or by no live node: the owner (this node before a restart, or a dead one).
         guard let owner = try? await fleet.registry.owner(session: session.rawValue) else { return nil }
