@@ -57,11 +57,19 @@ public struct PostgresFleetRegistry: FleetRegistry {
     }
 
     public func claim(session: String, node: String) async throws -> ClaimOutcome {
-        let rows = try await run("claiming session \(session) for node \(node)") {
-            try await client.query(
-                """
-                WITH prev AS (SELECT node FROM \(unescaped: schema).session_owners WHERE session_id = \(session) FOR UPDATE),
-                up AS (
+        // One transaction: the owner row is read under its lock, then inserted or taken over
+        // (only from a node whose lease ran out, by the database's clock).
+        let (previous, now) = try await run("claiming session \(session) for node \(node)") {
+            try await client.withTransaction(logger: logger) { conn -> (String?, String?) in
+                var previous: String?
+                for try await owner in try await conn.query(
+                    "SELECT node FROM \(unescaped: schema).session_owners WHERE session_id = \(session) FOR UPDATE", logger: logger
+                ).decode(String.self) {
+                    previous = owner
+                }
+                var now: String?
+                for try await owner in try await conn.query(
+                    """
                     INSERT INTO \(unescaped: schema).session_owners AS o (session_id, node) VALUES (\(session), \(node))
                     ON CONFLICT (session_id) DO UPDATE
                         SET node = EXCLUDED.node,
@@ -70,12 +78,14 @@ public struct PostgresFleetRegistry: FleetRegistry {
                       WHERE o.node = EXCLUDED.node
                          OR NOT EXISTS (SELECT 1 FROM \(unescaped: schema).nodes n
                                          WHERE n.name = o.node AND n.heartbeat_at + n.lease_ms * interval '1 millisecond' > clock_timestamp())
-                    RETURNING node)
-                SELECT (SELECT node FROM prev), (SELECT node FROM up)
-                """, logger: logger
-            ).collect()
+                    RETURNING node
+                    """, logger: logger
+                ).decode(String.self) {
+                    now = owner
+                }
+                return (previous, now)
+            }
         }
-        let (previous, now) = try rows.first?.decode((String?, String?).self) ?? (nil, nil)
         if now == node { return .claimed(takenFrom: previous.flatMap { $0 == node ? nil : $0 }) }
         if let owner = try await owner(session: session), owner.name != node { return .elsewhere(owner) }
         // The owner changed between the two statements (it stopped): try once more.
