@@ -77,7 +77,7 @@ let package = Package(
             exclude: ["README.md"],
             swiftSettings: strict),
         // Nodes of a fleet: heartbeats with a lease, and which node serves which session.
-        .target(name: "Fleet", dependencies: [.product(name: "Logging", package: "swift-log")], swiftSettings: strict),
+        .target(name: "Fleet", dependencies: [.product(name: "Logging", package: "swift-log")], exclude: ["README.md"], swiftSettings: strict),
         // The Session journal on PostgreSQL (`SessionJournal` through postgres-nio), for a fleet.
         .target(
             name: "PostgresStore",
