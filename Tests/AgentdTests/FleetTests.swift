@@ -1,5 +1,6 @@
 import AgentdClient
 import Foundation
+import Synchronization
 import Testing
 import TestSupport
 
@@ -40,6 +41,13 @@ struct FleetTests {
         // Through node c: redirected to a, and run in a's sandbox (the count goes on).
         let viaC = try await c.client.execute(session: id, tool: "bash", input: bash(count), idempotencyKey: "k2")
         #expect(viaC.output.trimmingCharacters(in: .whitespacesAndNewlines) == "2", "\(viaC.output)")
+        // A streamed execute through c is redirected too: its output streams from a.
+        let streamed = Mutex<[UInt8]>([])
+        let viaStream = try await c.client.executeStreaming(session: id, tool: "bash", input: bash("echo streamed; wc -l < runs"), idempotencyKey: "k2s") { update in
+            if case .output(_, let bytes) = update { streamed.withLock { $0 += bytes } }
+        }
+        #expect(viaStream.output == "streamed\n2\n", "\(viaStream.output)")
+        #expect(String(decoding: streamed.withLock { $0 }, as: UTF8.self) == "streamed\n2\n")
         #expect(try await sandboxes(a.instance, session: id) == 1)
         #expect(try await sandboxes(c.instance, session: id) == 0)
 
