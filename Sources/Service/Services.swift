@@ -1,4 +1,3 @@
-import Fleet
 import Hands
 import Logging
 import Policy
@@ -99,13 +98,3 @@ public struct SystemdReadiness: Service {
 
 import SystemdBus
 
-/// This node's heartbeats in the fleet's store, every interval, until agentd stops.
-public struct FleetHeartbeat: Service {
-    let node: FleetNode
-
-    public init(node: FleetNode) { self.node = node }
-
-    public func run() async throws {
-        await cancelWhenGracefulShutdown { await node.run() }
-    }
-}

@@ -126,6 +126,9 @@ struct Serve: AsyncParsableCommand {
         // In a fleet (the store is PostgreSQL): this node's heartbeats, and which node serves
         // which session, kept in the store.
         let fleet = try await joinFleet(store: store, instance: instance, logger: logger)
+        // Heartbeats start now, not with the API: restoring sandboxes may take longer than the
+        // lease, and the node must be live when its API first answers.
+        let heartbeats = fleet.map { fleet in Task { await fleet.run() } }
         // Credentials of the policies in force go to the redactor now and after every reload.
         let registrar = CredentialRegistrar(
             resolver: CredentialResolver(environment: environment), redactor: store.redactor, logger: Logger(label: "agentd.vault"))
@@ -252,7 +255,6 @@ struct Serve: AsyncParsableCommand {
             .init(service: SystemdReadiness(server: server, status: "serving \(set.names.count) policies", logger: logger)),
             .init(service: StartupTrimService(server: server, logger: logger)),
         ]
-        if let fleet { services.append(.init(service: FleetHeartbeat(node: fleet))) }
         if let retentionPeriod { services.append(.init(service: RetentionService(runtime: runtime, idle: retentionPeriod, logger: logger))) }
         let group = ServiceGroup(
             configuration: .init(
@@ -272,6 +274,8 @@ struct Serve: AsyncParsableCommand {
         }
         logger.info("stopping: releasing sandboxes and closing the journal")
         await hands.shutdown()
+        heartbeats?.cancel()
+        await heartbeats?.value
         await fleet?.leave()
         await supervisor?.stopAndWait()
         manager?.close()
