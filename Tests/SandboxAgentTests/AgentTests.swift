@@ -196,11 +196,19 @@ import TestSupport
 
     @Test func orphansAreReaped() async throws {
         try await RunningAgent.with { agent in
-            let r = try await agent.client.exec(shell("for i in $(seq 1000); do (sleep 0 &) ; done", timeout: .seconds(120)), output: nil)
+            // Each sleep outlives the subshell that started it, so it is orphaned to the agent
+            // (a `sleep 0` may end first and be reaped by its own subshell, uncounted).
+            let r = try await agent.client.exec(shell("for i in $(seq 1000); do (sleep 0.5 &) ; done", timeout: .seconds(120)), output: nil)
             #expect(r.exitCode == 0)
             let agentPID = agent.process.pid
+            var reaped: UInt64 = 0
+            let deadline = ContinuousClock.now + .seconds(30)
+            while reaped < 1000, ContinuousClock.now < deadline {
+                reaped = try await agent.client.health().zombiesReaped
+                if reaped < 1000 { try await Task.sleep(for: .milliseconds(50)) }
+            }
+            #expect(reaped >= 1000, "orphans reaped by the agent: \(reaped)")
             #expect(await eventually { children(of: agentPID).allSatisfy { $0.state != "Z" } }, "zombies left under the agent")
-            #expect(try await agent.client.health().zombiesReaped >= 1000)
         }
     }
 
