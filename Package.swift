@@ -290,7 +290,7 @@ let package = Package(
         // The web console in headless Chromium (DevTools protocol over a pipe) against a real agentd.
         .testTarget(
             name: "ConsoleTests",
-            dependencies: ["AgentdAPI", "AgentdClient", "EngineAPI", "JSONValues", "SessionLog", "TestSupport"],
+            dependencies: ["AgentdAPI", "AgentdClient", "Console", "EngineAPI", "JSONValues", "SessionLog", "TestSupport"],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "TestServerTests", dependencies: ["TestSupport"], swiftSettings: strict),

@@ -12,6 +12,8 @@ import Foundation
 /// request that changes state still needs `Authorization: Bearer`. The cookie is not the
 /// token: it cannot be replayed as a bearer, and it expires. Rotating `AGENTD_TOKEN` (a
 /// restart) invalidates every cookie.
+///
+/// This holds only while no GET route of the API changes state: keep it so.
 public struct ConsoleAuth: Sendable {
     public static let cookieName = "agentd_console"
     /// How long a login lasts (12 h).

@@ -2,8 +2,9 @@
 //
 // Rules this file keeps:
 // - Everything from the server is data, and event content is hostile: it is only ever put
-//   into the page with textContent (the el() helper); never innerHTML. The page's CSP forbids
-//   inline script as a second wall.
+//   into the page with textContent (the el() helper), never parsed as HTML (ConsoleAuthTests
+//   checks that no HTML-parsing API appears in this file). The page's CSP forbids inline
+//   script as a second wall.
 // - What the page holds is bounded: at most MAX_EVENTS events are rendered (the oldest go
 //   first), long outputs are folded and cut at MAX_TEXT characters.
 "use strict";
