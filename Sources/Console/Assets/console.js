@@ -85,6 +85,8 @@ async function api(path, signal) {
   return body;
 }
 
+function plural(n, noun) { return `${n} ${noun}${n === 1 ? "" : "s"}`; }
+
 function failure(err) { return el("p", { class: "failure" }, String(err?.message || err)); }
 
 const enc = encodeURIComponent;
@@ -118,9 +120,10 @@ function route() {
 async function health() {
   try {
     const h = await api("/v1/health");
-    const errors = h.policies?.errors?.length ? `, ${h.policies.errors.length} policy error(s)` : "";
+    const n = h.policies?.errors?.length || 0;
+    const errors = n ? `, ${plural(n, "policy error")}` : "";
     document.getElementById("health").textContent =
-      `${h.status} · ${h.sessions} sessions · ${h.sandboxes.live} live / ${h.sandboxes.pooled} warm sandboxes${errors}`;
+      `${h.status} · ${plural(h.sessions, "session")} · ${h.sandboxes.live} live / ${h.sandboxes.pooled} warm sandboxes${errors}`;
   } catch (e) {
     document.getElementById("health").textContent = `health: ${e.message}`;
   }
@@ -447,7 +450,7 @@ async function policiesPage(ctx) {
   const errors = list.errors || [];
   show(el("h1", {}, "Policies"),
     el("p", { class: "muted" }, `Generation ${list.generation}. A reload with any error is refused as a whole: the last good set below stays in force until the errors are fixed.`),
-    errors.length ? el("div", { class: "errors", id: "policy-errors" }, el("strong", {}, `${errors.length} error(s) in the policy files`),
+    errors.length ? el("div", { class: "errors", id: "policy-errors" }, el("strong", {}, `${plural(errors.length, "error")} in the policy files`),
       el("ul", {}, errors.map(e => el("li", { class: "policy-error" }, e)))) : el("p", { id: "policy-errors-none" }, "No errors in the policy files."),
     el("h2", {}, "Loaded"),
     el("table", { id: "policies" },
