@@ -115,11 +115,22 @@ let package = Package(
             ],
             swiftSettings: strict),
 
+        // The web console: pages served from the binary at /ui/ (Assets/ embedded by SwiftPM),
+        // and the login cookie that lets a browser in on the TCP listener.
+        .target(
+            name: "Console",
+            dependencies: [.product(name: "Crypto", package: "swift-crypto")],
+            exclude: ["README.md"],
+            resources: [
+                .embedInCode("Assets/index.html"), .embedInCode("Assets/login.html"), .embedInCode("Assets/console.js"),
+                .embedInCode("Assets/console.css"),
+            ],
+            swiftSettings: strict),
         .target(
             name: "Service",
             dependencies: [
                 "Fleet",
-                "AgentdAPI", "Runtime", "SystemdBus", "Blocking", "JSONValues",
+                "AgentdAPI", "Runtime", "Console", "SystemdBus", "Blocking", "JSONValues",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -275,6 +286,11 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            swiftSettings: strict),
+        // The web console in headless Chromium (DevTools protocol over a pipe) against a real agentd.
+        .testTarget(
+            name: "ConsoleTests",
+            dependencies: ["AgentdAPI", "AgentdClient", "Console", "EngineAPI", "JSONValues", "SessionLog", "TestSupport"],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "TestServerTests", dependencies: ["TestSupport"], swiftSettings: strict),

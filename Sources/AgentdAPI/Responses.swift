@@ -467,6 +467,41 @@ public struct PoolList: Codable, Sendable, Equatable {
     public init(pools: [Pool]) { self.pools = pools }
 }
 
+/// `GET /v1/sandboxes`: the sandboxes serving tasks now (warm ones are in `GET /v1/pools`).
+public struct SandboxList: Codable, Sendable, Equatable {
+    public struct Sandbox: Codable, Sendable, Equatable {
+        public var session: String
+        public var task: String
+        /// The driver's id: a container id, or a unit name.
+        public var id: String
+        /// `container` or `unit`.
+        public var driver: String
+        public var image: String
+        /// Tool calls running in it now.
+        public var inFlight: Int
+        /// Seconds since its last tool call ended (0 while one runs).
+        public var idleSeconds: Double
+
+        enum CodingKeys: String, CodingKey {
+            case session, task, id, driver, image
+            case inFlight = "in_flight"
+            case idleSeconds = "idle_s"
+        }
+
+        public init(session: String, task: String, id: String, driver: String, image: String, inFlight: Int, idleSeconds: Double) {
+            self.session = session
+            self.task = task
+            self.id = id
+            self.driver = driver
+            self.image = image
+            self.inFlight = inFlight
+            self.idleSeconds = idleSeconds
+        }
+    }
+    public var sandboxes: [Sandbox]
+    public init(sandboxes: [Sandbox]) { self.sandboxes = sandboxes }
+}
+
 /// `GET /v1/policies` and `POST /v1/policies/reload`.
 public struct PolicyList: Codable, Sendable, Equatable {
     public struct Policy: Codable, Sendable, Equatable {

@@ -527,4 +527,7 @@ extension AgentdClient {
 
     /// Each policy's warm pool.
     public func pools() async throws -> [PoolList.Pool] { try await get("/v1/pools", as: PoolList.self).pools }
+
+    /// `GET /v1/sandboxes`: the sandboxes serving tasks now.
+    public func sandboxes() async throws -> [SandboxList.Sandbox] { try await get("/v1/sandboxes", as: SandboxList.self).sandboxes }
 }

@@ -421,6 +421,24 @@ public actor HandsManager {
 
     public var pooledCount: Int { pool.values.reduce(0) { $0 + $1.count } }
     public var liveCount: Int { live.count }
+
+    /// One sandbox serving a task now (see `liveSandboxes`).
+    public struct LiveSandbox: Sendable, Equatable {
+        public var key: TaskKey
+        public var sandbox: SandboxHandle
+        /// Tool calls running in it now.
+        public var inFlight: Int
+        /// Time since its last tool call ended (zero while one runs).
+        public var idle: Duration
+    }
+
+    /// Every sandbox serving a task now, by session then task.
+    public func liveSandboxes() -> [LiveSandbox] {
+        let now = ContinuousClock.now
+        return live.map { key, entry in
+            LiveSandbox(key: key, sandbox: entry.sandbox, inFlight: entry.inFlight, idle: entry.inFlight > 0 ? .zero : now - entry.lastUsed)
+        }.sorted { ($0.key.session, $0.key.task) < ($1.key.session, $1.key.task) }
+    }
     public func sandbox(of key: TaskKey) -> SandboxHandle? { live[key]?.sandbox }
     /// The tasks of `session` that hold a sandbox now.
     public func liveTasks(session: String) -> [String] { live.keys.filter { $0.session == session }.map(\.task) }

@@ -1,4 +1,5 @@
 import AgentdAPI
+import Console
 import Fleet
 import Foundation
 import Hands
@@ -64,7 +65,7 @@ enum Route {
     static let patterns = [
         "v1/health", "v1/tools", "metrics", "v1/sessions", "v1/sessions/:id", "v1/sessions/:id/events", "v1/sessions/:id/execute",
         "v1/sessions/:id/wake", "v1/sessions/:id/checkpoint", "v1/sessions/:id/snapshot", "v1/sessions/:id/verify",
-        "v1/sessions/:id/tasks/:task/end", "v1/policies", "v1/policies/reload", "v1/pools", "v1/images",
+        "v1/sessions/:id/tasks/:task/end", "v1/policies", "v1/policies/reload", "v1/pools", "v1/images", "v1/sandboxes",
     ]
 
     /// The captured `:name` segments (as sent, still percent-encoded) when `parts` match `pattern`, else nil.
@@ -118,6 +119,10 @@ public struct API: Sendable {
     }
 
     private func route(_ r: APIRequest) async throws -> APIResponse {
+        // The web console's pages: static, served from the binary (see Sources/Console).
+        if let page = ConsoleAssets.respond(method: r.method, path: r.path, ifNoneMatch: r.header("if-none-match")) {
+            return HTTPServer.response(page)
+        }
         let parts = r.path.split(separator: "/", omittingEmptySubsequences: true).map(String.init)
         /// The route's path parameters when `r` is `method pattern`; its query is checked
         /// against `query` (the parameters the route takes).
@@ -216,6 +221,9 @@ public struct API: Sendable {
                     lastError: entry.status.lastError)
             }
             return JSON.ok(PoolList(pools: pools))
+        }
+        if try match("GET", "v1/sandboxes") != nil {
+            return JSON.ok(SandboxList(sandboxes: await runtime.hands.liveSandboxes().map(Self.info)))
         }
         if try match("POST", "v1/images", query: ["name"]) != nil {
             guard let file = r.bodyFile, let name = r.query["name"] else {
@@ -337,6 +345,12 @@ public struct API: Sendable {
     static func info(_ s: SessionSummary) -> SessionInfo {
         SessionInfo(
             id: s.id, policy: s.policy, lastSeq: s.last_seq, leaseEpoch: s.lease_epoch, liveTasks: s.live_tasks, deleted: s.deleted, damage: s.damage)
+    }
+
+    static func info(_ s: HandsManager.LiveSandbox) -> SandboxList.Sandbox {
+        SandboxList.Sandbox(
+            session: s.key.session, task: s.key.task, id: s.sandbox.id, driver: s.sandbox.spec.driver, image: s.sandbox.spec.image,
+            inFlight: s.inFlight, idleSeconds: s.idle.seconds)
     }
 
     static func info(_ e: Event) -> EventInfo {

@@ -1,4 +1,5 @@
 import Blocking
+import Console
 import Foundation
 import Logging
 import NIOConcurrencyHelpers
@@ -58,7 +59,8 @@ public enum Listener: Sendable {
     case unixSocket(path: String, mode: mode_t = 0o660)
     /// An already-bound listening socket handed over by systemd (socket activation).
     case inherited(fd: Int32)
-    /// TCP on `host:port`; every request must carry `Authorization: Bearer <token>`.
+    /// TCP on `host:port`; every request must carry `Authorization: Bearer <token>`, or be a
+    /// GET with the web console's login cookie (see `ConsoleAuth`).
     case tcp(host: String, port: Int, token: String)
 }
 
@@ -314,6 +316,8 @@ public final class HTTPServer: Service, Sendable {
         defer { connections.remove(id) }
         let deadline = ConnectionDeadline(channel: connection.channel)
         defer { deadline.clear() }
+        // The token's other form, for browsers: the console's login cookie (GET only).
+        let auth = token.map(ConsoleAuth.init)
         deadline.set(after: limits.headerTimeout, "the request head did not arrive within \(limits.headerTimeout)")
         do {
             try await connection.executeThenClose { inbound, outbound in
@@ -324,6 +328,9 @@ public final class HTTPServer: Service, Sendable {
                 defer { upload?.remove() }
                 // A request refused at its head: what still comes is read and dropped.
                 var refused = false
+                // A console login or logout on a listener that needs the token: answered here,
+                // since only the server knows the token.
+                var consoleForm = false
                 var drained = 0
                 // The body's progress, for its deadline.
                 var bodyStarted = NIODeadline.now()
@@ -344,8 +351,20 @@ public final class HTTPServer: Service, Sendable {
                         // unauthenticated client gets nothing read on its behalf), then an
                         // upload's own checks, then a body too large to hold.
                         var refusal: APIResponse?
-                        if let token, !Self.authorized(h.headers["authorization"].first, token: token) {
-                            refusal = APIError.response(401, "unauthorized", "this listener needs `Authorization: Bearer <token>`")
+                        consoleForm = false
+                        if let token, let auth {
+                            let bearer = Self.authorized(h.headers["authorization"].first, token: token)
+                            switch auth.admit(method: h.method.rawValue, path: path, bearerValid: bearer, cookies: h.headers["cookie"]) {
+                            case .admitted: break
+                            case .open: consoleForm = h.method == .POST
+                            case .refused:
+                                refusal = ConsoleAuth.refusal(path: path).map(Self.response)
+                                    ?? APIError.response(401, "unauthorized", "this listener needs `Authorization: Bearer <token>`")
+                            }
+                        }
+                        if refusal != nil {
+                        } else if consoleForm, (h.headers["content-length"].first.flatMap { Int($0) } ?? Int.max) > ConsoleAuth.maxLoginBytes {
+                            refusal = APIError.response(413, "too-large", "a console login needs a Content-Length of at most \(ConsoleAuth.maxLoginBytes) bytes")
                         } else if spooled, let spool {
                             if let answer = spool.preflight(Self.request(h, body: [], peer: peer)) {
                                 refusal = answer
@@ -403,6 +422,8 @@ public final class HTTPServer: Service, Sendable {
                             response = failure
                         } else if tooLarge {
                             response = Self.tooLarge(maxBodyBytes)
+                        } else if consoleForm, let auth {
+                            response = Self.response(auth.answer(method: h.method.rawValue, path: String(h.uri.split(separator: "?").first ?? ""), body: body))
                         } else {
                             var request = Self.request(h, body: body, peer: peer)
                             request.bodyFile = upload?.close()
@@ -423,6 +444,11 @@ public final class HTTPServer: Service, Sendable {
             logger.debug("connection ended", metadata: ["error": "\(error)"])
         }
         if let reason = deadline.expired { logger.debug("connection closed", metadata: ["reason": "\(reason)"]) }
+    }
+
+    /// A console answer as a response.
+    static func response(_ page: ConsoleAssets.Page) -> APIResponse {
+        APIResponse(status: page.status, headers: page.headers, body: .bytes(page.body))
     }
 
     private static func tooLarge(_ max: Int) -> APIResponse {

@@ -10,7 +10,7 @@ import JSONValues
 struct AgentCtl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "agentctl",
-        abstract: "Control agentd: sessions, tool calls, leases, verification, policies, images, pools, MCP.",
+        abstract: "Control agentd: sessions, tool calls, leases, verification, policies, images, pools, sandboxes, MCP.",
         discussion: """
             Talks to agentd over its unix socket (--socket, or $AGENTD_SOCKET, default /run/agentd/agentd.sock). \
             Every command takes --json for machine-readable output; --socket and --json may also come before \
@@ -25,7 +25,7 @@ struct AgentCtl: AsyncParsableCommand {
             """,
         subcommands: [
             SessionCommand.self, Exec.self, Wake.self, Checkpoint.self, Verify.self, TaskCommand.self, Health.self, PolicyCommand.self,
-            ImageCommand.self, PoolCommand.self, Mcp.self, Run.self,
+            ImageCommand.self, PoolCommand.self, SandboxesCommand.self, Mcp.self, Run.self,
         ])
 
     /// `agentctl [--socket PATH] [--json] COMMAND …`: the options every command takes may

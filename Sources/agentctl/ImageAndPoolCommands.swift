@@ -150,3 +150,26 @@ struct PoolCommand: AsyncParsableCommand {
         }
     }
 }
+
+struct SandboxesCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sandboxes", abstract: "List the sandboxes serving tasks now (warm ones: `agentctl pool status`).")
+    @OptionGroup var options: ClientOptions
+
+    func run() async throws {
+        try await guarded {
+            let sandboxes = try await options.client.sandboxes()
+            if options.json { return printJSON(SandboxList(sandboxes: sandboxes)) }
+            if sandboxes.isEmpty { return print("no sandbox serves a task now") }
+            print("SESSION".padding(toLength: 28, withPad: " ", startingAt: 0) + "TASK".padding(toLength: 16, withPad: " ", startingAt: 0)
+                + "SANDBOX".padding(toLength: 16, withPad: " ", startingAt: 0) + "DRIVER     CALLS  IDLE")
+            for s in sandboxes {
+                print(
+                    s.session.padding(toLength: 28, withPad: " ", startingAt: 0) + s.task.padding(toLength: 16, withPad: " ", startingAt: 0)
+                        + String(s.id.prefix(12)).padding(toLength: 16, withPad: " ", startingAt: 0)
+                        + s.driver.padding(toLength: 11, withPad: " ", startingAt: 0) + "\(s.inFlight)".padding(toLength: 7, withPad: " ", startingAt: 0)
+                        + "\(Int(s.idleSeconds)) s")
+            }
+        }
+    }
+}

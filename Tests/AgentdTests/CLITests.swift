@@ -21,13 +21,16 @@ struct CLITests {
             #expect(rows.contains { $0.hasPrefix(id) && $0.contains("default") })
             let exec = try await runAgentctl(["exec", id, "bash", #"{"command": "echo table"}"#], socket: s)
             #expect(exec.stdout == "table\n" && exec.status == 0)
+            // The task's sandbox is listed while it lives.
+            let live = try await runAgentctl(["sandboxes"], socket: s)
+            #expect(live.status == 0 && live.stdout.contains(id) && live.stdout.contains("main"), "\(live.stdout)")
 
             // --json on every command that talks to agentd: each prints one JSON object.
             let commands: [[String]] = [
                 ["session", "create"], ["session", "list"], ["session", "show", id], ["session", "events", id],
                 // wake last but one: after it, changes must carry the epoch (fencing).
                 ["exec", id, "bash", #"{"command": "echo json"}"#], ["checkpoint", id, #"{"step": 1}"#], ["task", "end", id],
-                ["wake", id], ["verify", id], ["health"], ["pool", "status"],
+                ["wake", id], ["verify", id], ["health"], ["pool", "status"], ["sandboxes"],
             ]
             for command in commands {
                 let run = try await runAgentctl(command + ["--json"], socket: s)
