@@ -7,7 +7,7 @@ export AGENTD_ENV_DIR := $(ENV_DIR)
 # Run a command with the environment `make env` prints (engine socket, systemd address).
 WITH_ENV = set -a && . "$(ENV_DIR)/env" && set +a &&
 
-.PHONY: help env env-down build test bench soak demo lint clean
+.PHONY: help env env-down build test bench soak demo deb lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -46,6 +46,10 @@ soak: ## the journal crash test with 1000 kill -9 cycles
 
 demo: ## the main job end to end: agentd, a coding task, kill -9 half-way, wake, timeline, verify
 	@scripts/demo
+
+deb: ## build .build/deb/agentd_<version>_<arch>.deb and run lintian on it (VERSION=… overrides the file VERSION)
+	@scripts/env-up >/dev/null
+	@VERSION="$(VERSION)" scripts/build-deb >/dev/null
 
 lint: ## swift format lint
 	$(SWIFT) format lint --recursive Sources Tests

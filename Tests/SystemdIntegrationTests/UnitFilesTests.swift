@@ -9,14 +9,14 @@ struct UnitFilesTests {
 
     /// Copies the unit files to a temporary directory with ExecStart's program replaced by
     /// /bin/true: `systemd-analyze verify` refuses a unit whose ExecStart binary does not exist
-    /// ("Command /usr/local/bin/agentd is not executable"), and agentd is not installed where
+    /// ("Command /usr/bin/agentd is not executable"), and agentd is not installed where
     /// the tests run. Everything else is verified as shipped.
     static func stage() throws -> String {
         let dir = "/tmp/agentd-units-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         for name in ["agentd.service", "agentd.socket"] {
             var text = try String(contentsOf: units.appendingPathComponent(name), encoding: .utf8)
-            text = text.replacingOccurrences(of: "ExecStart=/usr/local/bin/agentd ", with: "ExecStart=/bin/true ")
+            text = text.replacingOccurrences(of: "ExecStart=/usr/bin/agentd ", with: "ExecStart=/bin/true ")
             try text.write(toFile: dir + "/" + name, atomically: true, encoding: .utf8)
         }
         return dir
@@ -52,7 +52,7 @@ struct UnitFilesTests {
         }
         #expect(lines.contains { $0.hasPrefix("WatchdogSec=") })
         #expect(lines.contains { $0.hasPrefix("LoadCredential=") })
-        #expect(lines.contains("ExecStart=/usr/local/bin/agentd --state-dir /var/lib/agentd --socket /run/agentd/agentd.sock --policies /etc/agentd/policies"))
+        #expect(lines.contains("ExecStart=/usr/bin/agentd --state-dir /var/lib/agentd --socket /run/agentd/agentd.sock --policies /etc/agentd/policies"))
         let socketLines = Set(socket.split(separator: "\n").map(String.init))
         #expect(socketLines.contains("ListenStream=/run/agentd/agentd.sock"))
         #expect(socketLines.contains("SocketMode=0660"))
