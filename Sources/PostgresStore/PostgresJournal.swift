@@ -283,17 +283,19 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
         try checkOpen("\(what) of session \(session)")
         let after = Int64(clamping: after), upTo = Int64(clamping: upTo)
         return try await recorder.timeRead {
-            let rows = try await client.query(
-                """
-                SELECT seq, epoch, ts_nanos, type, payload FROM \(unescaped: schema).events
-                 WHERE session_id = \(session.rawValue) AND seq > \(after) AND seq <= \(upTo) ORDER BY seq LIMIT \(limit)
-                """, logger: logger)
-            var out: [Event] = []
-            out.reserveCapacity(min(limit, 4096))
-            for try await (seq, epoch, ts, type, payload) in rows.decode((Int64, Int64, Int64, String, ByteBuffer).self) {
-                out.append(Event(session: session, seq: UInt64(seq), epoch: UInt64(epoch), timestampNanos: ts, type: type, payload: Array(payload.readableBytesView)))
+            try await reading {
+                let rows = try await client.query(
+                    """
+                    SELECT seq, epoch, ts_nanos, type, payload FROM \(unescaped: schema).events
+                     WHERE session_id = \(session.rawValue) AND seq > \(after) AND seq <= \(upTo) ORDER BY seq LIMIT \(limit)
+                    """, logger: logger)
+                var out: [Event] = []
+                out.reserveCapacity(min(limit, 4096))
+                for try await (seq, epoch, ts, type, payload) in rows.decode((Int64, Int64, Int64, String, ByteBuffer).self) {
+                    out.append(Event(session: session, seq: UInt64(seq), epoch: UInt64(epoch), timestampNanos: ts, type: type, payload: Array(payload.readableBytesView)))
+                }
+                return out
             }
-            return out
         }
     }
 
@@ -301,13 +303,15 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     func sessionRow(_ session: SessionID, what: String) async throws -> (last: UInt64, epoch: UInt64, checkpoint: UInt64, head: [UInt8])? {
         try checkOpen("\(what) of session \(session)")
         do {
-            return try await recorder.timeRead { () async throws -> (last: UInt64, epoch: UInt64, checkpoint: UInt64, head: [UInt8])? in
-                let rows = try await client.query(
-                    "SELECT last_seq, lease_epoch, checkpoint_seq, head_hash FROM \(unescaped: schema).sessions WHERE session_id = \(session.rawValue)", logger: logger)
-                for try await (last, epoch, cp, head) in rows.decode((Int64, Int64, Int64, ByteBuffer).self) {
-                    return (UInt64(last), UInt64(epoch), UInt64(cp), Array(head.readableBytesView))
+            return try await recorder.timeRead {
+                try await reading { () async throws -> (last: UInt64, epoch: UInt64, checkpoint: UInt64, head: [UInt8])? in
+                    let rows = try await client.query(
+                        "SELECT last_seq, lease_epoch, checkpoint_seq, head_hash FROM \(unescaped: schema).sessions WHERE session_id = \(session.rawValue)", logger: logger)
+                    for try await (last, epoch, cp, head) in rows.decode((Int64, Int64, Int64, ByteBuffer).self) {
+                        return (UInt64(last), UInt64(epoch), UInt64(cp), Array(head.readableBytesView))
+                    }
+                    return nil
                 }
-                return nil
             }
         } catch {
             throw translate(error, "\(what) of session \(session)")
