@@ -65,3 +65,29 @@ public final class Metrics: Sendable {
         return out
     }
 }
+
+extension Metrics {
+    /// The Session store's figures (`SessionJournal.storeStats`) in the exposition format:
+    /// `agentd_store_append_seconds` and `agentd_store_read_seconds` (histograms) and
+    /// `agentd_store_errors_total{op="append"|"read"}`, each labelled `store="file"|"postgres"`.
+    /// Empty for a store that keeps no statistics.
+    static func storeExposition(_ stats: StoreStats?) -> String {
+        guard let stats else { return "" }
+        let label = "store=\"\(stats.store)\""
+        var out = ""
+        func histogram(_ name: String, _ help: String, _ h: Distribution) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) histogram\n"
+            for (i, b) in h.bounds.enumerated() { out += "\(name)_bucket{\(label),le=\"\(b)\"} \(h.cumulativeCounts[i])\n" }
+            out += "\(name)_bucket{\(label),le=\"+Inf\"} \(h.count)\n\(name)_sum{\(label)} \(h.sum)\n\(name)_count{\(label)} \(h.count)\n"
+        }
+        histogram("agentd_store_append_seconds", "Latency of Session store writes (append, checkpoint, wake), failures included.", stats.appendSeconds)
+        if stats.readSeconds.count > 0 {
+            histogram("agentd_store_read_seconds", "Latency of Session store read statements (replay and follow chunks, session rows).", stats.readSeconds)
+        }
+        out += "# HELP agentd_store_errors_total Session store operations that failed in the store itself (I/O, server unreachable, damage), not refusals.\n"
+        out += "# TYPE agentd_store_errors_total counter\n"
+        out += "agentd_store_errors_total{\(label),op=\"append\"} \(stats.appendErrors)\n"
+        out += "agentd_store_errors_total{\(label),op=\"read\"} \(stats.readErrors)\n"
+        return out
+    }
+}
