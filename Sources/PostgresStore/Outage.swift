@@ -14,7 +14,9 @@ extension PostgresJournal {
     static func isConnectionLoss(_ error: any Error) -> Bool {
         if let t = error as? PostgresTransactionError, let inner = t.closureError ?? t.beginError ?? t.commitError { return isConnectionLoss(inner) }
         if let p = error as? PSQLError {
-            if [.serverClosedConnection, .connectionError, .uncleanShutdown].contains(p.code) { return true }
+            // clientClosedConnection: the driver closed a connection the server had dropped
+            // (the pool's side of a restart); the caller checks the journal is not closed.
+            if [.serverClosedConnection, .clientClosedConnection, .connectionError, .uncleanShutdown].contains(p.code) { return true }
             if p.code == .server, let state = p.serverInfo?[.sqlState] { return state.hasPrefix("08") || state.hasPrefix("57P") }
             return false
         }

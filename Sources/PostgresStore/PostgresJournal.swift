@@ -176,7 +176,7 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
                 do {
                     written = try await insert(
                         session, seq: seq, epoch: recordEpoch, after: head, timestamp: timestamp, type: typeText, payload: clean, hash: hash, isCheckpoint: isCheckpoint)
-                } catch where Self.isConnectionLoss(error) {
+                } catch where Self.isConnectionLoss(error) && !isClosed {
                     // The connection went away (a server restart, a network failure) and the
                     // statement may or may not have committed: the database says which.
                     forget(session)
@@ -488,7 +488,9 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
             var detail = "\(p.code)"
             if let info = p.serverInfo {
                 detail = "SQLSTATE \(info[.sqlState] ?? "?"): \(info[.message] ?? "")"
-            } else if let underlying = p.underlying {
+            } else if let inner = p.underlying as? PSQLError, inner.code != p.code || inner.serverInfo != nil {
+                detail += " (\(describe(inner).detail))"
+            } else if let underlying = p.underlying, !(underlying is PSQLError) {
                 detail += " (\(String(describing: underlying)))"
             }
             return (nil, .ioError, detail, p.code == .poolClosed || p.code == .clientClosedConnection)

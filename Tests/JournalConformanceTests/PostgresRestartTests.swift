@@ -198,7 +198,7 @@ struct PostgresRestartTests {
         let pending = Task { try await journal.append(session: id, type: "b", payload: Array("{\"x\":1}".utf8), epoch: lease.epoch) }
         // Kill the backend that is waiting for the lock, once it does.
         var killed = false
-        let deadline = ContinuousClock.now + .seconds(30)
+        let deadline = ContinuousClock.now + .seconds(60)
         while !killed {
             guard ContinuousClock.now < deadline else {
                 pending.cancel()
@@ -206,7 +206,7 @@ struct PostgresRestartTests {
                 break
             }
             let rows = try await blocker.query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE killed.sessions%'", logger: journal.logger)
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND datname = 'agentd' AND wait_event_type = 'Lock'", logger: journal.logger)
             for try await ok in rows.decode(Bool.self) where ok { killed = true }
             if !killed { try await Task.sleep(for: .milliseconds(10)) }
         }
