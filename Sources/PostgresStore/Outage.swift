@@ -38,9 +38,32 @@ extension PostgresJournal {
         }
     }
 
+    /// The stored hash of `seq` of `session` (nil when there is no such row), asked on a
+    /// connection of its own, not the pool's: right after a restart a pooled request was seen
+    /// to wait forever. Tries again (100 ms apart) until `seconds` have passed.
+    func lookUpHash(_ session: SessionID, seq: UInt64, seconds: Double) async throws -> [UInt8]? {
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        var configuration = PostgresConnection.Configuration(
+            host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: .disable)
+        configuration.options.connectTimeout = .seconds(3)
+        while true {
+            do {
+                let connection = try await PostgresConnection.connect(configuration: configuration, id: 0, logger: logger)
+                defer { Task { try? await connection.close() } }
+                let rows = try await connection.query(
+                    "SELECT hash FROM \(unescaped: schema).events WHERE session_id = \(session.rawValue) AND seq = \(Int64(seq))", logger: logger)
+                for try await h in rows.decode(ByteBuffer.self) { return Array(h.readableBytesView) }
+                return nil
+            } catch {
+                if ContinuousClock.now >= deadline || isClosed { throw error }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+        }
+    }
+
     /// After an append's connection was lost: whether the event `seq` with `hash` is in the
-    /// database (the commit happened before the connection went). Asks on another pooled
-    /// connection, for at most 15 s.
+    /// database (the commit happened before the connection went). Asks on a connection of its
+    /// own (`lookUpHash`), for about 15 s at most.
     /// - Returns: true when it committed; false when it did not — then the error thrown to the
     ///   caller is the original one, saying nothing was stored.
     /// - Throws: `.ioError` when the database cannot say (still unreachable): the outcome is
@@ -53,14 +76,7 @@ extension PostgresJournal {
         }
         let stored: [UInt8]?
         do {
-            stored = try await withDeadline(seconds: 15, what: "asking PostgreSQL whether the \(what) to session \(session) committed") { [self] in
-                try await reading { () async throws -> [UInt8]? in
-                    let rows = try await client.query(
-                        "SELECT hash FROM \(unescaped: schema).events WHERE session_id = \(session.rawValue) AND seq = \(Int64(seq))", logger: logger)
-                    for try await h in rows.decode(ByteBuffer.self) { return Array(h.readableBytesView) }
-                    return nil
-                }
-            }
+            stored = try await lookUpHash(session, seq: seq, seconds: 15)
         } catch let asking {
             logger.warning("journal append outcome unknown", metadata: ["session.id": "\(session)", "seq": "\(seq)"])
             throw SessionLogError(

@@ -110,11 +110,24 @@ func write(_ journal: PostgresJournal, _ lease: Lease, _ observed: Observed) asy
 
 @Suite("PostgreSQL restarted under the journal", .serialized)
 struct PostgresRestartTests {
-    @Test("writers keep appending across `pg_ctl restart -m fast` and a stop, a pause and a start: appends wait or fail with a clear error naming the server (no password), work again without reopening the journal, every acknowledged seq is in the database with the chain intact, and a follow resumes",
+    @Test("writers keep appending across `pg_ctl restart -m fast`: in-flight appends fail with a clear error naming the server (no password) or are found stored, appends work again without reopening the journal, every acknowledged seq is in the database with the chain intact, and a follow resumes",
         .disabled(
-            "found by this test, not fixed yet: after `pg_ctl restart -m fast` some appends never return (no error, no result) while other sessions' writers recover, and one NIO event-loop thread spins at ~80% CPU — see Sources/PostgresStore/README.md, 'Known problem'"),
+            "found by this test, not fixed yet: after the restart some writers' appends wait in postgres-nio's pool forever (no result, no error) while the others recover — see Sources/PostgresStore/README.md, 'Known problem'"),
         .timeLimit(.minutes(3)))
-    func appendsSurviveRestarts() async throws {
+    func appendsSurviveAFastRestart() async throws {
+        try await writeThroughOutages(stopAndStart: false)
+    }
+
+    @Test(
+        "the same across a stop, a 2 s pause and a start",
+        .disabled(
+            "found by this test, not fixed yet: appends sent while the server is down, or just before, can wait in postgres-nio's pool forever after it is started again — see Sources/PostgresStore/README.md, 'Known problem'"),
+        .timeLimit(.minutes(3)))
+    func appendsSurviveAStopAndStart() async throws {
+        try await writeThroughOutages(stopAndStart: true)
+    }
+
+    func writeThroughOutages(stopAndStart: Bool) async throws {
         guard let cluster = try PrivateCluster.start() else { return }
         defer { cluster.stop() }
         let journal = try await PostgresJournal.open(url: cluster.url, schema: "restart", maximumConnections: 8)
@@ -132,26 +145,24 @@ struct PostgresRestartTests {
             }
         }
         try await waitUntil("every writer has 30 acknowledged appends") { observed.minimum >= 30 }
-        print("restart test: writing; restarting")
 
         // 1. A fast restart.
         let before = observed.minimum
         try cluster.pgctl(["restart", "-m", "fast"])
         try await waitUntil("every writer has appended 30 more after the restart", seconds: 45, state: { observed.describe }) { observed.minimum >= before + 30 }
 
-        // 2. Down for a while, then started again.
-        print("restart test: restarted and writing; stopping")
-        try cluster.pgctl(["stop", "-m", "fast"])
-        let down = observed.minimum
-        try await Task.sleep(for: .seconds(2))  // the outage itself, not a wait for an event
-        let duringOutage = observed.minimum - down
-        try cluster.pgctl(["start"])
-        try await waitUntil("every writer has appended 30 more after the start") { observed.minimum >= down + 30 }
-
-        print("restart test: started and writing; stopping the writers")
+        var duringOutage = 0
+        if stopAndStart {
+            // 2. Down for a while, then started again.
+            try cluster.pgctl(["stop", "-m", "fast"])
+            let down = observed.minimum
+            try await Task.sleep(for: .seconds(2))  // the outage itself, not a wait for an event
+            duringOutage = observed.minimum - down
+            try cluster.pgctl(["start"])
+            try await waitUntil("every writer has appended 30 more after the start") { observed.minimum >= down + 30 }
+        }
         observed.stop.store(true, ordering: .relaxed)
         await writers.value
-        print("restart test: writers stopped")
 
         // The follower delivers an event appended after both outages.
         let last = try await journal.append(session: ids[0], type: "tick", payload: Array("{\"last\":true}".utf8), epoch: leases[0].epoch)
