@@ -44,6 +44,11 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     let gates = SessionGates()
     /// Sends the NOTIFYs of this node's appends, batched, after they committed.
     let announcer: Announcer
+    /// Latency of writes and reads, and the server's failures (`storeStats`).
+    let recorder = StoreStatsRecorder(store: "postgres")
+
+    /// Write and read latency and the store's own errors since it was opened.
+    public var storeStats: StoreStats? { recorder.snapshot }
 
     /// Channel of the notifications for this schema's appends.
     var channel: String { "agentd_journal_\(schema)" }
@@ -130,7 +135,12 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
         return Lease(session: session, epoch: epoch, seq: seq)
     }
 
+    /// One write, timed into `storeStats`.
     func submit(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
+        try await recorder.timeWrite { try await submitUntimed(session: session, type: type, payload: payload, kind: kind) }
+    }
+
+    func submitUntimed(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
         let what = kind.what
         try checkOpen("\(what) to session \(session)")
         let (cleanType, clean) = try JournalChain.redacted(kind, session: session, type: type, payload: payload, options: options, redactor: redactor)
@@ -162,7 +172,17 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
                 let timestamp = JournalChain.nowNanos()
                 let hash = JournalChain.hash(
                     session: session, seq: seq, epoch: recordEpoch, timestampNanos: timestamp, type: cleanType, payload: clean, prevHash: head.hash)
-                if try await insert(session, seq: seq, epoch: recordEpoch, after: head, timestamp: timestamp, type: typeText, payload: clean, hash: hash, isCheckpoint: isCheckpoint) {
+                let written: Bool
+                do {
+                    written = try await insert(
+                        session, seq: seq, epoch: recordEpoch, after: head, timestamp: timestamp, type: typeText, payload: clean, hash: hash, isCheckpoint: isCheckpoint)
+                } catch where Self.isConnectionLoss(error) && !isClosed {
+                    // The connection went away (a server restart, a network failure) and the
+                    // statement may or may not have committed: the database says which.
+                    forget(session)
+                    written = try await resolveUnknownOutcome(session, seq: seq, hash: hash, what: what, error: error)
+                }
+                if written {
                     heads.withLock { $0[session] = Head(last: seq, hash: hash, epoch: recordEpoch) }
                     notifier.deliver(session: session, seq: seq)
                     announcer.post(session: session, seq: seq)
@@ -250,22 +270,32 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
 
     /// Up to `limit` events of `session` above `after` (and at most `upTo`), in seq order.
     func readEvents(session: SessionID, after: UInt64, limit: Int, upTo: UInt64 = UInt64(Int64.max), what: String) async throws -> [Event] {
-        try checkOpen("\(what) of session \(session)")
-        let after = Int64(clamping: after), upTo = Int64(clamping: upTo)
         do {
-            let rows = try await client.query(
-                """
-                SELECT seq, epoch, ts_nanos, type, payload FROM \(unescaped: schema).events
-                 WHERE session_id = \(session.rawValue) AND seq > \(after) AND seq <= \(upTo) ORDER BY seq LIMIT \(limit)
-                """, logger: logger)
-            var out: [Event] = []
-            out.reserveCapacity(min(limit, 4096))
-            for try await (seq, epoch, ts, type, payload) in rows.decode((Int64, Int64, Int64, String, ByteBuffer).self) {
-                out.append(Event(session: session, seq: UInt64(seq), epoch: UInt64(epoch), timestampNanos: ts, type: type, payload: Array(payload.readableBytesView)))
-            }
-            return out
+            return try await readEventsRaw(session: session, after: after, limit: limit, upTo: upTo, what: what)
         } catch {
             throw translate(error, "\(what) of session \(session)")
+        }
+    }
+
+    /// `readEvents` with the driver's errors as they are (a follower tells a lost connection
+    /// from other failures), timed into `storeStats`.
+    func readEventsRaw(session: SessionID, after: UInt64, limit: Int, upTo: UInt64 = UInt64(Int64.max), what: String) async throws -> [Event] {
+        try checkOpen("\(what) of session \(session)")
+        let after = Int64(clamping: after), upTo = Int64(clamping: upTo)
+        return try await recorder.timeRead {
+            try await reading {
+                let rows = try await client.query(
+                    """
+                    SELECT seq, epoch, ts_nanos, type, payload FROM \(unescaped: schema).events
+                     WHERE session_id = \(session.rawValue) AND seq > \(after) AND seq <= \(upTo) ORDER BY seq LIMIT \(limit)
+                    """, logger: logger)
+                var out: [Event] = []
+                out.reserveCapacity(min(limit, 4096))
+                for try await (seq, epoch, ts, type, payload) in rows.decode((Int64, Int64, Int64, String, ByteBuffer).self) {
+                    out.append(Event(session: session, seq: UInt64(seq), epoch: UInt64(epoch), timestampNanos: ts, type: type, payload: Array(payload.readableBytesView)))
+                }
+                return out
+            }
         }
     }
 
@@ -273,12 +303,16 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     func sessionRow(_ session: SessionID, what: String) async throws -> (last: UInt64, epoch: UInt64, checkpoint: UInt64, head: [UInt8])? {
         try checkOpen("\(what) of session \(session)")
         do {
-            let rows = try await client.query(
-                "SELECT last_seq, lease_epoch, checkpoint_seq, head_hash FROM \(unescaped: schema).sessions WHERE session_id = \(session.rawValue)", logger: logger)
-            for try await (last, epoch, cp, head) in rows.decode((Int64, Int64, Int64, ByteBuffer).self) {
-                return (UInt64(last), UInt64(epoch), UInt64(cp), Array(head.readableBytesView))
+            return try await recorder.timeRead {
+                try await reading { () async throws -> (last: UInt64, epoch: UInt64, checkpoint: UInt64, head: [UInt8])? in
+                    let rows = try await client.query(
+                        "SELECT last_seq, lease_epoch, checkpoint_seq, head_hash FROM \(unescaped: schema).sessions WHERE session_id = \(session.rawValue)", logger: logger)
+                    for try await (last, epoch, cp, head) in rows.decode((Int64, Int64, Int64, ByteBuffer).self) {
+                        return (UInt64(last), UInt64(epoch), UInt64(cp), Array(head.readableBytesView))
+                    }
+                    return nil
+                }
             }
-            return nil
         } catch {
             throw translate(error, "\(what) of session \(session)")
         }
@@ -454,12 +488,23 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
             var detail = "\(p.code)"
             if let info = p.serverInfo {
                 detail = "SQLSTATE \(info[.sqlState] ?? "?"): \(info[.message] ?? "")"
-            } else if let underlying = p.underlying {
+            } else if let inner = p.underlying as? PSQLError, inner.code != p.code || inner.serverInfo != nil {
+                detail += " (\(describe(inner).detail))"
+            } else if let underlying = p.underlying, !(underlying is PSQLError) {
                 detail += " (\(String(describing: underlying)))"
             }
             return (nil, .ioError, detail, p.code == .poolClosed || p.code == .clientClosedConnection)
         }
         if error is CancellationError { return (nil, .closed, "cancelled", false) }
+        // The pool's own error type is in an underscored module: recognise it by name.
+        if "\(type(of: error))" == "ConnectionPoolError" {
+            let text = "\(error)"
+            if text.contains("CircuitBreaker") {
+                return (nil, .ioError, "no connection to the server could be made for 60 s (it is down, restarting, or unreachable)", false)
+            }
+            if text.contains("poolShutdown") { return (nil, .closed, "the connection pool is shut down", true) }
+            return (nil, .ioError, "connection pool: \(text)", false)
+        }
         return (nil, .ioError, "\(type(of: error))", false)
     }
 }
@@ -681,6 +726,8 @@ final class Cursor: EventCursor {
     var buffer: [Event] = []
     var index = 0
     var listening = false
+    /// Reads in a row that failed because the connection was lost (a follow retries them).
+    var failures = 0
 
     init(store: PostgresJournal, session: SessionID, after: UInt64, follow: Bool) {
         (self.store, self.session, self.after, self.follow) = (store, session, after, follow)
@@ -703,9 +750,18 @@ final class Cursor: EventCursor {
             if follow && store.isClosed { return nil }
             let chunk: [Event]
             do {
-                chunk = try await store.readEvents(session: session, after: after, limit: 4096, what: follow ? "follow" : "replay")
-            } catch let error as SessionLogError where (follow && error.code == .closed) || Task.isCancelled {
-                return nil  // a follow ends when the store closes; any read ends when cancelled
+                chunk = try await store.readEventsRaw(session: session, after: after, limit: 4096, what: follow ? "follow" : "replay")
+                failures = 0
+            } catch {
+                if Task.isCancelled { return nil }  // any read ends when cancelled
+                let e = store.translate(error, "\(follow ? "follow" : "replay") of session \(session)")
+                if follow && e.code == .closed { return nil }  // a follow ends when the store closes
+                // A follow outlives a server restart: it reads again once the server answers.
+                guard follow, PostgresJournal.isConnectionLoss(error) else { throw e }
+                failures += 1
+                if failures == 1 { store.logger.warning("journal follow lost its connection; retrying", metadata: ["session.id": "\(session)"]) }
+                try? await Task.sleep(for: .milliseconds(min(2000, 50 * failures)))
+                continue
             }
             buffer = chunk
             index = 0

@@ -63,6 +63,7 @@ public final class Metrics: Sendable {
             stats.syncs == 0 ? 0 : Double(stats.records) / Double(stats.syncs))
         out += "# HELP agentd_api_requests_total API requests by status.\n# TYPE agentd_api_requests_total counter\n"
         for (status, n) in s.requestsByStatus.sorted(by: { $0.key < $1.key }) { out += "agentd_api_requests_total{status=\"\(status)\"} \(n)\n" }
+        out += Self.storeExposition(runtime.store.storeStats)
         if let fleet = runtime.fleet {
             out += await Self.fleetExposition(fleet)
         }
@@ -81,6 +82,32 @@ public final class Metrics: Sendable {
         for node in nodes { out += "agentd_fleet_missed_heartbeats{node=\"\(node.name)\"} \(node.missedHeartbeats)\n" }
         out += "# HELP agentd_fleet_node_live 1 for a node whose lease holds, 0 for one whose lease ran out.\n# TYPE agentd_fleet_node_live gauge\n"
         for node in nodes { out += "agentd_fleet_node_live{node=\"\(node.name)\"} \(node.live ? 1 : 0)\n" }
+        return out
+    }
+}
+
+extension Metrics {
+    /// The Session store's figures (`SessionJournal.storeStats`) in the exposition format:
+    /// `agentd_store_append_seconds` and `agentd_store_read_seconds` (histograms) and
+    /// `agentd_store_errors_total{op="append"|"read"}`, each labelled `store="file"|"postgres"`.
+    /// Empty for a store that keeps no statistics.
+    static func storeExposition(_ stats: StoreStats?) -> String {
+        guard let stats else { return "" }
+        let label = "store=\"\(stats.store)\""
+        var out = ""
+        func histogram(_ name: String, _ help: String, _ h: Distribution) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) histogram\n"
+            for (i, b) in h.bounds.enumerated() { out += "\(name)_bucket{\(label),le=\"\(b)\"} \(h.cumulativeCounts[i])\n" }
+            out += "\(name)_bucket{\(label),le=\"+Inf\"} \(h.count)\n\(name)_sum{\(label)} \(h.sum)\n\(name)_count{\(label)} \(h.count)\n"
+        }
+        histogram("agentd_store_append_seconds", "Latency of Session store writes (append, checkpoint, wake), failures included.", stats.appendSeconds)
+        if stats.readSeconds.count > 0 {
+            histogram("agentd_store_read_seconds", "Latency of Session store read statements (replay and follow chunks, session rows).", stats.readSeconds)
+        }
+        out += "# HELP agentd_store_errors_total Session store operations that failed in the store itself (I/O, server unreachable, damage), not refusals.\n"
+        out += "# TYPE agentd_store_errors_total counter\n"
+        out += "agentd_store_errors_total{\(label),op=\"append\"} \(stats.appendErrors)\n"
+        out += "agentd_store_errors_total{\(label),op=\"read\"} \(stats.readErrors)\n"
         return out
     }
 }

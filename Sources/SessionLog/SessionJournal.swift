@@ -66,9 +66,16 @@ public protocol SessionJournal: AnyObject, Sendable {
 
     /// Finishes pending work and releases the store; later calls fail with `.closed`.
     func close() async throws
+
+    /// Latency and error counters since the store was opened, for `/metrics`; nil for a store
+    /// that does not keep them (the default).
+    var storeStats: StoreStats? { get }
 }
 
 extension SessionJournal {
+    /// No counters: the default for a store that does not keep `StoreStats`.
+    public var storeStats: StoreStats? { nil }
+
     /// `append` for `Data`.
     @discardableResult
     public func append(session: SessionID, type: String, payload: Data, epoch: UInt64? = nil) async throws -> UInt64 {

@@ -103,6 +103,8 @@ public final class SessionStore: @unchecked Sendable {
     let indexLock = NSLock()
     var indexGeneration: UInt64 = 0  // indexLock
     var writtenIndexGeneration: UInt64 = 0  // indexLock
+    /// Latency of every write and the store's own errors (`storeStats`).
+    let recorder = StoreStatsRecorder(store: "file")
 
     init(
         directory: String, options: SessionStoreOptions, redactor: Redactor, logger: Logger, recovery: RecoveryReport,
@@ -214,7 +216,12 @@ public final class SessionStore: @unchecked Sendable {
         }
     }
 
+    /// One write, timed into `storeStats`.
     func submit(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
+        try await recorder.timeWrite { try await submitUntimed(session: session, type: type, payload: payload, kind: kind) }
+    }
+
+    func submitUntimed(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
         let what = kind.what
         let (cleanType, clean) = try JournalChain.redacted(kind, session: session, type: type, payload: payload, options: options, redactor: redactor)
         var record = Record.build(session: session, type: cleanType, payload: clean, timestamp: Sys.wallNanos())
@@ -707,6 +714,10 @@ public final class SessionStore: @unchecked Sendable {
 
     /// Counters since the store was opened (for benchmarks and metrics).
     public var statistics: SessionStoreStatistics { lock.withLock { stats } }
+
+    /// Write latency and the store's own errors since it was opened (reads are not timed
+    /// here: they are memory-mapped and never wait for the disk's sync).
+    public var storeStats: StoreStats? { recorder.snapshot }
 
     /// The session's current lease epoch (0 before the first wake).
     public func leaseEpoch(session: SessionID) -> UInt64 {

@@ -7,6 +7,6 @@ struct AgentD: AsyncParsableCommand {
         commandName: "agentd",
         abstract: "The agentd host service: sessions, on-demand sandboxes (Hands), policies, and the API for Brains.",
         discussion: "Without a subcommand, agentd runs `serve`: `agentd --state-dir DIR` is `agentd serve --state-dir DIR`.",
-        subcommands: [Serve.self],
+        subcommands: [Serve.self, MigrateJournal.self],
         defaultSubcommand: Serve.self)
 }
