@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import Synchronization
 import PostgresNIO
 import SessionLog
 
@@ -20,17 +21,50 @@ extension PostgresJournal {
             if p.code == .server, let state = p.serverInfo?[.sqlState] { return state.hasPrefix("08") || state.hasPrefix("57P") }
             return false
         }
+        if error is StatementTimeout { return true }
         return "\(type(of: error))" == "ConnectionPoolError" && "\(error)".contains("CircuitBreaker")
+    }
+
+    /// How long one statement may go unanswered before its caller is told so: an append or a
+    /// read takes milliseconds, and after a server restart postgres-nio 1.33.2's pool was seen
+    /// to leave a request waiting forever (README, "Statements that never answer").
+    static let statementSeconds: Double = 15
+
+    /// Runs `body`, or throws `StatementTimeout` once `seconds` have passed without its answer.
+    /// The race is unstructured on purpose: a stuck statement does not answer cancellation, and
+    /// a task group would wait for it. The stuck statement is left to finish (or not) on its
+    /// own; the caller treats its outcome as unknown.
+    func bounded<T: Sendable>(_ what: String, seconds: Double = PostgresJournal.statementSeconds, _ body: @escaping @Sendable () async throws -> T)
+        async throws -> T
+    {
+        let once = OnceFlag()
+        return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, any Error>) in
+            let work = Task {
+                do {
+                    let value = try await body()
+                    if once.claim() { continuation.resume(returning: value) }
+                } catch {
+                    if once.claim() { continuation.resume(throwing: error) }
+                }
+            }
+            Task {
+                try? await Task.sleep(for: .milliseconds(Int64(seconds * 1000)))
+                if once.claim() {
+                    work.cancel()
+                    continuation.resume(throwing: StatementTimeout(what: what, seconds: seconds))
+                }
+            }
+        }
     }
 
     /// Runs an idempotent read, again when its connection was lost (up to 4 more times, 100 to
     /// 800 ms apart): after a restart the pool may hand out a connection whose closing it has
     /// not noticed yet, and a read has nothing to lose by trying once more.
-    func reading<T>(_ body: () async throws -> T) async throws -> T {
+    func reading<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws -> T {
         var attempt = 0
         while true {
             do {
-                return try await body()
+                return try await bounded("a read", body)
             } catch where Self.isConnectionLoss(error) && attempt < 4 && !isClosed {
                 attempt += 1
                 try await Task.sleep(for: .milliseconds(50 << attempt))
@@ -69,7 +103,7 @@ extension PostgresJournal {
     /// - Throws: `.ioError` when the database cannot say (still unreachable): the outcome is
     ///   unknown and the message tells the caller to read the session before retrying.
     func resolveUnknownOutcome(_ session: SessionID, seq: UInt64, hash: [UInt8], what: String, error: any Error) async throws -> Bool {
-        let detail = Self.describe(error).detail
+        let detail = (error as? StatementTimeout)?.description ?? Self.describe(error).detail
         if "\(type(of: error))" == "ConnectionPoolError" {
             // No connection was ever made: the statement was not sent.
             throw translate(error, "\(what) to session \(session)")
@@ -90,6 +124,20 @@ extension PostgresJournal {
         }
         throw SessionLogError(
             .ioError,
-            "\(what) to session \(session) failed at PostgreSQL \(url) (schema \(schema)): the connection was lost (\(detail)); the database was asked afterwards and the event was not stored — retry")
+            "\(what) to session \(session) failed at PostgreSQL \(url) (schema \(schema)): the connection was lost or did not answer (\(detail)); the database was asked afterwards and the event was not stored — retry")
     }
+}
+
+/// A statement that got no answer within `PostgresJournal.statementSeconds`: treated like a
+/// lost connection (its outcome is unknown).
+struct StatementTimeout: Error, CustomStringConvertible {
+    let what: String
+    let seconds: Double
+    var description: String { "no answer to \(what) within \(Int(seconds)) s" }
+}
+
+/// Set once, by whichever of two racers gets there first.
+final class OnceFlag: Sendable {
+    private let flag = Atomic<Bool>(false)
+    func claim() -> Bool { flag.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged }
 }

@@ -155,7 +155,7 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
             for _ in 0..<100 {
                 let cached = heads.withLock { $0[session] }
                 let head: Head
-                if let cached { head = cached } else { head = try await loadHead(session); reloaded = true }
+                if let cached { head = cached } else { head = try await bounded("reading session \(session)'s row") { try await self.loadHead(session) }; reloaded = true }
                 let recordEpoch: UInt64
                 switch kind {
                 case .event(let e), .checkpoint(let e):
@@ -174,8 +174,11 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
                     session: session, seq: seq, epoch: recordEpoch, timestampNanos: timestamp, type: cleanType, payload: clean, prevHash: head.hash)
                 let written: Bool
                 do {
-                    written = try await insert(
-                        session, seq: seq, epoch: recordEpoch, after: head, timestamp: timestamp, type: typeText, payload: clean, hash: hash, isCheckpoint: isCheckpoint)
+                    written = try await bounded("the \(what) of seq \(seq)") {
+                        try await self.insert(
+                            session, seq: seq, epoch: recordEpoch, after: head, timestamp: timestamp, type: typeText, payload: clean, hash: hash,
+                            isCheckpoint: isCheckpoint)
+                    }
                 } catch where Self.isConnectionLoss(error) && !isClosed {
                     // The connection went away (a server restart, a network failure) and the
                     // statement may or may not have committed: the database says which.
@@ -283,7 +286,7 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
         try checkOpen("\(what) of session \(session)")
         let after = Int64(clamping: after), upTo = Int64(clamping: upTo)
         return try await recorder.timeRead {
-            try await reading {
+            try await reading { [self] in
                 let rows = try await client.query(
                     """
                     SELECT seq, epoch, ts_nanos, type, payload FROM \(unescaped: schema).events
@@ -304,7 +307,7 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
         try checkOpen("\(what) of session \(session)")
         do {
             return try await recorder.timeRead {
-                try await reading { () async throws -> (last: UInt64, epoch: UInt64, checkpoint: UInt64, head: [UInt8])? in
+                try await reading { [self] () async throws -> (last: UInt64, epoch: UInt64, checkpoint: UInt64, head: [UInt8])? in
                     let rows = try await client.query(
                         "SELECT last_seq, lease_epoch, checkpoint_seq, head_hash FROM \(unescaped: schema).sessions WHERE session_id = \(session.rawValue)", logger: logger)
                     for try await (last, epoch, cp, head) in rows.decode((Int64, Int64, Int64, ByteBuffer).self) {

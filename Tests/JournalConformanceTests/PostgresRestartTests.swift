@@ -111,8 +111,6 @@ func write(_ journal: PostgresJournal, _ lease: Lease, _ observed: Observed) asy
 @Suite("PostgreSQL restarted under the journal", .serialized)
 struct PostgresRestartTests {
     @Test("writers keep appending across `pg_ctl restart -m fast`: in-flight appends fail with a clear error naming the server (no password) or are found stored, appends work again without reopening the journal, every acknowledged seq is in the database with the chain intact, and a follow resumes",
-        .disabled(
-            "found by this test, not fixed yet: after the restart some writers' appends wait in postgres-nio's pool forever (no result, no error) while the others recover — see Sources/PostgresStore/README.md, 'Known problem'"),
         .timeLimit(.minutes(3)))
     func appendsSurviveAFastRestart() async throws {
         try await writeThroughOutages(stopAndStart: false)
@@ -120,8 +118,6 @@ struct PostgresRestartTests {
 
     @Test(
         "the same across a stop, a 2 s pause and a start",
-        .disabled(
-            "found by this test, not fixed yet: appends sent while the server is down, or just before, can wait in postgres-nio's pool forever after it is started again — see Sources/PostgresStore/README.md, 'Known problem'"),
         .timeLimit(.minutes(3)))
     func appendsSurviveAStopAndStart() async throws {
         try await writeThroughOutages(stopAndStart: true)
