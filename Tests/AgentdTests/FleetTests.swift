@@ -98,6 +98,65 @@ struct FleetTests {
         }
     }
 
+    @Test("100 sessions driven concurrently across three agentd nodes: each call sent through a random node reaches its session's owner, every key has one intent and one result, no command ran twice, every chain intact")
+    func hundredSessions() async throws {
+        let file = try PostgresStoreTests.urlFile()
+        let schema = "fleet_" + String((0..<10).map { _ in "abcdefghijklmnopqrstuvwxyz".randomElement()! })
+        let nodes = try (0..<3).map { _ in try AgentdProcess() }
+        defer {
+            for node in nodes { node.stop() }
+        }
+        for (i, node) in nodes.enumerated() {
+            try await node.start(extraArguments: [
+                "--store", "postgres", "--store-url-file", file, "--store-schema", schema, "--node", "n\(i)", "--max-sandboxes", "40",
+            ])
+        }
+        let clients = nodes.map(\.client)
+        let sessions = 100, calls = 2, concurrency = 12
+        // Each session: created on one node, then each call sent twice at once through two
+        // other nodes (a client retrying too early); the sandbox is released at the end.
+        let results = try await withThrowingTaskGroup(of: (String, [String]).self) { group in
+            var out: [(String, [String])] = []
+            for s in 0..<sessions {
+                if s >= concurrency, let done = try await group.next() { out.append(done) }
+                group.addTask {
+                    let id = try await clients[s % 3].createSession(policy: "default").id
+                    var outputs: [String] = []
+                    for k in 0..<calls {
+                        let command = "echo \(id)-\(k) >> runs; cat runs"
+                        async let one = clients[(s + k + 1) % 3].execute(session: id, tool: "bash", input: bash(command), idempotencyKey: "k\(k)")
+                        async let two = clients[(s + k + 2) % 3].execute(session: id, tool: "bash", input: bash(command), idempotencyKey: "k\(k)")
+                        let (x, y) = try await (one, two)
+                        #expect(x.output == y.output && x.response.intentSeq == y.response.intentSeq, "\(x.output) / \(y.output)")
+                        outputs.append(x.output)
+                    }
+                    _ = try await clients[s % 3].post("/v1/sessions/\(id)/tasks/main/end", [:])
+                    return (id, outputs)
+                }
+            }
+            for try await done in group { out.append(done) }
+            return out
+        }
+        #expect(results.count == sessions)
+        var served = [Int](repeating: 0, count: 3)
+        for (id, outputs) in results {
+            // Each command ran once, in one sandbox: the file grew by one line per key.
+            #expect(outputs == (0..<calls).map { k in (0...k).map { "\(id)-\($0)\n" }.joined() }, "\(id): \(outputs)")
+            let events = try await clients[0].events(id)
+            let intents = events.filter { $0.type == "tool.intent" }.compactMap { $0.payload["idempotency_key"]?.stringValue }
+            let resultsCount = events.filter { $0.type == "tool.result" }.count
+            #expect(intents.sorted() == (0..<calls).map { "k\($0)" } && resultsCount == calls, "\(id): intents \(intents), results \(resultsCount)")
+            #expect(events.map(\.seq) == Array(1...UInt64(events.count)))
+            #expect(try await clients[1].verify(id).intact)
+            // Which node provisioned its sandbox (exactly one did).
+            let owners = nodes.indices.filter { nodes[$0].log.contains("task=\(id)/main") }
+            #expect(owners.count == 1, "\(id) provisioned on nodes \(owners)")
+            for i in owners { served[i] += 1 }
+        }
+        // The sessions spread over the three nodes.
+        #expect(served.allSatisfy { $0 > 0 }, "sessions served per node: \(served)")
+    }
+
     /// Polls `probe` every 100 ms until it returns a value (at most 30 s).
     func waitFor<T>(_ probe: () async throws -> T?) async throws -> T {
         let deadline = ContinuousClock.now + .seconds(30)
