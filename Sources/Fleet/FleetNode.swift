@@ -109,6 +109,14 @@ public actor FleetNode {
     /// The nodes as the last successful heartbeat read them (this one included).
     public var nodes: [NodeInfo] { known }
 
+    /// The nodes as the store has them now (this one included), for health and metrics: a
+    /// heartbeat's reading can be an interval old, and a node that died since would still show
+    /// live. Falls back to the last heartbeat's reading when the store does not answer.
+    public func currentNodes() async -> [NodeInfo] {
+        if let nodes = try? await registry.nodes() { known = nodes }
+        return known
+    }
+
     /// Where the calls of `session` are served; with `claim`, this node becomes its owner when
     /// it has none or its owner is dead.
     /// - Throws: `FleetError.leaseLost` while this node's lease is not valid; the store's error.

@@ -300,7 +300,7 @@ public struct API: Sendable {
         if case .failure(let error) = count { storeError = "\(error)" }
         var nodes: [HealthResponse.Node]?
         if let fleet = runtime.fleet {
-            nodes = await fleet.nodes.map {
+            nodes = await fleet.currentNodes().map {
                 HealthResponse.Node(
                     name: $0.name, address: $0.address, live: $0.live, sinceHeartbeatSeconds: $0.sinceHeartbeat, missedHeartbeats: $0.missedHeartbeats,
                     this: $0.name == fleet.name)

@@ -74,7 +74,7 @@ public final class Metrics: Sendable {
     /// the store knows, how many heartbeats it missed (alert on a live node's rising above 0,
     /// and on this node's own) and whether it is live.
     static func fleetExposition(_ fleet: FleetNode) async -> String {
-        let nodes = await fleet.nodes
+        let nodes = await fleet.currentNodes()
         var out = "# HELP agentd_fleet_heartbeat_failures Heartbeats this node failed to write in a row (it serves no calls once its lease runs out).\n"
         out += "# TYPE agentd_fleet_heartbeat_failures gauge\nagentd_fleet_heartbeat_failures \(await fleet.missedHeartbeats)\n"
         out += "# HELP agentd_fleet_missed_heartbeats Heartbeats each node of the fleet missed, by the store's clock, as of this node's last heartbeat.\n"
