@@ -130,7 +130,7 @@ let package = Package(
             name: "Service",
             dependencies: [
                 "Fleet",
-                "AgentdAPI", "Runtime", "Console", "SystemdBus", "Blocking", "JSONValues",
+                "AgentdAPI", "Runtime", "Hands", "Policy", "SessionLog", "Console", "SystemdBus", "Blocking", "JSONValues",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -142,7 +142,7 @@ let package = Package(
             exclude: ["openapi.yaml"],
             swiftSettings: strict),
 
-        .target(name: "Vault", dependencies: ["Policy", "SessionLog"], swiftSettings: strict),
+        .target(name: "Vault", dependencies: ["Policy", "SessionLog", .product(name: "Logging", package: "swift-log")], swiftSettings: strict),
         // fork → private mount namespace → setresuid → exec, for git run as a sandbox's uid.
         .target(name: "CGitWorkspace"),
         // The host-side git initialization of a workspace: fetch and checkout as the sandbox's
@@ -219,6 +219,7 @@ let package = Package(
             dependencies: [
                 "VaultProxy",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
@@ -237,18 +238,26 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["EngineAPI", "SystemdBus"], path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(
             name: "EngineAPITests",
-            dependencies: ["EngineAPI", "TestSupport", .product(name: "Crypto", package: "swift-crypto")],
+            dependencies: ["EngineAPI", "CurlHTTP", "TestSupport", .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: strict),
         .testTarget(name: "SystemdBusTests", dependencies: ["SystemdBus", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SessionLogTests", dependencies: ["SessionLog", "TestSupport"], swiftSettings: strict),
         // One conformance suite over both SessionJournal implementations (file and PostgreSQL).
-        .testTarget(name: "JournalConformanceTests", dependencies: ["SessionLog", "PostgresStore", "TestSupport"], swiftSettings: strict),
+        .testTarget(
+            name: "JournalConformanceTests",
+            dependencies: [
+                "SessionLog", "PostgresStore", "TestSupport",
+                .product(name: "PostgresNIO", package: "postgres-nio"), .product(name: "NIOCore", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
         .testTarget(name: "HandsTests", dependencies: ["Hands", "EngineAPI", "SystemdBus", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "SystemdIntegrationTests", dependencies: ["SystemdBus", "TestSupport", "notify-probe"], swiftSettings: strict),
         .testTarget(
             name: "AgentdTests",
             dependencies: [
                 "AgentdAPI", "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "SessionLog", "TestSupport", "JSONValues",
+                "PostgresStore", "CurlHTTP",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Yams", package: "Yams"),
@@ -309,6 +318,7 @@ let package = Package(
             dependencies: [
                 "Runtime", "Hands", "SessionLog", "PostgresStore", "Fleet", "Policy", "Vault", "JSONValues", "TestSupport",
                 .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strict),
     ]

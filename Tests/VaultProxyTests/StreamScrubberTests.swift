@@ -9,21 +9,32 @@ import TestSupport
 /// both shorter and longer than the longest form (the two ways held-back bytes are rescanned),
 /// over binary bytes like a download's.
 @Suite struct StreamScrubberTests {
-    @Test func chunkedScrubEqualsTheReferenceForShortAndLongChunks() throws {
-        let value = "ghp_Zq8" + String(repeating: "x7", count: 16)
-        let secret = try Secret(name: "tok", value: value)
-        let patterns = ScrubPatterns([secret])
-        let forms = ScrubPatterns.forms(of: Array(value.utf8)).sorted { $0.count > $1.count }
-        let replacement = Array("[REDACTED:tok]".utf8)
-        let longest = forms[0].count
+    /// One credential, or two of different lengths (the shorter sets how far the scan skips);
+    /// bodies of random bytes, or of the forms' own bytes (where most windows could hold a form).
+    @Test(arguments: [
+        ["ghp_Zq8" + String(repeating: "x7", count: 16)],
+        ["ghp_Zq8" + String(repeating: "x7", count: 16), "pw-12;x!"],
+    ])
+    func chunkedScrubEqualsTheReferenceForShortAndLongChunks(_ values: [String]) throws {
+        let secrets = try values.enumerated().map { try Secret(name: "tok\($0.offset)", value: $0.element) }
+        let patterns = ScrubPatterns(secrets)
+        // Every form of every credential, longest first, with its replacement.
+        let forms = secrets.flatMap { secret in
+            ScrubPatterns.forms(of: secret.value).map { ($0, Array("[REDACTED:\(secret.name)]".utf8)) }
+        }.sorted { $0.0.count > $1.0.count }
+        let alphabet = Array(Set(forms.flatMap(\.0)))
+        let longest = forms[0].0.count
         var rng = SeededGenerator(seed: 0x51C0)
         let allocator = ByteBufferAllocator()
-        for round in 0..<200 {
+        for round in 0..<400 {
+            let fromForms = round % 8 >= 4
             var body: [UInt8] = []
             for _ in 0..<Int.random(in: 1...8, using: &rng) {
-                body += (0..<Int.random(in: 0...400, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                body += (0..<Int.random(in: 0...400, using: &rng)).map { _ in
+                    fromForms ? alphabet.randomElement(using: &rng)! : UInt8.random(in: 0...255, using: &rng)
+                }
                 // A form whole, or cut short (must pass as it is).
-                let form = forms.randomElement(using: &rng)!
+                let form = forms.randomElement(using: &rng)!.0
                 body += Bool.random(using: &rng) ? form : Array(form.prefix(Int.random(in: 1..<form.count, using: &rng)))
             }
             let maxPiece = [9, longest + 3, 4 * longest, 2000][round % 4]
@@ -37,7 +48,7 @@ import TestSupport
                 offset += n
             }
             out += scrubber.finish(allocator: allocator).readableBytesView
-            let expected = Self.reference(body, forms: forms, replacement: replacement)
+            let expected = Self.reference(body, forms: forms)
             let same = out == expected
             #expect(same, "round \(round), pieces up to \(maxPiece) bytes: \(out.count) bytes out, \(expected.count) expected")
         }
@@ -58,11 +69,11 @@ import TestSupport
     }
 
     /// Left to right, the longest form matching at each position is replaced.
-    static func reference(_ body: [UInt8], forms: [[UInt8]], replacement: [UInt8]) -> [UInt8] {
+    static func reference(_ body: [UInt8], forms: [([UInt8], [UInt8])]) -> [UInt8] {
         var out: [UInt8] = []
         var i = 0
         while i < body.count {
-            if let form = forms.first(where: { body[i...].starts(with: $0) }) {
+            if let (form, replacement) = forms.first(where: { body[i...].starts(with: $0.0) }) {
                 out += replacement
                 i += form.count
             } else {
