@@ -236,6 +236,10 @@ let package = Package(
 
         // Tests.
         .target(name: "TestSupport", dependencies: ["EngineAPI", "SystemdBus"], path: "Tests/TestSupport", swiftSettings: strict),
+        // The real agentd as a child process, for the end-to-end and console suites.
+        .target(
+            name: "AgentdTestSupport", dependencies: ["AgentdClient", "EngineAPI", "TestSupport"], path: "Tests/AgentdTestSupport",
+            swiftSettings: strict),
         .testTarget(
             name: "EngineAPITests",
             dependencies: ["EngineAPI", "CurlHTTP", "TestSupport", .product(name: "Crypto", package: "swift-crypto")],
@@ -256,7 +260,7 @@ let package = Package(
             name: "AgentdTests",
             dependencies: [
                 "AgentdAPI", "AgentdClient", "Brain", "EngineAPI", "SystemdBus", "Service", "SessionLog", "TestSupport", "JSONValues",
-                "PostgresStore", "CurlHTTP",
+                "PostgresStore", "CurlHTTP", "AgentdTestSupport",
                 .product(name: "PostgresNIO", package: "postgres-nio"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -299,7 +303,7 @@ let package = Package(
         // The web console in headless Chromium (DevTools protocol over a pipe) against a real agentd.
         .testTarget(
             name: "ConsoleTests",
-            dependencies: ["AgentdAPI", "AgentdClient", "Console", "EngineAPI", "JSONValues", "SessionLog", "TestSupport"],
+            dependencies: ["AgentdAPI", "AgentdClient", "AgentdTestSupport", "Console", "EngineAPI", "JSONValues", "SessionLog", "TestSupport"],
             swiftSettings: strict),
         .testTarget(name: "PolicyTests", dependencies: ["Policy", "TestSupport"], swiftSettings: strict),
         .testTarget(name: "TestServerTests", dependencies: ["TestSupport"], swiftSettings: strict),

@@ -63,6 +63,6 @@ public final class MemoryFleetRegistry: FleetRegistry {
 }
 
 extension Duration {
-    /// The duration in seconds.
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+    /// The duration in seconds (for the package's modules: Service uses it too).
+    package var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

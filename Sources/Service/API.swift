@@ -372,7 +372,3 @@ extension ISO8601DateFormatter {
     }()
 }
 
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
-}
-

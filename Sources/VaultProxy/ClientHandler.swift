@@ -29,8 +29,9 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         var deadline: Scheduled<Void>?
     }
 
-    /// One request and its decision, turned into an event when it ends.
-    struct Exchange {
+    /// One request and its decision, turned into an event when it ends. A class: the handler
+    /// updates it for every part of a response, which must not copy its event's strings each time.
+    final class Exchange {
         var event: EgressEvent
         let started: NIODeadline
         let isHead: Bool
@@ -41,6 +42,10 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         var responseEnded = false
         var requestEnded = false
         var closeAfter = false
+
+        init(event: EgressEvent, started: NIODeadline, isHead: Bool, keepAlive: Bool, version: HTTPVersion, scrubber: StreamScrubber? = nil) {
+            (self.event, self.started, self.isHead, self.keepAlive, self.version, self.scrubber) = (event, started, isHead, keepAlive, version, scrubber)
+        }
     }
 
     private let listener: ListenerContext
@@ -80,9 +85,8 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         push = nil
         if state != .tunnelling {
             upstream?.close(promise: nil)
-            if var e = exchange, !e.responseEnded {
+            if let e = exchange, !e.responseEnded {
                 if e.event.status == 0 { e.event.status = 499 }
-                exchange = e
                 finishExchange()
             }
             state = .closed
@@ -243,7 +247,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func finishExchange() {
-        guard var e = exchange else { return }
+        guard let e = exchange else { return }
         exchange = nil
         e.event.durationMs = Int64((NIODeadline.now() - e.started).nanoseconds / 1_000_000)
         listener.proxy.emit(e.event)
@@ -327,7 +331,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
                     rule: "route \(name): credential '\(credentialName)' contains CR, LF or NUL and cannot go in a header", route: name)
                 return
             }
-            headerValue = route.headerTemplate.replacing("{{credential}}", with: String(decoding: secret.value, as: UTF8.self))
+            headerValue = route.headerParts.joined(separator: String(decoding: secret.value, as: UTF8.self))
         }
 
         // The upstream request: hop-by-hop headers, the route's header, Proxy-Authorization,
@@ -423,7 +427,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// ref's reason) once its body has been drained, or its time or size bound is reached;
     /// then closes. A client that asked for no report-status gets 403 with the reasons.
     private func answerRefusedPush() {
-        guard state == .draining, let inspection = push, var e = exchange else { return }
+        guard state == .draining, let inspection = push, let e = exchange else { return }
         inspection.deadline?.cancel()
         push = nil
         state = .refused
@@ -431,11 +435,9 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         e.responseEnded = true
         if inspection.report.isEmpty {
             e.event.status = 403
-            exchange = e
             respond(status: 403, body: listener.refusal(e.event.host, e.event.rule))
         } else {
             e.event.status = 200
-            exchange = e
             respond(status: 200, body: ByteBuffer(bytes: inspection.report), contentType: "application/x-git-receive-pack-result")
         }
         finishExchange()
@@ -485,7 +487,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// (always when `pooled` is false: the retry after a pooled connection turned out dead).
     private func connectRoute(_ route: ResolvedRoute, head: HTTPRequestHead, pooled: Bool = true) {
         guard let context else { return }
-        let key = UpstreamPool.Key(route)
+        let key = route.poolKey
         upstreamTarget = (route, head, key)
         if pooled, let channel = listener.pool.take(key, on: context.eventLoop, for: self) {
             routeConnected(channel, head: head, reused: true)
@@ -560,7 +562,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     // MARK: - Upstream events (called by UpstreamHandler on the same event loop)
 
     func upstreamPart(_ part: HTTPClientResponsePart, from channel: any Channel) {
-        guard let context, channel === upstream, var e = exchange, state == .forwarding || state == .awaitingResponse else { return }
+        guard let context, channel === upstream, let e = exchange, state == .forwarding || state == .awaitingResponse else { return }
         switch part {
         case .head(var head):
             let bodyless = e.isHead || head.status.code < 200 || head.status == .noContent || head.status == .notModified
@@ -569,7 +571,6 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
                 upstream?.close(promise: nil)
                 upstream = nil
                 e.event.rule += "; response refused: Content-Encoding \(encodings.joined(separator: ", ")) cannot be scrubbed"
-                exchange = e
                 upstreamFailed("route \(e.event.route ?? "-"): upstream answered with Content-Encoding \(encodings.joined(separator: ", ")) although identity was requested; the vault-proxy does not pass bodies it cannot scrub")
                 return
             }
@@ -592,12 +593,10 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
             head.version = e.version
             e.event.status = Int(head.status.code)
             e.responseStarted = true
-            exchange = e
             context.write(wrapOutboundOut(.head(head)), promise: nil)
         case .body(let buffer):
             e.event.bytesDown += Int64(buffer.readableBytes)
             let clean = e.scrubber?.feed(buffer, allocator: context.channel.allocator) ?? buffer
-            exchange = e
             if clean.readableBytes > 0 { context.write(wrapOutboundOut(.body(.byteBuffer(clean))), promise: nil) }
         case .end:
             if var tail = e.scrubber?.finish(allocator: context.channel.allocator), tail.readableBytes > 0 {
@@ -605,10 +604,13 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
                 tail.clear()
             }
             e.responseEnded = true
-            exchange = e
             let closeAfter = e.closeAfter
             let channel = context.channel
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in if closeAfter { channel.close(promise: nil) } }
+            if closeAfter {
+                context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
+            } else {
+                context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+            }
             finishExchange()
             // The connection serves the sandbox's next request only if this exchange ended
             // cleanly: the whole request sent, the whole response framed and received.
@@ -666,11 +668,10 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
             connectRoute(target.route, head: target.head, pooled: false)
             return
         }
-        if var e = exchange, !e.responseStarted {
+        if let e = exchange, !e.responseStarted {
             e.event.status = 502
             e.responseStarted = true
             e.responseEnded = true
-            exchange = e
             state = .refused
             respond(status: 502, body: "vault-proxy: \(message)\n")
             finishExchange()
@@ -765,7 +766,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func tunnelConnected(_ remote: any Channel) {
-        guard let context, state == .connecting, var e = exchange else {
+        guard let context, state == .connecting, let e = exchange else {
             remote.close(promise: nil)
             return
         }

@@ -188,13 +188,23 @@ enum ControlReader {
 
 /// Writes messages to agentd on a thread of its own, in order, with at most `capacity`
 /// waiting (the oldest are dropped beyond that, so a stalled agentd cannot grow the proxy).
+///
+/// The event loops only queue a message; the thread encodes it and writes. After each write it
+/// lingers up to `batchDelay` for more: egress events queued meanwhile (one per request) wake
+/// nobody and go out together when it ends — at most one wake-up and one write per delay under
+/// load, not one per request. An answer (`ok`, `error`) ends the linger at once, so agentd
+/// never waits for one.
 final class ControlWriter: @unchecked Sendable {
     private let condition = Condition()
-    private var queue = CircularBuffer<[UInt8]>()
+    private var queue = CircularBuffer<ControlMessage>()
     private var finishing = false
     private var ended = false
+    /// The thread is in its linger after a write: an egress event need not wake it.
+    private var lingering = false
     private var waiter: CheckedContinuation<Void, Never>?
     private let capacity: Int
+    /// How long the thread lingers after a write for more events (1 ms, in nanoseconds).
+    static let batchDelay = 1_000_000
 
     init(fd: CInt, capacity: Int, logger: Logger) {
         self.capacity = capacity
@@ -204,12 +214,12 @@ final class ControlWriter: @unchecked Sendable {
     }
 
     func enqueue(_ message: ControlMessage) {
-        let bytes = message.line()
         condition.lock()
         defer { condition.unlock() }
         guard !finishing else { return }
         if queue.count >= capacity { _ = queue.removeFirst() }
-        queue.append(bytes)
+        queue.append(message)
+        if case .egress = message, lingering { return }
         condition.signal()
     }
 
@@ -228,6 +238,7 @@ final class ControlWriter: @unchecked Sendable {
 
     private func run(fd: CInt, isSocket: Bool, logger: Logger) {
         var broken = false
+        var batch: [ControlMessage] = []
         while true {
             condition.lock()
             while queue.isEmpty && !finishing { condition.wait() }
@@ -239,9 +250,12 @@ final class ControlWriter: @unchecked Sendable {
                 w?.resume()
                 return
             }
-            let bytes = queue.removeFirst()
+            batch.removeAll(keepingCapacity: true)
+            while let message = queue.popFirst() { batch.append(message) }
             condition.unlock()
             guard !broken else { continue }
+            var bytes: [UInt8] = []
+            for message in batch { bytes += message.line() }
             if isSocket {
                 broken = !UnixSocket.send(fd, bytes)
             } else {
@@ -257,6 +271,13 @@ final class ControlWriter: @unchecked Sendable {
                 }
             }
             if broken { logger.warning("control channel: agentd no longer reads; dropping messages") }
+            condition.lock()
+            if !finishing && queue.isEmpty {
+                lingering = true
+                condition.wait(nanoseconds: ControlWriter.batchDelay)
+                lingering = false
+            }
+            condition.unlock()
         }
     }
 }

@@ -60,6 +60,60 @@ public struct EgressEvent: Codable, Sendable, Hashable {
     public var durationMs: Int64
 }
 
+extension EgressEvent {
+    /// The control channel's line for this event (`{"type":"egress","event":{…}}` and `\n`),
+    /// written directly: the proxy sends one per request, and `JSONEncoder` cost more than the
+    /// rest of a small request's handling. Same JSON as the `Codable` form; absent optionals
+    /// are left out.
+    func line() -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(320 + rule.utf8.count + (path?.utf8.count ?? 0))
+        out += #"{"type":"egress","event":{"type":"#.utf8
+        Self.string(type, into: &out)
+        func key(_ name: StaticString) {
+            out.append(0x2C)
+            Self.string(name, into: &out)
+            out.append(0x3A)
+        }
+        for (name, value) in [("sandbox", sandbox), ("session", session), ("task", task)] as [(StaticString, String?)] {
+            if let value { key(name); Self.string(value, into: &out) }
+        }
+        if let toolIntentSeq { key("toolIntentSeq"); out += String(toolIntentSeq).utf8 }
+        for (name, value) in [("method", method), ("host", host), ("route", route), ("path", path), ("credential", credential), ("rule", rule)]
+            as [(StaticString, String?)]
+        {
+            if let value { key(name); Self.string(value, into: &out) }
+        }
+        for (name, value) in [("status", Int64(status)), ("bytesUp", bytesUp), ("bytesDown", bytesDown), ("durationMs", durationMs)] as [(StaticString, Int64)] {
+            key(name)
+            out += String(value).utf8
+        }
+        out += "}}\n".utf8
+        return out
+    }
+
+    private static func string(_ key: StaticString, into out: inout [UInt8]) {
+        out.append(0x22)
+        key.withUTF8Buffer { out += $0 }
+        out.append(0x22)
+    }
+
+    /// A JSON string: `"` and `\` escaped, control characters as `\u00XX`, the rest as UTF-8.
+    private static func string(_ value: String, into out: inout [UInt8]) {
+        out.append(0x22)
+        for b in value.utf8 {
+            switch b {
+            case 0x22, 0x5C: out += [0x5C, b]
+            case 0x00..<0x20: out += [0x5C, 0x75, 0x30, 0x30, hexDigits[Int(b >> 4)], hexDigits[Int(b & 0x0F)]]
+            default: out.append(b)
+            }
+        }
+        out.append(0x22)
+    }
+
+    private static let hexDigits = Array("0123456789abcdef".utf8)
+}
+
 /// Messages on the control channel, one JSON object per line (newline-delimited JSON; JSON
 /// strings escape newlines, so a line is a message). `type` says which. See README.
 public enum ControlMessage: Sendable {
@@ -163,6 +217,7 @@ extension ControlMessage: Codable {
 
     /// One line of the channel: the JSON object and `\n`.
     public func line() -> [UInt8] {
+        if case .egress(let event) = self { return event.line() }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         var bytes = Array((try? encoder.encode(self)) ?? Data("{\"type\":\"error\",\"message\":\"unencodable message\"}".utf8))

@@ -124,8 +124,17 @@ struct ResolvedRoute: Sendable {
     let prefix: String
     let headerName: String
     let headerTemplate: String
+    /// `headerTemplate` split at each `{{credential}}`: the value is these joined by the credential.
+    let headerParts: [String]
     /// The route's git restriction, if it is a git route.
     let git: ResolvedGitRoute?
+    /// Whether the upstream is an IP literal (no server name is sent, and the certificate's IP
+    /// SANs are checked).
+    let isLiteralHost: Bool
+    /// The `Host` header for the upstream.
+    let hostHeader: String
+    /// Which idle upstream connections can carry this route's requests.
+    let poolKey: UpstreamPool.Key
 
     init(_ rule: RouteRule) throws(ProxyError) {
         self.rule = rule
@@ -155,6 +164,7 @@ struct ResolvedRoute: Sendable {
             hostText = hostText[..<colon]
         }
         if hostText.hasPrefix("[") { hostText = hostText.dropFirst().dropLast() }
+        let host: String
         if let literal = IPAddress(literal: String(hostText)) {
             host = literal.description
         } else if let name = HostName.canonical(String(hostText)) {
@@ -162,7 +172,12 @@ struct ResolvedRoute: Sendable {
         } else {
             throw ProxyError("route '\(rule.name)': upstream '\(upstream)' has no valid host")
         }
+        self.host = host
         self.port = port
+        isLiteralHost = IPAddress(literal: host) != nil
+        let bracketed = host.contains(":") ? "[\(host)]" : host
+        hostHeader = port == 443 ? bracketed : "\(bracketed):\(port)"
+        poolKey = UpstreamPool.Key(host: host, port: port, trust: rule.trustKey, serverName: isLiteralHost ? nil : host)
         if rule.credential != nil {
             let header = rule.header ?? "Authorization: Bearer {{credential}}"
             guard let colon = header.firstIndex(of: ":") else {
@@ -179,14 +194,7 @@ struct ResolvedRoute: Sendable {
             headerName = ""
             headerTemplate = ""
         }
-    }
-
-    var isLiteralHost: Bool { IPAddress(literal: host) != nil }
-
-    /// The `Host` header for the upstream.
-    var hostHeader: String {
-        let h = host.contains(":") ? "[\(host)]" : host
-        return port == 443 ? h : "\(h):\(port)"
+        headerParts = headerTemplate.split(separator: "{{credential}}", omittingEmptySubsequences: false).map(String.init)
     }
 
     static func isTokenByte(_ b: UInt8) -> Bool {

@@ -83,4 +83,13 @@ final class Condition: @unchecked Sendable {
     /// Releases the lock until signalled, then holds it again (wake-ups may be spurious: loop).
     func wait() { pthread_cond_wait(cond, mutex) }
     func signal() { pthread_cond_signal(cond) }
+    /// `wait()` for at most `nanoseconds` (woken by `signal`, a timeout, or spuriously).
+    func wait(nanoseconds: Int) {
+        var deadline = timespec()
+        clock_gettime(CLOCK_REALTIME, &deadline)
+        let total = deadline.tv_nsec + nanoseconds
+        deadline.tv_sec += total / 1_000_000_000
+        deadline.tv_nsec = total % 1_000_000_000
+        pthread_cond_timedwait(cond, mutex, &deadline)
+    }
 }

@@ -12,6 +12,8 @@ import NIOHTTP1
 /// upstream closes, or that receives anything, while it waits is closed and dropped.
 final class UpstreamPool: Sendable {
     /// What makes two routes' connections interchangeable.
+    /// Made once per route (`ResolvedRoute.poolKey`); its hash is computed then, not on each
+    /// lookup (`trust` can be a whole PEM text).
     struct Key: Hashable, Sendable {
         let host: String
         let port: Int
@@ -19,12 +21,22 @@ final class UpstreamPool: Sendable {
         let trust: String
         /// The TLS server name sent (nil for an IP-literal upstream).
         let serverName: String?
+        private let precomputed: Int
 
-        init(_ route: ResolvedRoute) {
-            host = route.host
-            port = route.port
-            trust = route.rule.trustKey
-            serverName = route.isLiteralHost ? nil : route.host
+        init(host: String, port: Int, trust: String, serverName: String?) {
+            (self.host, self.port, self.trust, self.serverName) = (host, port, trust, serverName)
+            var hasher = Hasher()
+            hasher.combine(host)
+            hasher.combine(port)
+            hasher.combine(trust)
+            hasher.combine(serverName)
+            precomputed = hasher.finalize()
+        }
+
+        func hash(into hasher: inout Hasher) { hasher.combine(precomputed) }
+
+        static func == (a: Key, b: Key) -> Bool {
+            a.precomputed == b.precomputed && a.port == b.port && a.host == b.host && a.serverName == b.serverName && a.trust == b.trust
         }
     }
 

@@ -1,5 +1,6 @@
 import AgentdAPI
 import AgentdClient
+import AgentdTestSupport
 import Foundation
 import JSONValues
 import Testing

@@ -1,4 +1,5 @@
 import AgentdClient
+import AgentdTestSupport
 import EngineAPI
 import Foundation
 import SystemdBus

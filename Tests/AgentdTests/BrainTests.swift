@@ -1,4 +1,5 @@
 import AgentdClient
+import AgentdTestSupport
 import Brain
 import Foundation
 import Testing

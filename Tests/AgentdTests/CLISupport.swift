@@ -1,3 +1,4 @@
+import AgentdTestSupport
 import Foundation
 import TestSupport
 

@@ -1,4 +1,5 @@
 import AgentdClient
+import AgentdTestSupport
 import Foundation
 import Testing
 import TestSupport
@@ -108,7 +109,7 @@ struct CLITests {
 
     @Test("--listen-tcp serves the API on TCP only with the bearer token; without a token agentd refuses to start")
     func tcpListener() async throws {
-        let port = try Self.freePort()
+        let port = try Loopback.freePort()
         let token = "tok-\(UUID().uuidString)"
         let agentd = try AgentdProcess()
         try await agentd.start(extraArguments: ["--listen-tcp", "127.0.0.1:\(port)"], extraEnvironment: ["AGENTD_TOKEN": token])
@@ -134,20 +135,5 @@ struct CLITests {
         }
         #expect(refused.log.contains("AGENTD_TOKEN"), "\(refused.log)")
         refused.kill9()
-    }
-
-    /// A TCP port nothing listens on right now (bound to 0 and released).
-    static func freePort() throws -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        guard bound else { throw Components.Missing(description: "cannot bind a loopback port: \(String(cString: strerror(errno)))") }
-        return Int(UInt16(bigEndian: address.sin_port))
     }
 }

@@ -1,4 +1,5 @@
 import AgentdClient
+import AgentdTestSupport
 import Foundation
 import Testing
 import TestSupport

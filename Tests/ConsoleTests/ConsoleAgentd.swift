@@ -1,70 +1,41 @@
 import AgentdClient
+import AgentdTestSupport
 import EngineAPI
 import Foundation
 import Testing
 import TestSupport
 
-/// The real agentd for one console test: its own state directory and unix socket, and a TCP
-/// listener on a free loopback port with a fresh token (the browser's way in).
+/// The real agentd for one console test (`AgentdProcess`): its own state directory and unix
+/// socket, and a TCP listener on a free loopback port with a fresh token (the browser's way in).
 final class ConsoleAgentd: @unchecked Sendable {
-    // Invariant: used by one test at a time; `child` changes only in start/stop.
-    let base: String
-    let stateDir: String
-    let socket: String
-    let policies: String
+    // Invariant: used by one test at a time; `port` is set by the first start.
+    let process: AgentdProcess
     let token = "console-test-\(UUID().uuidString)"
     private(set) var port = 0
-    private var child: ChildProcess?
 
-    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    static var shippedPolicies: String { repository.appendingPathComponent("policies").path }
+    static var repository: URL { AgentdProcess.repository }
+    static var shippedPolicies: String { AgentdProcess.policiesDirectory }
 
     init(policies: String = ConsoleAgentd.shippedPolicies) throws {
-        base = "/tmp/agentd-console-\(Components.testID())"
-        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
-        stateDir = base + "/state"
-        socket = base + "/agentd.sock"
-        self.policies = policies
+        process = try AgentdProcess(policies: policies, prefix: "agentd-console")
     }
 
+    var stateDir: String { process.stateDir }
+    var policies: String { process.policies }
     /// The API over the unix socket (no token), for driving sessions.
-    var client: AgentdClient {
-        CurlTransport.globalInit()
-        return AgentdClient(socket: socket)
-    }
+    var client: AgentdClient { process.client }
+    var log: String { process.log }
 
     func url(_ path: String) -> String { "http://127.0.0.1:\(port)\(path)" }
 
-    var log: String { (try? String(contentsOfFile: base + "/agentd.log", encoding: .utf8)) ?? "" }
-
     /// Starts agentd (again, on the same state and port after `stop`); returns once it answers.
     func start() async throws {
-        let binary = Components.buildProductsDirectory.appendingPathComponent("agentd").path
-        guard FileManager.default.isExecutableFile(atPath: binary) else {
-            throw Chromium.Failure(description: "agentd is not built at \(binary); `swift build --product agentd` builds it")
-        }
-        _ = try await Components.engine()
-        if port == 0 { port = try Self.freePort() }
-        child = try ChildProcess.spawn(
-            [binary, "--state-dir", stateDir, "--socket", socket, "--policies", policies, "--listen-tcp", "127.0.0.1:\(port)"],
-            environment: ProcessInfo.processInfo.environment.merging(["AGENTD_TOKEN": token]) { $1 }, output: base + "/agentd.log")
-        let deadline = ContinuousClock.now + .seconds(60)
-        while ContinuousClock.now < deadline {
-            if (try? await client.get("/v1/health", timeout: .seconds(1))) != nil { return }
-            if let status = child?.exitStatusIfExited() {
-                child = nil
-                throw Chromium.Failure(description: "agentd exited (wait status \(status)) before its API answered; its log: \(log)")
-            }
-            try await Task.sleep(for: .milliseconds(50))
-        }
-        throw Chromium.Failure(description: "agentd did not answer on \(socket) within 60 s; its log: \(log)")
+        if port == 0 { port = try Loopback.freePort() }
+        try await process.start(extraArguments: ["--listen-tcp", "127.0.0.1:\(port)"], extraEnvironment: ["AGENTD_TOKEN": token])
     }
 
     /// SIGTERM and wait.
-    func stop() {
-        child?.terminate()
-        child = nil
-    }
+    func stop() { process.stop() }
 
     /// Logs the browser in through the login form (as a person would), returning once the
     /// page the form leads to has loaded.
@@ -86,21 +57,6 @@ final class ConsoleAgentd: @unchecked Sendable {
         // Let the page finish painting what it just received (fonts, the flash of a new event).
         _ = try await browser.evaluate("new Promise(r => requestAnimationFrame(() => setTimeout(() => r(true), 1300)))", as: Bool.self)
         try await browser.screenshot(target + "/" + name)
-    }
-
-    private static func freePort() throws -> Int {
-        let fd = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        defer { Glibc.close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        address.sin_port = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        guard bound else { throw Chromium.Failure(description: "no free loopback port: \(String(cString: strerror(errno)))") }
-        return Int(UInt16(bigEndian: address.sin_port))
     }
 }
 
@@ -127,11 +83,6 @@ func withConsole(
 }
 
 private func cleanUp(_ agentd: ConsoleAgentd) async {
-    agentd.stop()
-    let instance = ((try? String(contentsOfFile: agentd.stateDir + "/instance", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
-    guard let engine = try? await Components.engine(), !instance.isEmpty else { return }
-    for c in (try? await engine.listContainers(labels: ["agentd.instance": instance])) ?? [] {
-        _ = try? await engine.removeContainer(c.Id)
-    }
-    try? FileManager.default.removeItem(atPath: agentd.base)
+    await agentd.process.stopAndRemoveSandboxes()
+    try? FileManager.default.removeItem(atPath: agentd.process.base)
 }

@@ -140,4 +140,25 @@ func openUnix(_ path: String) throws -> Int32 {
         let secret = try Secret(name: "gh", value: "hunter2-secret")
         #expect(!"\(secret)".contains("hunter2") && !"\(ScrubPatterns([secret]))".contains("hunter2"))
     }
+
+    /// An egress event's line is written by hand (not `JSONEncoder`): agentd must read back
+    /// exactly the event, whatever its strings hold (a path and a rule come from the sandbox).
+    @Test func egressEventLinesReadBackAsTheSameEvent() throws {
+        let hostile = "q\"uo\\te\u{0}\u{1F}\n\r\t/é😀\u{7F}"
+        let full = EgressEvent(
+            type: "egress.denied", sandbox: "sb-1", session: "s-1", task: "t\(hostile)", toolIntentSeq: 42, method: "GET",
+            host: "evil.example:443", route: "r\(hostile)", path: "/a?[REDACTED]\(hostile)", credential: "gh", rule: "rule \(hostile)",
+            status: 403, bytesUp: 1 << 40, bytesDown: 0, durationMs: 7)
+        var sparse = full
+        (sparse.task, sparse.toolIntentSeq, sparse.route, sparse.path, sparse.credential) = (nil, nil, nil, nil, nil)
+        for event in [full, sparse] {
+            let line = ControlMessage.egress(event).line()
+            #expect(line.last == 0x0A && line.dropLast().allSatisfy { $0 != 0x0A }, "one line")
+            guard case .egress(let back) = try ControlMessage.parse(Array(line.dropLast())) else {
+                Issue.record("not an egress message: \(String(decoding: line, as: UTF8.self))")
+                continue
+            }
+            #expect(back == event)
+        }
+    }
 }

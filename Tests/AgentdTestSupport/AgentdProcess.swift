@@ -4,46 +4,51 @@ import Foundation
 import TestSupport
 
 /// The real agentd binary, started for one test with its own state directory and socket, and
-/// killed or stopped the way an operator (or a crash) would.
-final class AgentdProcess: @unchecked Sendable {
+/// killed or stopped the way an operator (or a crash) would. The end-to-end and console suites
+/// share it.
+public final class AgentdProcess: @unchecked Sendable {
     // Invariant: used by one test at a time; `child` changes only in start/kill/stop.
-    let stateDir: String
-    let socket: String
-    let logPath: String
-    let policies: String
+    /// The test's own directory: the state directory, the socket and the log are in it.
+    public let base: String
+    public let stateDir: String
+    public let socket: String
+    public let logPath: String
+    public let policies: String
     private var child: ChildProcess?
 
     /// The running agentd's pid.
-    var pid: pid_t? { child?.pid }
+    public var pid: pid_t? { child?.pid }
 
-    init(policies: String = AgentdProcess.policiesDirectory) throws {
+    /// - Parameter prefix: names the test's directory, `/tmp/<prefix>-<test id>`.
+    public init(policies: String = AgentdProcess.policiesDirectory, prefix: String = "agentd-e2e") throws {
         self.policies = policies
-        let base = "/tmp/agentd-e2e-\(Components.testID())"
+        base = "/tmp/\(prefix)-\(Components.testID())"
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
         stateDir = base + "/state"
         socket = base + "/agentd.sock"
         logPath = base + "/agentd.log"
     }
 
-    /// The repository's shipped policies.
-    static var policiesDirectory: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("policies").path
-    }
+    /// The repository's root directory.
+    public static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
 
-    var client: AgentdClient {
+    /// The repository's shipped policies.
+    public static var policiesDirectory: String { repository.appendingPathComponent("policies").path }
+
+    public var client: AgentdClient {
         CurlTransport.globalInit()
         return AgentdClient(socket: socket)
     }
 
     /// The instance id agentd labels its sandboxes with (kept in the state directory).
-    var instance: String {
+    public var instance: String {
         ((try? String(contentsOfFile: stateDir + "/instance", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     /// Starts agentd with `extraArguments` and `extraEnvironment` added to the test's own;
     /// returns once its API answers on the unix socket.
-    func start(extraArguments: [String] = [], extraEnvironment: [String: String] = [:]) async throws {
+    public func start(extraArguments: [String] = [], extraEnvironment: [String: String] = [:]) async throws {
         let binary = Components.buildProductsDirectory.appendingPathComponent("agentd").path
         guard FileManager.default.isExecutableFile(atPath: binary) else {
             throw Components.Missing(description: "agentd is not built at \(binary); `swift build` builds it (make test does)")
@@ -67,7 +72,7 @@ final class AgentdProcess: @unchecked Sendable {
     }
 
     /// SIGKILL, as a crash.
-    func kill9() {
+    public func kill9() {
         guard let c = child else { return }
         c.signal(SIGKILL)
         c.wait()
@@ -76,7 +81,7 @@ final class AgentdProcess: @unchecked Sendable {
 
     /// SIGTERM and wait: a graceful stop.
     @discardableResult
-    func stop() -> Int32 {
+    public func stop() -> Int32 {
         guard let c = child else { return 0 }
         c.signal(SIGTERM)
         let status = c.wait()
@@ -84,14 +89,14 @@ final class AgentdProcess: @unchecked Sendable {
         return status
     }
 
-    var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+    public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
     deinit { kill9() }
 }
 
 /// Runs `body` with a started agentd, stopping it and removing whatever sandboxes its instance
 /// left afterwards, whatever happens.
-func withAgentd<T>(
+public func withAgentd<T>(
     policies: String = AgentdProcess.policiesDirectory, arguments: [String] = [], environment: [String: String] = [:],
     _ body: (AgentdProcess) async throws -> T
 ) async throws -> T {
@@ -99,24 +104,27 @@ func withAgentd<T>(
     do {
         try await agentd.start(extraArguments: arguments, extraEnvironment: environment)
         let result = try await body(agentd)
-        await cleanup(agentd)
+        await agentd.stopAndRemoveSandboxes()
         return result
     } catch {
-        await cleanup(agentd)
+        await agentd.stopAndRemoveSandboxes()
         throw error
     }
 }
 
-private func cleanup(_ agentd: AgentdProcess) async {
-    agentd.stop()
-    guard let engine = try? await Components.engine(), !agentd.instance.isEmpty else { return }
-    for c in (try? await engine.listContainers(labels: ["agentd.instance": agentd.instance])) ?? [] {
-        _ = try? await engine.removeContainer(c.Id)
+extension AgentdProcess {
+    /// Stops agentd and removes whatever containers its instance left.
+    public func stopAndRemoveSandboxes() async {
+        stop()
+        guard let engine = try? await Components.engine(), !instance.isEmpty else { return }
+        for c in (try? await engine.listContainers(labels: ["agentd.instance": instance])) ?? [] {
+            _ = try? await engine.removeContainer(c.Id)
+        }
     }
 }
 
 /// Containers of `instance` (optionally of one session) that the engine lists.
-func sandboxes(_ instance: String, session: String? = nil) async throws -> Int {
+public func sandboxes(_ instance: String, session: String? = nil) async throws -> Int {
     var labels = ["agentd.instance": instance]
     if let session { labels["agentd.session"] = session }
     return try await Components.engine().listContainers(labels: labels).count
