@@ -41,12 +41,16 @@ import TestSupport
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = ["--log-level", "trace"]
-        let input = Pipe()
-        let output = Pipe()
-        process.standardInput = input
-        process.standardOutput = output
+        // Pipes whose descriptors close on exec: a child another test spawns meanwhile must not
+        // inherit the write end of the proxy's stdin, or closing it here would not end it.
+        let input = try ClosingPipe()
+        let output = try ClosingPipe()
+        process.standardInput = input.fileHandleForReading
+        process.standardOutput = output.fileHandleForWriting
         process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: stderrPath))
         try process.run()
+        try input.fileHandleForReading.close()
+        try output.fileHandleForWriting.close()
         defer { if kill(process.processIdentifier, 0) == 0 { kill(process.processIdentifier, SIGKILL) } }
         let lines = Lines(output.fileHandleForReading)
         func send(_ json: String) { input.fileHandleForWriting.write(Data((json + "\n").utf8)) }
@@ -120,5 +124,21 @@ import TestSupport
         #expect(UnixSocket.directory(of: "/proxy.sock") == "/")
         #expect(UnixSocket.directory(of: "/run/x/") == "/run")
         #expect(UnixSocket.directory(of: "proxy.sock") == "")
+    }
+}
+
+/// A pipe whose descriptors close on exec (set right after `pipe`: Glibc's module has no
+/// `pipe2`): unlike Foundation's `Pipe`, they do not leak into children spawned concurrently by
+/// other tests (the child it is given to gets a dup).
+struct ClosingPipe {
+    let fileHandleForReading: FileHandle
+    let fileHandleForWriting: FileHandle
+
+    init() throws {
+        var fds: [Int32] = [-1, -1]
+        guard pipe(&fds) == 0 else { throw ProxyError("pipe: \(String(cString: strerror(errno)))") }
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        fileHandleForReading = FileHandle(fileDescriptor: fds[0], closeOnDealloc: true)
+        fileHandleForWriting = FileHandle(fileDescriptor: fds[1], closeOnDealloc: true)
     }
 }
