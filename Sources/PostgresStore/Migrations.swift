@@ -53,6 +53,13 @@ enum Migrations {
             )
             """,
         ]),
+        // A node that lost a session to another while a call ran there must not journal that
+        // call's result after the new owner journaled it *outcome unknown*: the database keeps
+        // one settling event per intent (`settles`: the intent's seq).
+        (3, "at most one event settles each tool intent", [
+            "ALTER TABLE {S}.events ADD COLUMN settles bigint",
+            "CREATE UNIQUE INDEX events_settles ON {S}.events (session_id, settles) WHERE settles IS NOT NULL",
+        ]),
     ]
 
     /// Creates the schema and applies every migration not yet recorded, in one transaction

@@ -125,6 +125,14 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
         return try await submit(session: session, type: Array(type.utf8), payload: payload, kind: .event(epoch)).seq
     }
 
+    /// An append that settles the intent at seq `intent`: refused by the database's unique
+    /// index (`.alreadySettled`) when an event settling it is there already.
+    @discardableResult
+    public func append(session: SessionID, type: String, payload: [UInt8], epoch: UInt64?, settling intent: UInt64) async throws -> UInt64 {
+        try JournalChain.validate(type: type, session: session)
+        return try await submit(session: session, type: Array(type.utf8), payload: payload, kind: .event(epoch), settles: intent).seq
+    }
+
     @discardableResult
     public func checkpoint(session: SessionID, state: [UInt8], epoch: UInt64? = nil) async throws -> UInt64 {
         try await submit(session: session, type: Array(checkpointEventType.utf8), payload: state, kind: .checkpoint(epoch)).seq
@@ -136,11 +144,11 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     }
 
     /// One write, timed into `storeStats`.
-    func submit(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
-        try await recorder.timeWrite { try await submitUntimed(session: session, type: type, payload: payload, kind: kind) }
+    func submit(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind, settles: UInt64? = nil) async throws -> (seq: UInt64, epoch: UInt64) {
+        try await recorder.timeWrite { try await submitUntimed(session: session, type: type, payload: payload, kind: kind, settles: settles) }
     }
 
-    func submitUntimed(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind) async throws -> (seq: UInt64, epoch: UInt64) {
+    func submitUntimed(session: SessionID, type: [UInt8], payload: [UInt8], kind: Kind, settles: UInt64? = nil) async throws -> (seq: UInt64, epoch: UInt64) {
         let what = kind.what
         try checkOpen("\(what) to session \(session)")
         let (cleanType, clean) = try JournalChain.redacted(kind, session: session, type: type, payload: payload, options: options, redactor: redactor)
@@ -177,8 +185,13 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
                     written = try await bounded("the \(what) of seq \(seq)") {
                         try await self.insert(
                             session, seq: seq, epoch: recordEpoch, after: head, timestamp: timestamp, type: typeText, payload: clean, hash: hash,
-                            isCheckpoint: isCheckpoint)
+                            isCheckpoint: isCheckpoint, settles: settles)
                     }
+                } catch let error as PSQLError where settles != nil && error.serverInfo?[.sqlState] == "23505" {
+                    // The unique index on (session_id, settles): nothing was written.
+                    throw SessionLogError(
+                        .alreadySettled,
+                        "\(what) to session \(session) refused: the outcome of the tool intent at seq \(settles ?? 0) is journaled already (another node settled it); read it from the journal")
                 } catch where Self.isConnectionLoss(error) && !isClosed {
                     // The connection went away (a server restart, a network failure) and the
                     // statement may or may not have committed: the database says which.
@@ -230,8 +243,10 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     /// written — the database itself refuses it.
     /// - Returns: whether the event was written.
     func insert(
-        _ session: SessionID, seq: UInt64, epoch: UInt64, after head: Head, timestamp: Int64, type: String, payload: [UInt8], hash: [UInt8], isCheckpoint: Bool
+        _ session: SessionID, seq: UInt64, epoch: UInt64, after head: Head, timestamp: Int64, type: String, payload: [UInt8], hash: [UInt8], isCheckpoint: Bool,
+        settles: UInt64? = nil
     ) async throws -> Bool {
+        let settlesValue = settles.map { Int64(clamping: $0) }
         let sid = session.rawValue
         let (newSeq, newEpoch, lastSeq, lastEpoch) = (Int64(seq), Int64(epoch), Int64(head.last), Int64(head.epoch))
         let hashBuffer = ByteBuffer(bytes: hash)
@@ -245,8 +260,8 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
                  WHERE session_id = \(sid) AND last_seq = \(lastSeq) AND lease_epoch = \(lastEpoch) AND head_hash = \(prevBuffer)
                 RETURNING session_id),
             e AS (
-                INSERT INTO \(unescaped: schema).events (session_id, seq, epoch, ts_nanos, type, payload, prev_hash, hash)
-                SELECT session_id, \(newSeq), \(newEpoch), \(timestamp), \(type), \(ByteBuffer(bytes: payload)), \(prevBuffer), \(hashBuffer) FROM s
+                INSERT INTO \(unescaped: schema).events (session_id, seq, epoch, ts_nanos, type, payload, prev_hash, hash, settles)
+                SELECT session_id, \(newSeq), \(newEpoch), \(timestamp), \(type), \(ByteBuffer(bytes: payload)), \(prevBuffer), \(hashBuffer), \(settlesValue) FROM s
                 RETURNING seq)
             SELECT seq FROM e
             """,

@@ -363,9 +363,36 @@ public actor Runtime {
             event: { ToolResultEvent(task: task, tool: call.name, intent_seq: intentSeq, output: $0, is_error: raw.isError, exit_code: raw.exitCode, duration_ms: ms, idempotency_key: key) })
         // The result is journaled without the epoch: a Brain that lost its lease while the
         // tool ran still gets the truth recorded; the intent was fenced.
-        let resultSeq = try await append(session, EventType.toolResult, payload)
+        let resultSeq: UInt64
+        do {
+            resultSeq = try await store.append(session: session, type: EventType.toolResult, payload: payload, epoch: nil, settling: intentSeq)
+        } catch let e as SessionLogError where e.code == .alreadySettled {
+            // In a fleet: this node lost the session while the call ran, and the node that
+            // took it over journaled the call *outcome unknown*. That is its answer, here too.
+            return try await settledElsewhere(session, intentSeq: intentSeq, key: key, requestHash: requestHash)
+        } catch let e as SessionLogError {
+            throw RuntimeError(e)
+        }
         if let key { sessions[session]?.completed[key] = Completed(requestHash: requestHash, intentSeq: intentSeq, resultSeq: resultSeq) }
         return ExecuteOutcome(result: stored, intent_seq: intentSeq, result_seq: resultSeq, replayed: false)
+    }
+
+    /// The journaled outcome of the intent at `intentSeq`, which another writer settled.
+    private func settledElsewhere(_ session: SessionID, intentSeq: UInt64, key: String?, requestHash: String) async throws -> ExecuteOutcome {
+        do {
+            for try await event in store.events(session: session, after: intentSeq)
+            where event.type == EventType.toolResult || event.type == EventType.toolInterrupted {
+                let settles =
+                    JSONCoding.decode(ToolResultEvent.self, event.payload)?.intent_seq ?? JSONCoding.decode(ToolInterrupted.self, event.payload)?.intent_seq
+                guard settles == intentSeq else { continue }
+                let done = Completed(requestHash: requestHash, intentSeq: intentSeq, resultSeq: event.seq)
+                if let key { sessions[session]?.completed[key] = done }
+                return try await replay(session, done)
+            }
+        } catch let e as SessionLogError {
+            throw RuntimeError(e)
+        }
+        throw RuntimeError(.internal, "the outcome of intent #\(intentSeq) of session \(session) is journaled, the store says, but it was not found; run `agentctl verify \(session)`")
     }
 
     /// The result event's payload, with the output redacted and, when the encoded event would
@@ -718,7 +745,12 @@ public actor Runtime {
         if let pending = loading[session] { return try await pending.value }
         let stopped = await settlingNode(session)
         let task = Task { [store] () async throws -> SessionState in
-            try await Self.rebuild(session, store: store, settle: stopped)
+            // A settling append refused because another writer settled the intent since it was
+            // read (the call's own node journaled its result): read the journal again.
+            for _ in 0..<4 {
+                do { return try await Self.rebuild(session, store: store, settle: stopped) } catch is SettledMeanwhile {}
+            }
+            throw RuntimeError(.unavailable, "session \(session) could not be loaded: its calls kept being settled by another node while it was read; retry")
         }
         loading[session] = task
         defer { loading[session] = nil }
@@ -784,7 +816,10 @@ public actor Runtime {
                 idempotency_key: intent.idempotency_key, output: outcomeUnknown(stopped: stopped))
             let resultSeq: UInt64
             do {
-                resultSeq = try await store.append(session: session, type: EventType.toolInterrupted, payload: JSONCoding.encode(payload))
+                resultSeq = try await store.append(
+                    session: session, type: EventType.toolInterrupted, payload: JSONCoding.encode(payload), epoch: nil, settling: seq)
+            } catch let e as SessionLogError where e.code == .alreadySettled {
+                throw SettledMeanwhile()
             } catch let e as SessionLogError {
                 throw RuntimeError(e)
             }
@@ -793,6 +828,9 @@ public actor Runtime {
         guard let state else { throw RuntimeError(.notFound, "no session \(session)") }
         return state
     }
+
+    /// A rebuild's settling append was refused: the intent got its outcome after it was read.
+    private struct SettledMeanwhile: Error {}
 
     /// Caches `state`, evicting the least recently used idle sessions beyond the cap.
     private func remember(_ session: SessionID, _ state: SessionState) {

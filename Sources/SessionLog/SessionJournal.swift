@@ -30,6 +30,15 @@ public protocol SessionJournal: AnyObject, Sendable {
     @discardableResult
     func append(session: SessionID, type: String, payload: [UInt8], epoch: UInt64?) async throws -> UInt64
 
+    /// Appends the event that settles the tool intent at seq `intent` (its result, or its
+    /// *outcome unknown*). A store that several nodes write (PostgreSQL) keeps at most one such
+    /// event per intent, in the same transaction as the append, so that two nodes can never
+    /// both settle one call; a store that one process writes relies on that process.
+    /// - Throws: `SessionLogError` (`.alreadySettled` when the intent's outcome is journaled
+    ///   already; otherwise as `append`).
+    @discardableResult
+    func append(session: SessionID, type: String, payload: [UInt8], epoch: UInt64?, settling intent: UInt64) async throws -> UInt64
+
     /// Stores a Brain's state as an `agentd.checkpoint` record; returns its sequence number.
     @discardableResult
     func checkpoint(session: SessionID, state: [UInt8], epoch: UInt64?) async throws -> UInt64
@@ -75,6 +84,13 @@ public protocol SessionJournal: AnyObject, Sendable {
 extension SessionJournal {
     /// No counters: the default for a store that does not keep `StoreStats`.
     public var storeStats: StoreStats? { nil }
+
+    /// A plain append: the default for a store that one process writes, whose Runtime settles
+    /// each intent once.
+    @discardableResult
+    public func append(session: SessionID, type: String, payload: [UInt8], epoch: UInt64?, settling intent: UInt64) async throws -> UInt64 {
+        try await append(session: session, type: type, payload: payload, epoch: epoch)
+    }
 
     /// `append` for `Data`.
     @discardableResult

@@ -37,6 +37,9 @@ public struct SessionLogError: Error, Sendable, CustomStringConvertible, Equatab
         public static let closed = Code("closed")
         /// Another process holds the journal directory.
         public static let locked = Code("locked")
+        /// The outcome of that tool intent is already journaled (by another node that took the
+        /// session over): a second one is refused.
+        public static let alreadySettled = Code("alreadySettled")
     }
 
     /// What went wrong, for programs.

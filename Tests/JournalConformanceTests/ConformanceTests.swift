@@ -71,6 +71,28 @@ struct ConformanceTests {
         }
     }
 
+    @Test func postgresKeepsOneSettlingEventPerIntent() async throws {
+        try await withJournal(.postgres) { h in
+            guard let pg = h.postgres else { return }
+            let s = sid("settle")
+            let intent = try await pg.append(session: s, type: "tool.intent", payload: bytes("{}"), epoch: nil)
+            let other = try await pg.append(session: s, type: "tool.intent", payload: bytes("{}"), epoch: nil)
+            let first = try await pg.append(session: s, type: "tool.interrupted", payload: bytes("{}"), epoch: nil, settling: intent)
+            // A second settling event for the same intent (another node's late result): refused,
+            // nothing written, the chain goes on.
+            let refused = await #expect(throws: SessionLogError.self) {
+                try await pg.append(session: s, type: "tool.result", payload: bytes("{}"), epoch: nil, settling: intent)
+            }
+            #expect(refused?.code == .alreadySettled, "\(String(describing: refused))")
+            #expect(try await pg.lastSeq(session: s) == first)
+            // Another intent, and plain appends, are not held up.
+            let second = try await pg.append(session: s, type: "tool.result", payload: bytes("{}"), epoch: nil, settling: other)
+            #expect(second == first + 1)
+            #expect(try await pg.append(session: s, type: "step", payload: bytes("{}"), epoch: nil) == second + 1)
+            #expect(try await pg.verify(session: s).isIntact)
+        }
+    }
+
     @Test(arguments: Backend.allCases)
     func verifyNamesTheDamagedSeq(_ backend: Backend) async throws {
         try await withJournal(backend) { h in

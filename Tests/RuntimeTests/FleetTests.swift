@@ -173,6 +173,35 @@ struct FleetTests {
         }
     }
 
+    @Test("a node that lost a session while its call ran does not journal that call's result after the new owner settled it outcome unknown: the database refuses the second settling event, and the node answers with the journaled one")
+    func lostSessionDoesNotSettleTwice() async throws {
+        try await withNodes(.postgres) { nodes in
+            let (a, b) = (nodes.runtimes[0], nodes.runtimes[1])
+            let id = try await a.createSession(policy: nil).id
+            _ = try await a.execute(session: id, tool: "bash", input: bash("echo one"), idempotencyKey: "k1")
+            // A call runs on a; a stops heartbeating (as a node cut off from the store for its
+            // lease would) but its journal still reaches the store.
+            let inFlight = Task { try await a.execute(session: id, tool: "bash", input: bash("hold on"), idempotencyKey: "k2") }
+            await nodes.drivers[0].waitUntilHolding()
+            await nodes.fleets[0].leave()
+            // b takes the session over and settles the call in flight: outcome unknown.
+            let retried = try await b.execute(session: id, tool: "bash", input: bash("hold on"), idempotencyKey: "k2")
+            #expect(retried.result.isError && retried.result.output.hasPrefix("outcome unknown: node a stopped"), "\(retried.result.output)")
+            // The call ends on a: its result is refused by the store; a answers what is journaled.
+            nodes.drivers[0].release()
+            let late = try await inFlight.value
+            #expect(late.replayed && late.result_seq == retried.result_seq && late.result.output == retried.result.output, "\(late)")
+            var settling: [String] = []
+            for try await e in try await b.events(id, after: late.intent_seq, follow: false)
+            where e.type == EventType.toolResult || e.type == EventType.toolInterrupted {
+                settling.append(e.type)
+            }
+            #expect(settling == [EventType.toolInterrupted], "one settling event for the intent: \(settling)")
+            #expect(nodes.drivers[0].runs("hold on") == 1 && nodes.drivers[1].runs("hold on") == 0)
+            #expect(try await b.verify(id).isIntact)
+        }
+    }
+
     @Test("100 sessions driven concurrently across three nodes, one killed half-way: no event lost or duplicated, no tool run twice", arguments: Backend.allCases)
     func hundredSessions(_ backend: Backend) async throws {
         try await withNodes(backend) { nodes in
@@ -262,6 +291,11 @@ final class KillableJournal: SessionJournal, Sendable {
         try alive()
         return seq
     }
+    func append(session: SessionID, type: String, payload: [UInt8], epoch: UInt64?, settling intent: UInt64) async throws -> UInt64 {
+        try alive()
+        return try await base.append(session: session, type: type, payload: payload, epoch: epoch, settling: intent)
+    }
+
     func checkpoint(session: SessionID, state: [UInt8], epoch: UInt64?) async throws -> UInt64 {
         try alive()
         return try await base.checkpoint(session: session, state: state, epoch: epoch)
