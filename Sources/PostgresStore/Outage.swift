@@ -78,7 +78,7 @@ extension PostgresJournal {
     func lookUpHash(_ session: SessionID, seq: UInt64, seconds: Double) async throws -> [UInt8]? {
         let deadline = ContinuousClock.now + .seconds(seconds)
         var configuration = PostgresConnection.Configuration(
-            host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: .disable)
+            host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: try url.connectionTLS())
         configuration.options.connectTimeout = .seconds(3)
         while true {
             do {

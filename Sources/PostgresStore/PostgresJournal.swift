@@ -82,14 +82,14 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
             let probe = try await withDeadline(seconds: 10, what: "connecting to \(url)") {
                 try await PostgresConnection.connect(
                     configuration: PostgresConnection.Configuration(
-                        host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: .disable),
+                        host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: try url.connectionTLS()),
                     id: 0, logger: logger)
             }
             try? await probe.close()
         } catch {
             throw translateOpening(error, url: url, schema: schema)
         }
-        var config = PostgresClient.Configuration(host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: .disable)
+        var config = PostgresClient.Configuration(host: url.host, port: url.port, username: url.user, password: url.password, database: url.database, tls: try url.clientTLS())
         config.options.maximumConnections = max(2, maximumConnections)
         config.options.connectTimeout = .seconds(5)
         let client = PostgresClient(configuration: config)
@@ -484,7 +484,16 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     static func translateOpening(_ error: any Error, url: PostgresURL, schema: String) -> SessionLogError {
         let e = describe(error)
         if e.code != .ioError { return e.error ?? SessionLogError(e.code, e.detail) }
-        return SessionLogError(.ioError, "opening the journal (schema \(schema)) at PostgreSQL \(url) failed: \(e.detail) — check that the server runs, and the URL file's user, password and database")
+        let hint: String
+        if e.detail.contains("sslUnsupported") {
+            hint = "the server does not offer TLS, and sslmode=\(url.sslMode.rawValue) requires it — turn ssl on in the server, or use sslmode=prefer"
+        } else if e.detail.contains("CERTIFICATE_VERIFY_FAILED") || e.detail.contains("handshakeFailed") {
+            hint = "the TLS handshake failed — check that sslrootcert is the CA that signed the server's certificate"
+                + (url.sslMode == .verifyFull ? " and that the certificate names \(url.host)" : "")
+        } else {
+            hint = "check that the server runs, and the URL file's user, password and database"
+        }
+        return SessionLogError(.ioError, "opening the journal (schema \(schema)) at PostgreSQL \(url) failed: \(e.detail) — \(hint)")
     }
 
     /// Maps any error to `SessionLogError`: ours pass through; PostgreSQL's name the server,

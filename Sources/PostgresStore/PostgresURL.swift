@@ -1,7 +1,8 @@
 import Foundation
 import SessionLog
 
-/// Where the PostgreSQL store is: `postgres://USER:PASSWORD@HOST:PORT/DATABASE`.
+/// Where the PostgreSQL store is: `postgres://USER:PASSWORD@HOST:PORT/DATABASE`, optionally
+/// with `?sslmode=MODE&sslrootcert=PEMFILE` (libpq's names and meanings; see `SSLMode`).
 ///
 /// It is read from a file (`PostgresURL.read(file:)`), never from argv or the environment's
 /// values, and its `description` never shows the password.
@@ -16,6 +17,27 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
     let password: String?
     /// The database.
     public let database: String
+    /// How the connection is encrypted and checked (`?sslmode=`; `prefer` when absent, as libpq).
+    public let sslMode: SSLMode
+    /// A PEM file of the CAs the server's certificate must chain to (`?sslrootcert=`); the
+    /// system's trust store when absent.
+    public let sslRootCert: String?
+
+    /// libpq's `sslmode` values.
+    public enum SSLMode: String, Sendable, CaseIterable {
+        /// Plain TCP.
+        case disable
+        /// TLS when the server offers it, plain otherwise; the certificate is not checked.
+        case prefer
+        /// TLS or no connection; the certificate is not checked unless `sslrootcert` is given
+        /// (then as `verify-ca`).
+        case require
+        /// TLS, the certificate chained to a trusted CA; the host name is not checked.
+        case verifyCA = "verify-ca"
+        /// TLS, the certificate chained to a trusted CA and naming the host. Use this across
+        /// any network you do not control.
+        case verifyFull = "verify-full"
+    }
 
     /// Parses `postgres://` or `postgresql://` URLs; user and password may be percent-encoded.
     /// - Throws: `SessionLogError(.invalidArgument)`, whose message never contains the password.
@@ -42,7 +64,26 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         guard !user.isEmpty else { throw bad("it names no user") }
         guard let slash = rest.firstIndex(of: "/") else { throw bad("it names no database") }
         var database = String(rest[rest.index(after: slash)...])
-        if let q = database.firstIndex(of: "?") { database = String(database[..<q]) }
+        var sslMode = SSLMode.prefer, sslRootCert: String?
+        if let q = database.firstIndex(of: "?") {
+            for pair in database[database.index(after: q)...].split(separator: "&") {
+                let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                let name = String(parts[0]), value = parts.count > 1 ? (String(parts[1]).removingPercentEncoding ?? String(parts[1])) : ""
+                switch name {
+                case "sslmode":
+                    guard let mode = SSLMode(rawValue: value) else {
+                        throw bad("sslmode '\(value)' is not one of \(SSLMode.allCases.map(\.rawValue).joined(separator: ", "))")
+                    }
+                    sslMode = mode
+                case "sslrootcert":
+                    guard !value.isEmpty else { throw bad("sslrootcert names no file") }
+                    sslRootCert = value
+                default:
+                    throw bad("it has the parameter '\(name)'; agentd reads sslmode and sslrootcert only")
+                }
+            }
+            database = String(database[..<q])
+        }
         database = database.removingPercentEncoding ?? database
         guard !database.isEmpty else { throw bad("it names no database") }
         let hostPort = rest[..<slash]
@@ -55,6 +96,7 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         guard !host.isEmpty else { throw bad("it names no host") }
         (self.host, self.port, self.user, self.password, self.database) = (host, port, user, password, database)
+        (self.sslMode, self.sslRootCert) = (sslMode, sslRootCert)
     }
 
     /// Reads the URL from a file (its only line), e.g. a systemd credential.
@@ -70,6 +112,8 @@ public struct PostgresURL: Sendable, CustomStringConvertible {
         }
     }
 
-    /// `postgres://USER@HOST:PORT/DATABASE`, without the password.
-    public var description: String { "postgres://\(user)@\(host):\(port)/\(database)" }
+    /// `postgres://USER@HOST:PORT/DATABASE` (and `?sslmode=` unless `prefer`), without the password.
+    public var description: String {
+        "postgres://\(user)@\(host):\(port)/\(database)" + (sslMode == .prefer ? "" : "?sslmode=\(sslMode.rawValue)")
+    }
 }

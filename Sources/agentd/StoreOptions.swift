@@ -12,7 +12,7 @@ struct StoreOptions: ParsableArguments {
         help: "Where sessions are kept: `file` (the journal under --state-dir, the default) or `postgres` (a PostgreSQL database, URL from --store-url-file).")
     var kind = "file"
 
-    @Option(help: "With --store postgres: a file holding postgres://USER:PASSWORD@HOST:PORT/DATABASE (the URL never goes on the command line); default $CREDENTIALS_DIRECTORY/postgres-url (systemd's LoadCredential=postgres-url:PATH).")
+    @Option(help: "With --store postgres: a file holding postgres://USER:PASSWORD@HOST:PORT/DATABASE, optionally with ?sslmode=verify-full&sslrootcert=CAFILE (libpq's sslmode values; the default, prefer, does not check the server's certificate) — the URL never goes on the command line; default $CREDENTIALS_DIRECTORY/postgres-url (systemd's LoadCredential=postgres-url:PATH).")
     var storeUrlFile: String?
 
     @Option(help: "With --store postgres: the database schema of agentd's tables (1-40 of [a-z0-9_]); migrations are applied at start.")

@@ -15,23 +15,27 @@ final class PrivateCluster: Sendable {
     let directory: String
     let port: Int
     let password = "pw-\(UUID().uuidString)"
+    /// More server options (`-c name=value …`), e.g. TLS.
+    let serverOptions: String
 
     var data: String { directory + "/data" }
     var url: PostgresURL { try! PostgresURL(parsing: "postgres://agentd:\(password)@127.0.0.1:\(port)/agentd") }
 
     /// Creates and starts the cluster with a role and database `agentd` (password login);
     /// without PostgreSQL 15 installed this fails under `CI=true` and returns nil otherwise.
-    static func start() throws -> PrivateCluster? {
+    /// - Parameter prepare: runs after initdb, before the first start (the data directory exists).
+    static func start(serverOptions: String = "", prepare: (PrivateCluster) throws -> Void = { _ in }) throws -> PrivateCluster? {
         guard FileManager.default.isExecutableFile(atPath: bin + "/initdb") else {
             let missing = Components.Missing(description: "PostgreSQL 15 is not installed (\(bin)/initdb); scripts/env-up installs it")
             if ProcessInfo.processInfo.environment["CI"] == "true" { throw missing }
             print("note: \(missing); the restart test is skipped")
             return nil
         }
-        let cluster = PrivateCluster(directory: "/tmp/agentd-pgrestart-\(Components.testID())", port: try Loopback.freePort())
+        let cluster = PrivateCluster(directory: "/tmp/agentd-pgrestart-\(Components.testID())", port: try Loopback.freePort(), serverOptions: serverOptions)
         try FileManager.default.createDirectory(atPath: cluster.directory + "/run", withIntermediateDirectories: true)
         if getuid() == 0 { try TestCommand.check(["chown", "-R", "postgres:postgres", cluster.directory]) }
         try cluster.asPostgres(["initdb", "-D", cluster.data, "--auth-local=trust", "--auth-host=scram-sha-256", "-U", "postgres", "-E", "UTF8", "--locale=C.UTF-8"])
+        try prepare(cluster)
         try cluster.pgctl(["start"])
         try cluster.asPostgres([
             "psql", "-q", "-v", "ON_ERROR_STOP=1", "-h", cluster.directory + "/run", "-p", "\(cluster.port)", "-U", "postgres", "-d", "postgres",
@@ -40,7 +44,7 @@ final class PrivateCluster: Sendable {
         return cluster
     }
 
-    private init(directory: String, port: Int) { (self.directory, self.port) = (directory, port) }
+    private init(directory: String, port: Int, serverOptions: String) { (self.directory, self.port, self.serverOptions) = (directory, port, serverOptions) }
 
     /// Runs a PostgreSQL tool as the `postgres` user (initdb refuses root).
     @discardableResult
@@ -53,7 +57,7 @@ final class PrivateCluster: Sendable {
     /// `pg_ctl ACTION` (start, stop, restart) with this cluster's options; waits for it.
     func pgctl(_ action: [String]) throws {
         try asPostgres(
-            ["pg_ctl", "-D", data, "-l", directory + "/postgres.log", "-w", "-t", "60", "-o", "-p \(port) -k \(directory)/run -c listen_addresses=127.0.0.1"] + action)
+            ["pg_ctl", "-D", data, "-l", directory + "/postgres.log", "-w", "-t", "60", "-o", "-p \(port) -k \(directory)/run -c listen_addresses=127.0.0.1 \(serverOptions)"] + action)
     }
 
     func stop() {
