@@ -321,6 +321,7 @@ public actor Runtime {
         // Loaded (it may have been evicted since `execute` looked) and counted in flight in one
         // step, so that it is not evicted, and not rebuilt, while this call runs.
         let loaded = try await state(of: session)
+        if sessions[session] == nil { remember(session, loaded) }
         sessions[session]?.inFlight += 1
         defer { finishCall(session) }
         // A deletion may have started since `execute` looked.
@@ -742,9 +743,19 @@ public actor Runtime {
             sessions[session]?.lastUsed = .now
             if let s = sessions[session] { return s }
         }
-        if let pending = loading[session] { return try await pending.value }
-        let stopped = await settlingNode(session)
+        if let pending = loading[session] {
+            let state = try await pending.value
+            // Cached by whichever waiter resumes first: a call counts itself in flight on the
+            // cached state right after this returns, and a state that is not cached yet would
+            // not count it — the cache could then be dropped and rebuilt while the call runs,
+            // and the rebuild would settle its intent *outcome unknown*.
+            if let s = sessions[session] { return s }
+            remember(session, state)
+            return state
+        }
+        // Registered before anything suspends, so that concurrent callers share one rebuild.
         let task = Task { [store] () async throws -> SessionState in
+            let stopped = await self.settlingNode(session)
             // A settling append refused because another writer settled the intent since it was
             // read (the call's own node journaled its result): read the journal again.
             for _ in 0..<4 {
