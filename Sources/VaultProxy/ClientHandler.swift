@@ -502,7 +502,7 @@ final class ClientHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         let bound = NIOLoopBound(self, eventLoop: context.eventLoop)
         let idle = listener.proxy.configuration.idleTimeout
-        let serverName = route.isLiteralHost ? nil : route.host
+        let serverName = key.serverName
         ClientBootstrap(group: context.eventLoop)
             .connectTimeout(listener.proxy.configuration.connectTimeout)
             .channelOption(.autoRead, value: false)

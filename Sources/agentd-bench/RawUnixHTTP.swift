@@ -50,6 +50,17 @@ struct RawUnixHTTP {
     /// A new unix stream socket (close-on-exec), or -1.
     static func streamSocket() -> Int32 { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
 
+    /// Whether a unix stream socket at `path` accepts a connection now.
+    static func canConnect(_ path: String) -> Bool {
+        let fd = streamSocket()
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var addr = address(path)
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        } == 0
+    }
+
     /// The address of the unix socket at `path`.
     static func address(_ path: String) -> sockaddr_un {
         var addr = sockaddr_un()
