@@ -452,6 +452,13 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     /// failure and wakes every follower so that they re-read what they may have missed.
     func startListener() {
         let (client, channel, notifier, logger) = (self.client, self.channel, self.notifier, self.logger)
+        // The safety net under NOTIFY: followers read again every `recheckInterval`.
+        Task {
+            while !notifier.isClosed {
+                try? await Task.sleep(for: notifier.recheckInterval)
+                notifier.recheck()
+            }
+        }
         Task {
             var failures = 0
             while !notifier.isClosed {
@@ -547,6 +554,7 @@ final class Announcer: @unchecked Sendable {
     private let lock = NSLock()
     private var pending: [SessionID: UInt64] = [:]
     private var sending = false
+    private var silent = false
     private let client: PostgresClient
     private let channel: String
     private let logger: Logger
@@ -555,8 +563,13 @@ final class Announcer: @unchecked Sendable {
         (self.client, self.channel, self.logger) = (client, channel, logger)
     }
 
+    /// Sends nothing from now on: for tests, a node that dies between its commits and their
+    /// NOTIFYs.
+    func silence() { lock.withLock { silent = true } }
+
     func post(session: SessionID, seq: UInt64) {
         let start: Bool = lock.withLock {
+            if silent { return false }
             if seq > pending[session] ?? 0 { pending[session] = seq }
             if sending { return false }
             sending = true
@@ -576,7 +589,7 @@ final class Announcer: @unchecked Sendable {
                 do {
                     try await client.query("SELECT pg_notify(\(channel), p) FROM unnest(\(batch)::text[]) AS p", logger: logger)
                 } catch {
-                    logger.warning("journal NOTIFY failed; followers on other nodes see these events with the session's next append", metadata: ["count": "\(batch.count)"])
+                    logger.warning("journal NOTIFY failed; followers on other nodes see these events with the session's next append or their next periodic re-read", metadata: ["count": "\(batch.count)"])
                 }
             }
         }
@@ -661,8 +674,27 @@ final class Notifier: @unchecked Sendable {
     /// Bumped whenever the LISTEN connection drops: notifications may have been missed.
     private var generation: UInt64 = 0
 
+    /// How often every waiting follower reads again whether or not a notification came: the
+    /// bound on how late a follower sees events whose NOTIFY never came (their node died
+    /// between the commit and the NOTIFY, or the NOTIFY failed).
+    private var interval: Duration = Notifier.defaultRecheckInterval
+    static let defaultRecheckInterval = Duration.seconds(5)
+
     var isClosed: Bool { lock.withLock { closed } }
     var currentGeneration: UInt64 { lock.withLock { generation } }
+    var recheckInterval: Duration {
+        get { lock.withLock { interval } }
+        set { lock.withLock { interval = newValue } }
+    }
+
+    /// Wakes every waiting follower to read again (see `recheckInterval`).
+    func recheck() {
+        let woken: [CheckedContinuation<Void, Never>] = lock.withLock {
+            defer { waiters.removeAll() }
+            return waiters.values.flatMap { $0.values.map(\.continuation) }
+        }
+        woken.forEach { $0.resume() }
+    }
 
     func setListening(_ on: Bool) {
         let woken: [CheckedContinuation<Void, Never>] = lock.withLock {

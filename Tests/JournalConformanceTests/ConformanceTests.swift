@@ -356,6 +356,39 @@ struct PostgresSpecificTests {
         }
     }
 
+    /// A node that dies between a commit and its NOTIFY (here: one that never notifies): a
+    /// follower on another node still sees its events, at its next periodic re-read.
+    @Test func aFollowerSeesEventsWhoseNotifyNeverCame() async throws {
+        try await withJournal(.postgres) { h in
+            guard let a = h.postgres else { return }
+            let b = try await PostgresJournal.open(urlFile: ProcessInfo.processInfo.environment["AGENTD_POSTGRES_URL_FILE"]!, schema: a.schema)
+            b.notifier.recheckInterval = .milliseconds(200)
+            let s = sid("silent-writer")
+            try await a.append(session: s, type: "first", payload: [], epoch: nil)
+            let (progress, tell) = AsyncStream.makeStream(of: UInt64.self)
+            let follower = Task {
+                var seen: [UInt64] = []
+                for try await e in b.follow(session: s, after: 0) {
+                    seen.append(e.seq)
+                    tell.yield(e.seq)
+                    if seen.count == 4 { break }
+                }
+                return seen
+            }
+            var iterator = progress.makeAsyncIterator()
+            #expect(await iterator.next() == 1)  // b's follower is live and waiting
+            a.announcer.silence()
+            for i in 2...4 { try await a.append(session: s, type: "unannounced", payload: bytes("\(i)"), epoch: nil) }
+            let watchdog = Task {
+                try await Task.sleep(for: .seconds(30))
+                follower.cancel()
+            }
+            #expect(try await follower.value == [1, 2, 3, 4])
+            watchdog.cancel()
+            try await b.close()
+        }
+    }
+
     @Test func migrationsAreRecordedAndAppliedOnce() async throws {
         try await withJournal(.postgres) { h in
             guard let pg = h.postgres else { return }
