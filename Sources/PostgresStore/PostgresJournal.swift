@@ -53,9 +53,12 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     /// Channel of the notifications for this schema's appends.
     var channel: String { "agentd_journal_\(schema)" }
 
-    private init(url: PostgresURL, schema: String, options: SessionStoreOptions, redactor: Redactor, client: PostgresClient, runTask: Task<Void, Never>, logger: Logger) {
+    private init(
+        url: PostgresURL, schema: String, options: SessionStoreOptions, redactor: Redactor, client: PostgresClient, runTask: Task<Void, Never>,
+        followRecheck: Duration, logger: Logger
+    ) {
         (self.url, self.schema, self.options, self.redactor, self.client, self.runTask, self.logger) = (url, schema, options, redactor, client, runTask, logger)
-        notifier = Notifier()
+        notifier = Notifier(recheckInterval: followRecheck)
         announcer = Announcer(client: client, channel: "agentd_journal_\(schema)", logger: logger)
     }
 
@@ -66,11 +69,13 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     ///   - schema: the PostgreSQL schema of the tables (`[a-z_][a-z0-9_]{0,40}`); one per
     ///     isolated store, e.g. per test run.
     ///   - maximumConnections: the pool's size; one connection is kept for `LISTEN`.
+    ///   - followRecheck: how often each waiting follower reads again without a notification:
+    ///     how late, at most, a follower sees events whose NOTIFY never came.
     /// - Throws: `SessionLogError` (`.invalidArgument` for a bad schema name, `.ioError` when
     ///   the server cannot be reached or refuses the login, naming server, database and user).
     public static func open(
         url: PostgresURL, schema: String = "agentd", options: SessionStoreOptions = SessionStoreOptions(), redactor: Redactor = Redactor(),
-        maximumConnections: Int = 32, logger: Logger = Logger(label: "agentd.pgstore")
+        maximumConnections: Int = 32, followRecheck: Duration = .seconds(5), logger: Logger = Logger(label: "agentd.pgstore")
     ) async throws -> PostgresJournal {
         let allowed = Set("abcdefghijklmnopqrstuvwxyz0123456789_")
         guard let first = schema.first, first.isLetter || first == "_", schema.count <= 40, schema.allSatisfy({ allowed.contains($0) }) else {
@@ -94,7 +99,8 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
         config.options.connectTimeout = .seconds(5)
         let client = PostgresClient(configuration: config)
         let runTask = Task { await client.run() }
-        let store = PostgresJournal(url: url, schema: schema, options: options, redactor: redactor, client: client, runTask: runTask, logger: logger)
+        let store = PostgresJournal(
+            url: url, schema: schema, options: options, redactor: redactor, client: client, runTask: runTask, followRecheck: followRecheck, logger: logger)
         do {
             try await withDeadline(seconds: 15, what: "connecting to \(url)") {
                 try await Migrations.apply(client, schema: schema, logger: logger)
@@ -110,9 +116,11 @@ public final class PostgresJournal: SessionJournal, @unchecked Sendable {
     /// `open(url:…)` with the URL read from a file.
     public static func open(
         urlFile: String, schema: String = "agentd", options: SessionStoreOptions = SessionStoreOptions(), redactor: Redactor = Redactor(),
-        maximumConnections: Int = 32, logger: Logger = Logger(label: "agentd.pgstore")
+        maximumConnections: Int = 32, followRecheck: Duration = .seconds(5), logger: Logger = Logger(label: "agentd.pgstore")
     ) async throws -> PostgresJournal {
-        try await open(url: PostgresURL.read(file: urlFile), schema: schema, options: options, redactor: redactor, maximumConnections: maximumConnections, logger: logger)
+        try await open(
+            url: PostgresURL.read(file: urlFile), schema: schema, options: options, redactor: redactor, maximumConnections: maximumConnections,
+            followRecheck: followRecheck, logger: logger)
     }
 
     // MARK: Appending
@@ -677,15 +685,15 @@ final class Notifier: @unchecked Sendable {
     /// How often every waiting follower reads again whether or not a notification came: the
     /// bound on how late a follower sees events whose NOTIFY never came (their node died
     /// between the commit and the NOTIFY, or the NOTIFY failed).
-    private var interval: Duration = Notifier.defaultRecheckInterval
-    static let defaultRecheckInterval = Duration.seconds(5)
+    let recheckInterval: Duration
+
+    init(recheckInterval: Duration) { self.recheckInterval = recheckInterval }
 
     var isClosed: Bool { lock.withLock { closed } }
     var currentGeneration: UInt64 { lock.withLock { generation } }
-    var recheckInterval: Duration {
-        get { lock.withLock { interval } }
-        set { lock.withLock { interval = newValue } }
-    }
+
+    /// Whether a follower of `session` waits for a notification now.
+    func isWaiting(session: SessionID) -> Bool { lock.withLock { waiters[session]?.isEmpty == false } }
 
     /// Wakes every waiting follower to read again (see `recheckInterval`).
     func recheck() {

@@ -361,8 +361,8 @@ struct PostgresSpecificTests {
     @Test func aFollowerSeesEventsWhoseNotifyNeverCame() async throws {
         try await withJournal(.postgres) { h in
             guard let a = h.postgres else { return }
-            let b = try await PostgresJournal.open(urlFile: ProcessInfo.processInfo.environment["AGENTD_POSTGRES_URL_FILE"]!, schema: a.schema)
-            b.notifier.recheckInterval = .milliseconds(200)
+            let b = try await PostgresJournal.open(
+                urlFile: ProcessInfo.processInfo.environment["AGENTD_POSTGRES_URL_FILE"]!, schema: a.schema, followRecheck: .milliseconds(200))
             let s = sid("silent-writer")
             try await a.append(session: s, type: "first", payload: [], epoch: nil)
             let (progress, tell) = AsyncStream.makeStream(of: UInt64.self)
@@ -376,7 +376,9 @@ struct PostgresSpecificTests {
                 return seen
             }
             var iterator = progress.makeAsyncIterator()
-            #expect(await iterator.next() == 1)  // b's follower is live and waiting
+            #expect(await iterator.next() == 1)
+            // Parked on the notifier: from here only a notification or a re-read wakes it.
+            try await waitUntil("b's follower waits for a notification") { b.notifier.isWaiting(session: s) }
             a.announcer.silence()
             for i in 2...4 { try await a.append(session: s, type: "unannounced", payload: bytes("\(i)"), epoch: nil) }
             let watchdog = Task {
